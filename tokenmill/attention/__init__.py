@@ -1,0 +1,1 @@
+"""Attention over the paged KV cache: per-step metadata, the forward context, backends."""

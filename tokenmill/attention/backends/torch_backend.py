@@ -1,0 +1,170 @@
+"""Reference attention in plain PyTorch, for any device.
+
+Decode tokens (one query per request) are attended in one batched call: each request's blocks
+are gathered up to the longest context in the batch and masked past its own length. Requests
+with several queries (prefill chunks, draft verification) are attended one by one; a chunk that
+starts at position 0 attends to its own fresh K/V without touching the cache.
+
+Grouped-query attention without copying K/V: the G query heads that share a KV head are laid
+out as G*Q query rows of that KV head, [Hkv, G*Q, D], with the mask repeated G times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.attention.backends.base import AttentionSpec, BaseAttentionBackend, write_kv
+from tokenmill.attention.metadata import AttentionMetadata
+
+
+@dataclass
+class _DecodePlan:
+    token_idx: torch.Tensor | None  # [Bd] rows of q that are decodes; None: all rows, in order
+    block_table: torch.Tensor  # [Bd, nb]
+    mask: torch.Tensor  # [Bd, 1, 1, nb * block_size] True = attend
+
+
+@dataclass
+class _Segment:
+    start: int  # token range [start, end) in the flat batch
+    end: int
+    num_computed: int
+    seq_len: int
+    block_ids: torch.Tensor  # [nb] the blocks covering seq_len
+    mask: torch.Tensor | None  # [Q, seq_len] True = attend; None: plain causal from 0
+
+
+@dataclass
+class _StepPlan:
+    decode: _DecodePlan | None
+    segments: list[_Segment]
+
+
+class TorchAttentionBackend(BaseAttentionBackend):
+    name = "torch"
+
+    def forward(
+        self,
+        spec: AttentionSpec,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        write_kv(kv_cache, k, v, metadata.slot_mapping)
+        plan = _plan_for(metadata, spec.sliding_window)
+        out = torch.empty_like(q)
+        if plan.decode is not None:
+            _decode(spec, q, kv_cache, plan.decode, out)
+        for seg in plan.segments:
+            out[seg.start : seg.end] = _prefill_segment(spec, q, k, v, kv_cache, seg)
+        return out
+
+
+def _decode(
+    spec: AttentionSpec, q: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan, out
+) -> None:
+    hkv, g, d = spec.num_kv_heads, spec.num_queries_per_kv, spec.head_dim
+    q_d = q if plan.token_idx is None else q.index_select(0, plan.token_idx)
+    num = q_d.shape[0]
+    q_d = q_d.view(num, hkv, g, d)  # (Bd, Hkv, G, D): G queries per KV head
+    # (Bd, nb, bs, Hkv, D) -> (Bd, L, Hkv, D) -> (Bd, Hkv, L, D)
+    keys = kv_cache[0][plan.block_table].flatten(1, 2).transpose(1, 2)
+    values = kv_cache[1][plan.block_table].flatten(1, 2).transpose(1, 2)
+    o = F.scaled_dot_product_attention(
+        q_d, keys.to(q.dtype), values.to(q.dtype), attn_mask=plan.mask, scale=spec.scale
+    )
+    o = o.reshape(num, hkv * g, d)  # (Bd, H, D)
+    if plan.token_idx is None:
+        out.copy_(o)
+    else:
+        out.index_copy_(0, plan.token_idx, o)
+
+
+def _prefill_segment(
+    spec: AttentionSpec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    seg: _Segment,
+) -> torch.Tensor:
+    hkv, g, d = spec.num_kv_heads, spec.num_queries_per_kv, spec.head_dim
+    num_q = seg.end - seg.start
+    q_s = q[seg.start : seg.end]  # (Q, H, D)
+    if seg.mask is None:
+        # Fresh prompt: keys are this chunk's own, causal; expand KV heads to query heads.
+        keys = k[seg.start : seg.end, :, None].expand(num_q, hkv, g, d).reshape(num_q, hkv * g, d)
+        values = v[seg.start : seg.end, :, None].expand(num_q, hkv, g, d).reshape(num_q, -1, d)
+        o = F.scaled_dot_product_attention(
+            q_s.transpose(0, 1),
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            is_causal=True,
+            scale=spec.scale,
+        )  # (H, Q, D)
+        return o.transpose(0, 1)
+    # (nb, bs, Hkv, D) -> (L, Hkv, D) -> (Hkv, L, D)
+    keys = kv_cache[0][seg.block_ids].flatten(0, 1)[: seg.seq_len].transpose(0, 1).to(q.dtype)
+    values = kv_cache[1][seg.block_ids].flatten(0, 1)[: seg.seq_len].transpose(0, 1).to(q.dtype)
+    # (Q, Hkv, G, D) -> (Hkv, G, Q, D) -> (Hkv, G*Q, D)
+    q_rows = q_s.view(num_q, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * num_q, d)
+    o = F.scaled_dot_product_attention(
+        q_rows, keys, values, attn_mask=seg.mask.repeat(g, 1), scale=spec.scale
+    )  # (Hkv, G*Q, D)
+    return o.view(hkv, g, num_q, d).permute(2, 0, 1, 3).reshape(num_q, hkv * g, d)
+
+
+def _plan_for(metadata: AttentionMetadata, window: int | None) -> _StepPlan:
+    key = ("torch_plan", window)
+    plan = metadata.backend_state.get(key)
+    if plan is None:
+        plan = _build_plan(metadata, window)
+        metadata.backend_state[key] = plan
+    return plan
+
+
+def _build_plan(md: AttentionMetadata, window: int | None) -> _StepPlan:
+    starts = md.query_start_loc_list
+    decode_reqs, segments = [], []
+    device = md.slot_mapping.device
+    for b in range(md.num_reqs):
+        start, end = starts[b], starts[b + 1]
+        computed, seq_len = md.num_computed_list[b], md.seq_lens_list[b]
+        if end - start == 1:
+            decode_reqs.append(b)
+            continue
+        num_blocks = -(-seq_len // md.block_size)
+        mask = None
+        if computed > 0 or (window is not None and seq_len > window):
+            q_pos = torch.arange(computed, seq_len, device=device)[:, None]
+            k_pos = torch.arange(seq_len, device=device)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+        segments.append(
+            _Segment(start, end, computed, seq_len, md.block_table[b, :num_blocks], mask)
+        )
+    return _StepPlan(_decode_plan(md, decode_reqs, window), segments)
+
+
+def _decode_plan(md: AttentionMetadata, reqs: list[int], window: int | None) -> _DecodePlan | None:
+    if not reqs:
+        return None
+    device = md.slot_mapping.device
+    max_len = max(md.seq_lens_list[b] for b in reqs)
+    num_blocks = -(-max_len // md.block_size)
+    all_in_order = len(reqs) == md.num_reqs and md.num_tokens == len(reqs)
+    idx = torch.tensor(reqs, device=device)
+    token_idx = None if all_in_order else md.query_start_loc[idx]
+    block_table = md.block_table[idx, :num_blocks]
+    seq_lens = md.seq_lens[idx][:, None]  # (Bd, 1)
+    k_pos = torch.arange(num_blocks * md.block_size, device=device)[None, :]
+    mask = k_pos < seq_lens
+    if window is not None:
+        mask &= k_pos >= seq_lens - window
+    return _DecodePlan(token_idx, block_table, mask[:, None, None, :])

@@ -1,0 +1,70 @@
+"""Engine options shared by the sub-commands that run a model (generate, chat, serve, bench)."""
+
+from __future__ import annotations
+
+import argparse
+
+from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = True) -> None:
+    if positional_model:
+        parser.add_argument(
+            "model", nargs="?", default=None,
+            help="a GGUF file or a Hugging Face folder (default: the bundled SmolLM2-135M-Instruct)",
+        )  # fmt: skip
+    group = parser.add_argument_group("engine")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument("--load-format", default="auto", choices=["auto", "gguf", "hf", "dummy"])
+    group.add_argument("--max-model-len", type=int, default=None)
+    group.add_argument("--max-num-seqs", type=int, default=64)
+    group.add_argument("--max-num-batched-tokens", type=int, default=512)
+    group.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV cache")
+    group.add_argument("--block-size", type=int, default=16)
+    group.add_argument("--no-prefix-caching", action="store_true")
+    group.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    group.add_argument("--device", default="cpu")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def engine_config_from_args(args: argparse.Namespace, **scheduler_overrides) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(
+            model=getattr(args, "model", None), dtype=args.dtype, load_format=args.load_format,
+            max_model_len=args.max_model_len, seed=args.seed, device=args.device,
+        ),
+        cache=CacheConfig(
+            block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
+            enable_prefix_caching=not args.no_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            policy=args.scheduling_policy, **scheduler_overrides,
+        ),
+        attention_backend=args.attention_backend,
+    )  # fmt: skip
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=max_tokens)
+    group.add_argument("--temperature", type=float, default=0.7)
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    group.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+
+
+def sampling_params_from_args(args: argparse.Namespace, **overrides):
+    from tokenmill.sampling_params import SamplingParams
+
+    values = dict(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        seed=args.sample_seed, stop=tuple(args.stop),
+    )  # fmt: skip
+    values.update(overrides)
+    return SamplingParams(**values)

@@ -1,0 +1,97 @@
+"""One frozen configuration tree for the engine, validated on construction.
+
+Values discovered at run time (how many KV blocks fit, the model's context length) are returned
+by the components that discover them and passed on; they are never written back into a config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmill.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and how. `model=None` means the bundled default (SmolLM2-135M)."""
+
+    model: str | None = None
+    dtype: str = "float32"
+    load_format: str = "auto"  # auto | gguf | hf | dummy
+    # For load_format="dummy": a Hugging Face style config (dict or config.json path).
+    dummy_config: dict | str | None = None
+    max_model_len: int | None = None  # None: the model's own context length
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.load_format not in ("auto", "gguf", "hf", "dummy"):
+            raise ConfigError(
+                f"load_format must be auto, gguf, hf or dummy, got {self.load_format!r}"
+            )
+        if self.load_format == "dummy" and self.dummy_config is None and self.model is None:
+            raise ConfigError(
+                "load_format='dummy' needs dummy_config (a config dict or config.json)"
+            )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # Memory for the paged KV cache in GiB; the number of blocks is computed from it.
+    kv_cache_memory_gib: float = 1.0
+    # Set to force an exact number of blocks (tests, simulation); overrides the memory budget.
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # auto = the model dtype
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.kv_cache_memory_gib <= 0:
+            raise ConfigError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_dtype not in ("auto", *DTYPES):
+            raise ConfigError(f"kv_cache_dtype must be auto or one of {DTYPES}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # fcfs | priority
+    # Anti-starvation: a request preempted this many times is only chosen as a victim when no
+    # other running request can be.
+    max_preemptions_before_protected: int = 2
+    # Bound on waiting requests; the engine refuses work beyond it (the server answers 429).
+    max_waiting: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.policy not in ("fcfs", "priority"):
+            raise ConfigError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        if self.max_waiting is not None and self.max_waiting < 0:
+            raise ConfigError(f"max_waiting must be >= 0, got {self.max_waiting}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    attention_backend: str = "auto"  # auto | torch | triton
+    # Record (step shape, wall time) for every step; the planner calibrates from this trace.
+    record_step_trace: bool = False

@@ -1,0 +1,416 @@
+"""The async engine: LLMEngine's step loop on a background thread, one output stream per request.
+
+    asyncio side (any event loop)              loop thread (owns the LLMEngine)
+    ---------------------------------          ---------------------------------------
+    add_request() --- _Add -----------------> command queue, drained before every step
+         ^  (awaits the add's outcome)           engine.add_request / abort_request
+    RequestStream <-- call_soon_threadsafe -- engine.step() outputs, one batch per loop
+    stream.abort() --- _Abort --------------> abort: KV blocks freed before the next step
+
+LLMEngine is not thread-safe, so only the loop thread touches it; the asyncio side talks to it
+through the command queue alone. The forward pass is blocking torch work that releases the GIL, so
+the event loop keeps serving HTTP while a step runs. When nothing is in flight the loop thread
+sleeps on an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.errors import TokenmillError
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# A step that neither produced output nor consumed tokens did no work (nothing schedulable);
+# back off this long instead of spinning on it.
+_NO_PROGRESS_BACKOFF_S = 0.005
+
+
+class EngineStoppedError(TokenmillError):
+    """The engine is shutting down (or its loop has stopped) and takes no new requests."""
+
+
+class EngineInternalError(TokenmillError):
+    """An unexpected fault inside the engine step ended this request."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A consistent snapshot of the engine, taken by the loop thread after each iteration."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_streams: int = 0  # requests with a consumer attached (running, waiting or being added)
+    kv_cache_usage: float = 0.0  # fraction of KV blocks referenced by requests
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # tokens found there
+    num_prompt_tokens: int = 0  # prompt tokens computed (prefill), total
+    num_generation_tokens: int = 0  # tokens sampled, total
+    num_preemptions: int = 0
+    num_steps: int = 0
+    is_running: bool = False  # the loop thread is alive and serving
+
+
+class RequestObserver(Protocol):
+    """Per-request latency events, called on the loop thread (keep them cheap and thread-safe)."""
+
+    def on_first_token(self, ttft_s: float) -> None: ...
+
+    def on_inter_token(self, itl_s: float) -> None: ...
+
+    def on_finished(self, finish_reason: str, e2e_s: float) -> None: ...
+
+
+class RequestStream:
+    """The outputs of one request, in order; the last one has `finished` set.
+
+    Iterate it with `async for`. Call `abort()` when the consumer goes away before the end (it is
+    a no-op once finished), so the engine frees the request's KV blocks at the next step.
+    """
+
+    def __init__(self, engine: AsyncEngine, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self.finished = False
+        self._engine = engine
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine._post(_Abort(self))
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+
+# ---- commands from the asyncio side to the loop thread ------------------------------------
+
+
+@dataclass
+class _Add:
+    stream: RequestStream
+    prompt: str | list[int]
+    params: SamplingParams
+    priority: int
+    added: asyncio.Future  # resolved on the stream's loop: None, or the add_request exception
+    arrival: float  # time.monotonic() when the caller asked, so TTFT includes the hand-over
+
+
+@dataclass
+class _Abort:
+    stream: RequestStream
+
+
+@dataclass
+class _AbortAll:
+    reason: str
+
+
+@dataclass
+class _Stop:
+    pass
+
+
+@dataclass
+class _Track:
+    """Loop-thread bookkeeping of a stream: timing for the latency observers."""
+
+    stream: RequestStream
+    arrival: float
+    last_token_time: float | None = None
+
+
+class AsyncEngine:
+    """Runs an LLMEngine on a background thread and streams each request's outputs to asyncio.
+
+    `generate()` / `add_request()` may be called from any event loop; outputs are delivered to
+    the loop that added the request. Errors from LLMEngine.add_request (invalid request, context
+    length, overloaded queue) raise in the caller.
+    """
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._tracks: dict[str, _Track] = {}  # loop thread only
+        self._observers: tuple[RequestObserver, ...] = ()
+        self._accepting = True
+        self._stats = EngineStats()
+        self._num_steps = 0
+        self._thread = threading.Thread(target=self._run_loop, name="tokenmill-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config) -> AsyncEngine:
+        return cls(LLMEngine(config))
+
+    # ---- asyncio side ------------------------------------------------------------------
+
+    @property
+    def is_running(self) -> bool:
+        return self._accepting and self._thread.is_alive()
+
+    def add_observer(self, observer: RequestObserver) -> None:
+        self._observers = (*self._observers, observer)
+
+    def stats(self) -> EngineStats:
+        """The latest snapshot (taken on the loop thread; never touches the engine)."""
+        return self._stats
+
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+    ) -> RequestStream:
+        """Add a request and return its output stream once the engine has accepted it."""
+        if not self.is_running:
+            raise EngineStoppedError("the engine is shutting down and takes no new requests")
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(self, request_id, loop)
+        added = loop.create_future()
+        self._post(_Add(stream, prompt, params, priority, added, time.monotonic()))
+        try:
+            error = await added
+        except BaseException:
+            stream.abort()  # cancelled while being added: it may have been added already
+            raise
+        if error is not None:
+            stream.finished = True
+            raise error
+        return stream
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs; aborts it if the consumer stops early or is cancelled."""
+        stream = await self.add_request(request_id, prompt, params, priority)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.abort()
+
+    async def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting; let in-flight requests finish until the deadline, abort the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout_s
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            if self._stats.num_streams == 0 and self._commands.empty():
+                break
+            await asyncio.sleep(0.02)
+        self._post(_AbortAll("the server is shutting down"))
+        self._post(_Stop())
+        await asyncio.to_thread(self._thread.join, 5.0)
+
+    def close(self) -> None:
+        """Synchronous stop for non-async callers: abort everything and end the loop thread."""
+        self._accepting = False
+        self._post(_AbortAll("the engine was closed"))
+        self._post(_Stop())
+        self._thread.join(5.0)
+
+    def _post(self, command: object) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    # ---- loop thread -------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        try:
+            while True:
+                self._wakeup.clear()
+                if not self._drain_commands():
+                    return
+                if not self.engine.has_unfinished_requests():
+                    self._snapshot()
+                    self._wakeup.wait()
+                    continue
+                self._step()
+        except BaseException:  # pragma: no cover - a bug in this loop itself, not a request
+            logger.exception("the engine loop stopped")
+            self._fail_all(EngineStoppedError("the engine loop stopped unexpectedly"))
+        finally:
+            self._accepting = False
+            self._snapshot(is_running=False)
+
+    def _drain_commands(self) -> bool:
+        """Apply every pending command; False when the loop must stop."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+            if isinstance(command, _Add):
+                self._apply_add(command)
+            elif isinstance(command, _Abort):
+                self._apply_abort(command.stream)
+            elif isinstance(command, _AbortAll):
+                self._fail_all(EngineStoppedError(command.reason))
+            elif isinstance(command, _Stop):
+                return False
+
+    def _apply_add(self, command: _Add) -> None:
+        stream = command.stream
+        error: BaseException | None = None
+        if stream.finished:
+            return  # aborted before the loop thread saw it
+        if stream.request_id in self._tracks:
+            error = _duplicate_id_error(stream.request_id)
+        else:
+            try:
+                self.engine.add_request(
+                    stream.request_id, command.prompt, command.params, priority=command.priority
+                )
+                self._tracks[stream.request_id] = _Track(stream, command.arrival)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, who raises it
+                error = exc
+        _call_in_loop(stream._loop, _resolve, command.added, error)
+
+    def _apply_abort(self, stream: RequestStream) -> None:
+        track = self._tracks.get(stream.request_id)
+        if track is None or track.stream is not stream:
+            return  # already finished, or another request with the same id
+        del self._tracks[stream.request_id]
+        try:
+            self.engine.abort_request(stream.request_id)
+        except Exception:  # noqa: BLE001
+            logger.exception("aborting request %s failed", stream.request_id)
+        self._observe_finished("abort", track)
+
+    def _fail_all(self, error: BaseException) -> None:
+        tracks, self._tracks = self._tracks, {}
+        for request_id, track in tracks.items():
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:  # noqa: BLE001
+                logger.exception("aborting request %s failed", request_id)
+            self._observe_finished("abort", track)
+            _call_in_loop(track.stream._loop, track.stream._put, error)
+
+    def _step(self) -> None:
+        engine = self.engine
+        tokens_before = engine.num_prompt_tokens_total + engine.num_generation_tokens_total
+        self._num_steps += 1
+        try:
+            outputs = engine.step()
+        except Exception as exc:  # noqa: BLE001 - the loop must outlive any one step
+            logger.exception("engine step failed; failing the requests in flight")
+            self._fail_all(EngineInternalError(f"internal error in the engine step: {exc}"))
+            return
+        self._dispatch(outputs)
+        self._snapshot()
+        tokens_after = engine.num_prompt_tokens_total + engine.num_generation_tokens_total
+        if not outputs and tokens_after == tokens_before:
+            self._wakeup.wait(_NO_PROGRESS_BACKOFF_S)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """Hand outputs to their streams: one call_soon_threadsafe per event loop per step."""
+        now = time.monotonic()
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
+        for output in outputs:
+            track = self._tracks.get(output.request_id)
+            if track is None:
+                continue
+            self._observe_tokens(track, output, now)
+            if output.finished:
+                del self._tracks[output.request_id]
+                reason = output.outputs[0].finish_reason if output.outputs else "stop"
+                self._observe_finished(reason or "stop", track, now)
+            batches.setdefault(track.stream._loop, []).append((track.stream, output))
+        for loop, batch in batches.items():
+            if not _call_in_loop(loop, _deliver, batch):
+                for stream, _ in batch:  # its event loop is gone: nobody will read these
+                    self._apply_abort(stream)
+
+    def _observe_tokens(self, track: _Track, output: RequestOutput, now: float) -> None:
+        num_new = max((len(o.token_ids_delta) for o in output.outputs), default=0)
+        if not num_new:
+            return
+        last, track.last_token_time = track.last_token_time, now
+        if last is None:
+            self._notify("on_first_token", now - track.arrival)
+            return
+        # Several tokens in one step (speculative decoding) share the step's time.
+        for _ in range(num_new):
+            self._notify("on_inter_token", (now - last) / num_new)
+
+    def _observe_finished(self, reason: str, track: _Track, now: float | None = None) -> None:
+        self._notify("on_finished", reason, (now or time.monotonic()) - track.arrival)
+
+    def _notify(self, event: str, *args) -> None:
+        for observer in self._observers:
+            try:
+                getattr(observer, event)(*args)
+            except Exception:  # noqa: BLE001 - metrics must never break serving
+                logger.exception("request observer %r failed on %s", observer, event)
+
+    def _snapshot(self, is_running: bool = True) -> None:
+        engine = self.engine
+        self._stats = EngineStats(
+            num_running=engine.scheduler.num_running,
+            num_waiting=engine.scheduler.num_waiting,
+            num_streams=len(self._tracks),
+            kv_cache_usage=engine.kv_manager.usage,
+            prefix_cache_queries=engine.kv_manager.prefix_queries,
+            prefix_cache_hits=engine.kv_manager.prefix_hits,
+            num_prompt_tokens=engine.num_prompt_tokens_total,
+            num_generation_tokens=engine.num_generation_tokens_total,
+            num_preemptions=engine.scheduler.num_preemptions,
+            num_steps=self._num_steps,
+            is_running=is_running,
+        )
+
+
+def _duplicate_id_error(request_id: str) -> Exception:
+    from tokenmill.errors import InvalidRequestError
+
+    return InvalidRequestError(f"request id {request_id!r} is already in use")
+
+
+def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
+    if not future.done():
+        future.set_result(error)
+
+
+def _deliver(batch: list[tuple[RequestStream, RequestOutput]]) -> None:
+    for stream, output in batch:
+        stream._put(output)
+
+
+def _call_in_loop(loop: asyncio.AbstractEventLoop, func, *args) -> bool:
+    try:
+        loop.call_soon_threadsafe(func, *args)
+    except RuntimeError:  # the event loop is closed
+        return False
+    return True

@@ -1,0 +1,110 @@
+"""A request's scheduling state: the tokens it knows and how many of them are in the KV cache.
+
+    all_token_ids:  [ prompt ........................ | output ...... ]
+                    |<----- num_computed_tokens ----->|
+                    |<------------------ num_tokens ----------------->|
+
+Each step the scheduler grants `num_scheduled` tokens so that computed catches up with known.
+When, after a step, computed == known, the last token's logits were computed and a new token is
+sampled. A prefill chunk, a decode step, a prefix-cache hit (computed jumps forward for free),
+resuming after preemption (computed drops to 0) and speculative verification (k draft tokens
+appended past num_tokens) are all this one rule.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+
+from tokenmill.sampling_params import SamplingParams
+
+_arrival_counter = itertools.count()
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.value in ("stop", "length", "abort", "error")
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.value if self.is_finished else None
+
+
+class Request:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: tuple[int, ...] = (),
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = frozenset(() if sampling_params.ignore_eos else eos_token_ids)
+        self.stop_token_ids = frozenset(sampling_params.stop_token_ids)
+        self.arrival_time = time.time() if arrival_time is None else arrival_time
+        # Breaks ties between equal arrival times so ordering is total and deterministic.
+        self.arrival_seq = next(_arrival_counter)
+        self.priority = priority  # lower value = more important (vLLM's convention)
+
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # prefix-cache hit at first scheduling; -1 before
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.num_preemptions = 0
+        # Draft tokens proposed for this step; scheduled after the known tokens.
+        self.spec_token_ids: list[int] = []
+        # Hashes of this request's full blocks, filled lazily by the KV cache manager.
+        self.block_hashes: list[bytes] = []
+        # Set by the engine once the context limit is known: no token may go past it.
+        self.max_total_tokens: int | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_spec(self) -> int:
+        return len(self.all_token_ids) + len(self.spec_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def sort_key(self) -> tuple[int, float, int]:
+        """Smaller = served first, preempted last."""
+        return (self.priority, self.arrival_time, self.arrival_seq)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.value}, "
+            f"tokens={self.num_tokens}, computed={self.num_computed_tokens})"
+        )

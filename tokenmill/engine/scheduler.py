@@ -1,0 +1,270 @@
+"""The scheduler: one token budget per step, shared by decodes, prefill chunks and drafts.
+
+Each step it walks the running requests in service order (priority, then arrival) and grants each
+the tokens it still lacks, within the budget; then it admits waiting requests in the same step,
+taking prefix-cache hits for free and chunking prompts to what the budget has left. When blocks
+run out, the least important running request not yet served this step is preempted by recompute
+(blocks freed, computed reset to zero, back to the front of the queue). A request preempted
+`max_preemptions_before_protected` times is only chosen when no other can be, so no request
+is preempted over and over while others run.
+"""
+
+from __future__ import annotations
+
+from tokenmill.config import SchedulerConfig
+from tokenmill.engine.interfaces import (
+    NewRequestData,
+    RunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
+from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.request_queue import RequestQueue
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, max_model_len: int):
+        self.config = config
+        self.kv = kv_manager
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+        self.waiting = RequestQueue(config.policy)
+        self.running: list[Request] = []
+        self._finished_ids: list[str] = []  # to tell the runner at the next step
+        self._announced: set[str] = set()  # requests the runner has state for
+        self.num_preemptions = 0
+
+    # ---- request lifecycle -------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        request.max_total_tokens = self.max_model_len
+        self.requests[request.request_id] = request
+        self.waiting.push(request)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
+        """End requests in any state (abort, stop string matched, error); frees their blocks."""
+        ended = []
+        for req_id in request_ids:
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+            ended.append(request)
+        return ended
+
+    def preempt_request(self, request_id: str) -> bool:
+        """Preempt a running request by recompute now (its blocks go back to the pool)."""
+        request = self.requests.get(request_id)
+        if request is None or request.status != RequestStatus.RUNNING:
+            return False
+        self._preempt(request)
+        return True
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or bool(self.waiting)
+
+    # ---- one step ----------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        self.kv.begin_step()
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        new_requests: list[NewRequestData] = []
+        num_preempted = 0
+
+        # Service order: the most important first; preemption takes from the other end.
+        self.running.sort(key=lambda r: r.sort_key)
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            request = self.running[idx]
+            num_new = self._num_tokens_to_schedule(request, budget)
+            if num_new <= 0:
+                idx += 1
+                continue
+            while self.kv.allocate_slots(request, num_new) is None:
+                victim = self._pick_victim(self.running[idx:])
+                self._preempt(victim)
+                num_preempted += 1
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted itself; the next request now sits at idx
+            scheduled.append(self._make_scheduled(request, num_new, new_requests))
+            budget -= num_new
+            idx += 1
+
+        # Admit waiting requests, unless this step already had to preempt (memory is short).
+        while self.waiting and budget > 0 and num_preempted == 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            request = self.waiting.peek()
+            computed_blocks, num_hit = [], 0
+            if request.num_computed_tokens == 0:
+                computed_blocks, num_hit = self.kv.get_computed_blocks(request)
+            num_new = request.num_tokens - request.num_computed_tokens - num_hit
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            if self.kv.allocate_slots(request, num_new, computed_blocks) is None:
+                break
+            self.waiting.pop()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            request.num_computed_tokens += num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(self._make_scheduled(request, num_new, new_requests))
+            budget -= num_new
+
+        finished, self._finished_ids = self._finished_ids, []
+        return self._build_output(scheduled, new_requests, finished, num_preempted)
+
+    def update_from_output(
+        self, sched_out: SchedulerOutput, runner_out: RunnerOutput
+    ) -> list[Request]:
+        """Append sampled tokens and apply the stop rules the scheduler owns: EOS, stop token
+        ids, max_tokens, the context limit. Returns the requests that gained tokens or ended."""
+        touched: list[Request] = []
+        for sched in sched_out.scheduled:
+            request = self.requests.get(sched.req_id)
+            if request is None or request.is_finished:
+                continue
+            if sched.req_id in runner_out.failed:
+                self._remove_running(request, RequestStatus.FINISHED_ERROR)
+                request.stop_reason = runner_out.failed[sched.req_id]
+                touched.append(request)
+                continue
+            tokens = runner_out.sampled.get(sched.req_id)
+            if sched.spec_token_ids:
+                # Drafts past the accepted ones were computed but are not part of the sequence.
+                num_rejected = len(sched.spec_token_ids) + 1 - len(tokens or [None])
+                request.num_computed_tokens -= num_rejected
+                request.spec_token_ids = []
+            if not tokens:
+                continue
+            for token in tokens:
+                request.append_output_token(token)
+                status = self._check_stop(request, token)
+                if status is not None:
+                    self._remove_running(request, status)
+                    break
+            touched.append(request)
+        return touched
+
+    def rollback_step(self, sched_out: SchedulerOutput) -> None:
+        """The runner failed on this step: undo the computed-token grants and cache entries."""
+        self.kv.rollback_step()
+        for sched in sched_out.scheduled:
+            request = self.requests.get(sched.req_id)
+            if request is not None and request.num_computed_tokens > sched.num_computed_tokens:
+                request.num_computed_tokens = sched.num_computed_tokens
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _num_tokens_to_schedule(self, request: Request, budget: int) -> int:
+        num_new = request.num_tokens_with_spec - request.num_computed_tokens
+        # Never past the context limit (drafts are trimmed first).
+        num_new = min(num_new, self.max_model_len - request.num_computed_tokens)
+        if not self.config.enable_chunked_prefill and num_new > budget:
+            return 0
+        return min(num_new, budget)
+
+    def _make_scheduled(
+        self, request: Request, num_new: int, new_requests: list[NewRequestData]
+    ) -> ScheduledRequest:
+        if request.request_id not in self._announced:
+            self._announced.add(request.request_id)
+            new_requests.append(
+                NewRequestData(
+                    request.request_id, request.prompt_token_ids, request.sampling_params
+                )
+            )
+        start = request.num_computed_tokens
+        end = start + num_new
+        known_end = min(end, request.num_tokens)
+        token_ids = request.all_token_ids[start:known_end]
+        spec = request.spec_token_ids[: end - known_end] if end > request.num_tokens else []
+        request.num_computed_tokens = end
+        return ScheduledRequest(
+            req_id=request.request_id,
+            token_ids=token_ids + spec,
+            num_computed_tokens=start,
+            block_ids=self.kv.block_ids(request.request_id),
+            do_sample=end >= request.num_tokens,
+            output_token_ids=request.output_token_ids,
+            spec_token_ids=spec,
+            is_prompt_step=start < request.num_prompt_tokens,
+        )
+
+    def _pick_victim(self, candidates: list[Request]) -> Request:
+        protected = self.config.max_preemptions_before_protected
+        eligible = [r for r in candidates if r.num_preemptions < protected] or candidates
+        return max(eligible, key=lambda r: r.sort_key)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.spec_token_ids = []
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.push_front(request)
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        is_stop_token = token in request.eos_token_ids or token in request.stop_token_ids
+        if is_stop_token and request.num_output_tokens >= params.min_tokens:
+            request.stop_reason = token if token in request.stop_token_ids else None
+            return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _remove_running(self, request: Request, status: RequestStatus) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        self._finish(request, status)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.kv.free(request)
+        del self.requests[request.request_id]
+        if request.request_id in self._announced:
+            self._announced.discard(request.request_id)
+            self._finished_ids.append(request.request_id)
+
+    def _build_output(
+        self,
+        scheduled: list[ScheduledRequest],
+        new_requests: list[NewRequestData],
+        finished: list[str],
+        num_preempted: int,
+    ) -> SchedulerOutput:
+        num_prefill = sum(len(s.token_ids) for s in scheduled if s.is_prompt_step)
+        total = sum(len(s.token_ids) for s in scheduled)
+        return SchedulerOutput(
+            scheduled=scheduled,
+            new_requests=new_requests,
+            finished_req_ids=finished,
+            num_prefill_tokens=num_prefill,
+            num_decode_tokens=total - num_prefill,
+            num_preempted=num_preempted,
+        )

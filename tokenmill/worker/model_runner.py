@@ -1,0 +1,168 @@
+"""The ModelRunner: a real model on a device behind the BaseRunner interface."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.attention.backends.registry import get_backend
+from tokenmill.attention.context import forward_context
+from tokenmill.config import CacheConfig, ModelConfig
+from tokenmill.engine.interfaces import (
+    BaseRunner,
+    NewRequestData,
+    RunnerOutput,
+    SchedulerOutput,
+    TokenLogprobs,
+)
+from tokenmill.loader.base import LoadedModel
+from tokenmill.models.registry import build_model
+from tokenmill.models.weights import load_weights
+from tokenmill.worker.input_batch import StepInputs, prepare_inputs
+from tokenmill.worker.sampler import SamplingRow, batch_token_logprobs, sample
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _RequestState:
+    params: object
+    prompt_token_ids: list[int]
+    generator: torch.Generator
+
+
+class ModelRunner(BaseRunner):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        attention_backend: str = "auto",
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
+        self.arch = loaded.arch
+        self.device = torch.device(model_config.device)
+        self.dtype = TORCH_DTYPES[model_config.dtype]
+        self.block_size = cache_config.block_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.backend = get_backend(attention_backend, model_config.device)
+        start = time.perf_counter()
+        with torch.device("meta"):
+            model = build_model(loaded.arch, self.backend)
+        # Materialise on the target device, then fill from the checkpoint one tensor at a time.
+        self.model = model.to_empty(device=self.device).to(self.dtype)
+        _reset_buffers(self.model)
+        load_weights(self.model, loaded.iter_weights(self.dtype))
+        self.model.eval()
+        logger.info("loaded %s in %.1fs", loaded.source, time.perf_counter() - start)
+        self.kv_dtype = (
+            self.dtype
+            if cache_config.kv_cache_dtype == "auto"
+            else TORCH_DTYPES[cache_config.kv_cache_dtype]
+        )
+        self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config)
+        shape = (
+            self.arch.num_hidden_layers, 2, self.num_blocks, self.block_size,
+            self.arch.num_key_value_heads, self.arch.head_dim,
+        )  # fmt: skip
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.kv_caches = list(self.kv_cache.unbind(0))  # per layer [2, NB, BS, Hkv, D]
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.2f GiB, %s)",
+            self.num_blocks, self.block_size, self.kv_cache.nbytes / 2**30, self.kv_dtype,
+        )  # fmt: skip
+        self._states: dict[str, _RequestState] = {}
+        self._seed_source = random.Random(model_config.seed)
+
+    @property
+    def bytes_per_block(self) -> int:
+        elt = torch.tensor([], dtype=self.kv_dtype).element_size()
+        a = self.arch
+        return 2 * a.num_hidden_layers * self.block_size * a.num_key_value_heads * a.head_dim * elt
+
+    def _blocks_for_budget(self, cache_config: CacheConfig) -> int:
+        return max(1, int(cache_config.kv_cache_memory_gib * 2**30) // self.bytes_per_block)
+
+    @torch.inference_mode()
+    def execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
+        start = time.perf_counter()
+        for req_id in sched_out.finished_req_ids:
+            self._states.pop(req_id, None)
+        for new in sched_out.new_requests:
+            self._states[new.req_id] = self._new_state(new)
+        if sched_out.is_empty:
+            return RunnerOutput(sampled={})
+        inputs = prepare_inputs(
+            sched_out, self.block_size, self.device,
+            lambda rid: self._states[rid].params.prompt_logprobs is not None,
+        )  # fmt: skip
+        with forward_context(inputs.metadata, self.kv_caches):
+            hidden = self.model(inputs.input_ids, inputs.positions)  # (T, E)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (N, V)
+        out = self._sample(sched_out, inputs, logits)
+        out.execute_time_s = time.perf_counter() - start
+        return out
+
+    def _new_state(self, new: NewRequestData) -> _RequestState:
+        seed = new.sampling_params.seed
+        if seed is None:
+            seed = self._seed_source.getrandbits(63)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return _RequestState(new.sampling_params, new.prompt_token_ids, generator)
+
+    def _sample(self, sched_out: SchedulerOutput, inputs: StepInputs, logits) -> RunnerOutput:
+        out = RunnerOutput(sampled={})
+        for b, (row_start, row_end) in inputs.prompt_logprob_rows.items():
+            sched = sched_out.scheduled[b]
+            out.prompt_logprobs[sched.req_id] = self._prompt_logprobs(
+                sched, logits[row_start:row_end]
+            )
+        if not inputs.sample_rows:
+            return out
+        rows, forbidden = [], []
+        for b, _ in inputs.sample_rows:
+            sched = sched_out.scheduled[b]
+            state = self._states[sched.req_id]
+            rows.append(
+                SamplingRow(
+                    state.params, state.generator, state.prompt_token_ids, sched.output_token_ids
+                )
+            )
+            short = len(sched.output_token_ids) < state.params.min_tokens
+            banned = (*self.eos_token_ids, *state.params.stop_token_ids) if short else ()
+            forbidden.append([t for t in banned if t < logits.shape[1]])
+        row_idx = torch.tensor([row for _, row in inputs.sample_rows], device=logits.device)
+        tokens, logprobs = sample(logits[row_idx].clone(), rows, forbidden)
+        for (b, _), token, lp in zip(inputs.sample_rows, tokens, logprobs, strict=True):
+            req_id = sched_out.scheduled[b].req_id
+            out.sampled[req_id] = [token]
+            if lp is not None:
+                out.logprobs[req_id] = [lp]
+        return out
+
+    def _prompt_logprobs(self, sched, logits: torch.Tensor) -> list[TokenLogprobs | None]:
+        """logits [Q, V] of a prompt chunk; row i scores the prompt token after position i."""
+        state = self._states[sched.req_id]
+        prompt = state.prompt_token_ids
+        num_rows = min(logits.shape[0], len(prompt) - 1 - sched.num_computed_tokens)
+        if num_rows <= 0:
+            return []
+        start = sched.num_computed_tokens + 1
+        targets = torch.tensor(prompt[start : start + num_rows], device=logits.device)
+        return batch_token_logprobs(logits[:num_rows], targets, state.params.prompt_logprobs)
+
+    def shutdown(self) -> None:
+        self._states.clear()
+
+
+def _reset_buffers(model: torch.nn.Module) -> None:
+    """Buffers (rotary tables) were created on the meta device; modules rebuild them here."""
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()

@@ -1,0 +1,163 @@
+"""Turning a batch of logits into tokens: penalties, temperature, min-p, top-k, top-p, logprobs.
+
+Each row is one request (one sampled position). Greedy rows take the argmax. Random rows sample
+with the exponential race, argmax(p / E) with E ~ Exp(1): a seeded request draws E from its own
+generator, so its tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.engine.interfaces import TokenLogprobs
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+def sample(
+    logits: torch.Tensor, rows: list[SamplingRow], stop_ids_before_min: list[list[int]]
+) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """logits [N, V] float32 (modified in place) -> one token per row, and logprobs if asked.
+
+    `stop_ids_before_min[i]` are the ids forbidden in row i (EOS and stop tokens while the
+    request is still short of min_tokens).
+    """
+    want_logprobs = [r.params.logprobs is not None for r in rows]
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+    for i, ids in enumerate(stop_ids_before_min):
+        if ids:
+            logits[i, ids] = float("-inf")
+    _apply_penalties(logits, rows)
+    tokens = torch.empty(len(rows), dtype=torch.long)
+    greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
+    random = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+    if greedy:
+        idx = torch.tensor(greedy)
+        tokens[idx] = logits[idx].argmax(dim=-1)
+    if random:
+        idx = torch.tensor(random)
+        tokens[idx] = _sample_random(logits[idx], [rows[i] for i in random])
+    token_list = tokens.tolist()
+    logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+    if raw_logprobs is not None:
+        for i, row in enumerate(rows):
+            if want_logprobs[i]:
+                logprobs[i] = token_logprobs(raw_logprobs[i], token_list[i], row.params.logprobs)
+    return token_list, logprobs
+
+
+def token_logprobs(logprobs: torch.Tensor, token_id: int, num_top: int) -> TokenLogprobs:
+    """logprobs [V] of one position; the chosen token's logprob, rank and the top-n."""
+    chosen = logprobs[token_id]
+    rank = int((logprobs > chosen).sum()) + 1
+    top = torch.topk(logprobs, num_top) if num_top > 0 else None
+    return TokenLogprobs(
+        token_id=token_id,
+        logprob=float(chosen),
+        rank=rank,
+        top_ids=top.indices.tolist() if top is not None else [],
+        top_logprobs=top.values.tolist() if top is not None else [],
+    )
+
+
+def batch_token_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
+) -> list[TokenLogprobs]:
+    """logits [N, V] and the token taken at each row [N] -> logprobs, ranks and top-n per row."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, token_ids[:, None])  # (N, 1)
+    ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
+    top_ids: list[list[int]] = [[] for _ in ranks]
+    top_values: list[list[float]] = [[] for _ in ranks]
+    if num_top > 0:
+        top = torch.topk(logprobs, num_top, dim=-1)
+        top_ids, top_values = top.indices.tolist(), top.values.tolist()
+    return [
+        TokenLogprobs(t, lp, r, ids, vals)
+        for t, lp, r, ids, vals in zip(
+            token_ids.tolist(), chosen[:, 0].tolist(), ranks, top_ids, top_values, strict=True
+        )
+    ]
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    vocab = logits.shape[1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if not p.has_penalties:
+            continue
+        out_ids = torch.tensor(row.output_token_ids, dtype=torch.long)
+        counts = torch.zeros(vocab, dtype=logits.dtype).index_add_(
+            0, out_ids, torch.ones(len(out_ids), dtype=logits.dtype)
+        )
+        if p.repetition_penalty != 1.0:
+            seen = counts > 0
+            if row.prompt_token_ids:
+                seen[torch.tensor(row.prompt_token_ids, dtype=torch.long)] = True
+            penalised = torch.where(
+                logits[i] > 0, logits[i] / p.repetition_penalty, logits[i] * p.repetition_penalty
+            )
+            logits[i] = torch.where(seen, penalised, logits[i])
+        if p.frequency_penalty:
+            logits[i] -= p.frequency_penalty * counts
+        if p.presence_penalty:
+            logits[i] -= p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """logits [M, V] of random rows -> [M] token ids."""
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype)
+    logits = logits / temps[:, None]
+    min_ps = [r.params.min_p for r in rows]
+    if any(min_ps):
+        probs = torch.softmax(logits, dim=-1)
+        threshold = (
+            torch.tensor(min_ps, dtype=logits.dtype)[:, None] * probs.max(-1, keepdim=True).values
+        )
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    top_ks = [r.params.effective_top_k for r in rows]
+    if any(top_ks):
+        logits = _top_k(logits, top_ks)
+    top_ps = [r.params.top_p for r in rows]
+    if any(p < 1.0 for p in top_ps):
+        logits = _top_p(logits, top_ps)
+    probs = torch.softmax(logits, dim=-1)
+    noise = torch.empty_like(probs)
+    for i, row in enumerate(rows):
+        noise[i].exponential_(generator=row.generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    ks = [k if 0 < k < vocab else vocab for k in top_ks]
+    max_k = max(ks)
+    top_values = torch.topk(logits, max_k, dim=-1).values  # (M, max_k), descending
+    kth = top_values.gather(1, torch.tensor(ks)[:, None] - 1)  # (M, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
+    rows = [i for i, p in enumerate(top_ps) if p < 1.0]
+    idx = torch.tensor(rows)
+    sub = logits[idx]
+    sorted_logits, order = sub.sort(dim=-1, descending=True)
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it
+    # already does. The first token is always kept.
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop = mass_before >= torch.tensor([top_ps[i] for i in rows], dtype=logits.dtype)[:, None]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    logits = logits.clone()
+    logits[idx] = torch.empty_like(sub).scatter_(1, order, sorted_logits)
+    return logits
