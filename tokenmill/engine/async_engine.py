@@ -93,16 +93,20 @@ class RequestStream:
             raise StopAsyncIteration
         item = await self._queue.get()
         if isinstance(item, BaseException):
-            self.finished = True
+            self._close()
             raise item
         if item.finished:
-            self.finished = True
+            self._close()
         return item
 
     def abort(self) -> None:
         if not self.finished:
-            self.finished = True
+            self._close()
             self._engine._post(_Abort(self))
+
+    def _close(self) -> None:
+        self.finished = True
+        self._engine._open_streams.discard(self)
 
     def _put(self, item: RequestOutput | BaseException) -> None:
         self._queue.put_nowait(item)
@@ -162,6 +166,8 @@ class AsyncEngine:
         self._accepting = True
         self._stats = EngineStats()
         self._num_steps = 0
+        # Streams whose consumer has not seen the end yet (any thread; set ops are atomic).
+        self._open_streams: set[RequestStream] = set()
         self._thread = threading.Thread(target=self._run_loop, name="tokenmill-engine", daemon=True)
         self._thread.start()
 
@@ -194,6 +200,7 @@ class AsyncEngine:
             raise EngineStoppedError("the engine is shutting down and takes no new requests")
         loop = asyncio.get_running_loop()
         stream = RequestStream(self, request_id, loop)
+        self._open_streams.add(stream)
         added = loop.create_future()
         self._post(_Add(stream, prompt, params, priority, added, time.monotonic()))
         try:
@@ -202,7 +209,7 @@ class AsyncEngine:
             stream.abort()  # cancelled while being added: it may have been added already
             raise
         if error is not None:
-            stream.finished = True
+            stream._close()
             raise error
         return stream
 
@@ -226,7 +233,7 @@ class AsyncEngine:
         self._accepting = False
         deadline = time.monotonic() + timeout_s
         while self._thread.is_alive() and time.monotonic() < deadline:
-            if self._stats.num_streams == 0 and self._commands.empty():
+            if not self._open_streams:
                 break
             await asyncio.sleep(0.02)
         self._post(_AbortAll("the server is shutting down"))

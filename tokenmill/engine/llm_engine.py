@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.interfaces import BaseRunner, RunnerOutput, SchedulerOutput
@@ -23,21 +22,10 @@ from tokenmill.errors import (
     InvalidRequestError,
 )
 from tokenmill.outputs import RequestOutput
+from tokenmill.perf.trace import StepRecord
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StepRecord:
-    """One step's shape and wall time: what the planner calibrates a hardware profile from."""
-
-    num_reqs: int
-    num_prefill_tokens: int
-    num_decode_tokens: int
-    num_context_tokens: int  # keys read by attention, summed over requests
-    wall_time_s: float
-    scheduled: list[tuple[str, int]]
 
 
 class LLMEngine:
@@ -149,20 +137,20 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             if sched_out.finished_req_ids:
                 self.runner.execute(sched_out)  # lets the runner drop finished state
             return []
-        start = time.perf_counter()
         runner_out = self._execute(sched_out)
-        wall = time.perf_counter() - start
         touched = self.scheduler.update_from_output(sched_out, runner_out)
         for req_id, entries in runner_out.prompt_logprobs.items():
             self.output_processor.add_prompt_logprobs(req_id, entries)
         outputs, stopped = self.output_processor.process(touched, runner_out.logprobs)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        self._account(sched_out, runner_out, wall)
+        # The whole step (schedule, forward, sampling, detokenization): what the planner models.
+        self._account(sched_out, runner_out, time.perf_counter() - start)
         return outputs
 
     def _execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
@@ -192,18 +180,7 @@ class LLMEngine:
         self.num_prompt_tokens_total += sched_out.num_prefill_tokens
         self.num_generation_tokens_total += sum(len(t) for t in runner_out.sampled.values())
         if self.config.record_step_trace:
-            self.step_trace.append(
-                StepRecord(
-                    num_reqs=len(sched_out.scheduled),
-                    num_prefill_tokens=sched_out.num_prefill_tokens,
-                    num_decode_tokens=sched_out.num_decode_tokens,
-                    num_context_tokens=sum(
-                        s.num_computed_tokens + len(s.token_ids) for s in sched_out.scheduled
-                    ),
-                    wall_time_s=wall,
-                    scheduled=[(s.req_id, len(s.token_ids)) for s in sched_out.scheduled],
-                )
-            )
+            self.step_trace.append(StepRecord.from_scheduler_output(sched_out, wall))
 
 
 def _tokenizer_eos(tokenizer) -> tuple[int, ...]:

@@ -55,6 +55,7 @@ class ArchConfig:
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], architecture: str | None = None) -> ArchConfig:
         """Build from a Hugging Face config.json dict (Llama family keys; others go to `extra`)."""
+        cfg = normalize_hf_config(cfg)
         arch = architecture or _architecture_key(cfg)
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
@@ -87,3 +88,42 @@ def _architecture_key(cfg: dict[str, Any]) -> str:
     if archs:
         return archs[0].removesuffix("ForCausalLM").lower()
     raise ConfigError("config.json names neither model_type nor architectures")
+
+
+def normalize_hf_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Bring config.json spellings of several transformers versions to one vocabulary.
+
+    transformers 5 writes `rope_parameters` (per layer type for Gemma 3) instead of
+    `rope_theta`/`rope_scaling`/`rope_local_base_freq`, `layer_types` instead of
+    `sliding_window_pattern`, and Gemma names its activation `hidden_activation`.
+    """
+    cfg = dict(cfg)
+    if isinstance(cfg.get("text_config"), dict):
+        cfg = {**cfg, **cfg["text_config"]}
+    if cfg.get("hidden_activation") and "hidden_act" not in cfg:
+        cfg["hidden_act"] = cfg["hidden_activation"]
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and ("full_attention" in rope or "sliding_attention" in rope):
+        _apply_rope_parameters(cfg, rope.get("full_attention") or {})
+        local_theta = (rope.get("sliding_attention") or {}).get("rope_theta")
+        if local_theta is not None:
+            cfg.setdefault("rope_local_base_freq", local_theta)
+    elif isinstance(rope, dict):
+        _apply_rope_parameters(cfg, rope)
+    scaling = cfg.get("rope_scaling")
+    if isinstance(scaling, dict):
+        scaling = dict(scaling)
+        if "rope_type" not in scaling and "type" in scaling:
+            scaling["rope_type"] = scaling.pop("type")
+        cfg["rope_scaling"] = None if scaling.get("rope_type") in (None, "default") else scaling
+    layer_types = cfg.get("layer_types")
+    if layer_types and "sliding_attention" in layer_types and "full_attention" in layer_types:
+        cfg.setdefault("sliding_window_pattern", layer_types.index("full_attention") + 1)
+    return cfg
+
+
+def _apply_rope_parameters(cfg: dict[str, Any], params: dict[str, Any]) -> None:
+    if params.get("rope_theta") is not None:
+        cfg.setdefault("rope_theta", params["rope_theta"])
+    if params.get("rope_type", "default") != "default" and not cfg.get("rope_scaling"):
+        cfg["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}

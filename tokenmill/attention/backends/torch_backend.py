@@ -5,8 +5,8 @@ are gathered up to the longest context in the batch and masked past its own leng
 with several queries (prefill chunks, draft verification) are attended one by one; a chunk that
 starts at position 0 attends to its own fresh K/V without touching the cache.
 
-Grouped-query attention without copying K/V: the G query heads that share a KV head are laid
-out as G*Q query rows of that KV head, [Hkv, G*Q, D], with the mask repeated G times.
+Grouped-query attention without copying K/V: in decode, the G query heads that share a KV head
+are laid out as G query rows of that KV head, (Bd, Hkv, G, D); in prefill SDPA's enable_gqa.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ import torch.nn.functional as F
 
 from tokenmill.attention.backends.base import AttentionSpec, BaseAttentionBackend, write_kv
 from tokenmill.attention.metadata import AttentionMetadata
+
+# SDPA's grouped-query flag arrived in torch 2.5; older versions repeat the K/V heads instead.
+_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 @dataclass
@@ -93,30 +96,30 @@ def _prefill_segment(
     kv_cache: torch.Tensor,
     seg: _Segment,
 ) -> torch.Tensor:
-    hkv, g, d = spec.num_kv_heads, spec.num_queries_per_kv, spec.head_dim
-    num_q = seg.end - seg.start
-    q_s = q[seg.start : seg.end]  # (Q, H, D)
+    # 4-D inputs: CPU SDPA takes its flash kernel only for (batch, heads, seq, dim).
+    q_s = q[seg.start : seg.end].transpose(0, 1)[None]  # (1, H, Q, D)
     if seg.mask is None:
-        # Fresh prompt: keys are this chunk's own, causal; expand KV heads to query heads.
-        keys = k[seg.start : seg.end, :, None].expand(num_q, hkv, g, d).reshape(num_q, hkv * g, d)
-        values = v[seg.start : seg.end, :, None].expand(num_q, hkv, g, d).reshape(num_q, -1, d)
-        o = F.scaled_dot_product_attention(
-            q_s.transpose(0, 1),
-            keys.transpose(0, 1),
-            values.transpose(0, 1),
-            is_causal=True,
-            scale=spec.scale,
-        )  # (H, Q, D)
-        return o.transpose(0, 1)
-    # (nb, bs, Hkv, D) -> (L, Hkv, D) -> (Hkv, L, D)
-    keys = kv_cache[0][seg.block_ids].flatten(0, 1)[: seg.seq_len].transpose(0, 1).to(q.dtype)
-    values = kv_cache[1][seg.block_ids].flatten(0, 1)[: seg.seq_len].transpose(0, 1).to(q.dtype)
-    # (Q, Hkv, G, D) -> (Hkv, G, Q, D) -> (Hkv, G*Q, D)
-    q_rows = q_s.view(num_q, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * num_q, d)
-    o = F.scaled_dot_product_attention(
-        q_rows, keys, values, attn_mask=seg.mask.repeat(g, 1), scale=spec.scale
-    )  # (Hkv, G*Q, D)
-    return o.view(hkv, g, num_q, d).permute(2, 0, 1, 3).reshape(num_q, hkv * g, d)
+        # Fresh prompt: the keys are this chunk's own, causal; no cache read at all.
+        keys = k[seg.start : seg.end].transpose(0, 1)[None]  # (1, Hkv, Q, D)
+        values = v[seg.start : seg.end].transpose(0, 1)[None]
+        o = _sdpa(q_s, keys, values, None, spec.scale)
+    else:
+        # (nb, bs, Hkv, D) -> (L, Hkv, D) -> (1, Hkv, L, D)
+        keys = kv_cache[0][seg.block_ids].flatten(0, 1)[: seg.seq_len].transpose(0, 1)[None]
+        values = kv_cache[1][seg.block_ids].flatten(0, 1)[: seg.seq_len].transpose(0, 1)[None]
+        o = _sdpa(q_s, keys.to(q.dtype), values.to(q.dtype), seg.mask, spec.scale)
+    return o[0].transpose(0, 1)  # (Q, H, D)
+
+
+def _sdpa(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q (1, H, Q, D); k, v (1, Hkv, L, D); causal from position 0 when mask is None."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and not _HAS_GQA:
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    kwargs = {"enable_gqa": True} if groups > 1 and _HAS_GQA else {}
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, **kwargs
+    )
 
 
 def _plan_for(metadata: AttentionMetadata, window: int | None) -> _StepPlan:

@@ -1,0 +1,1 @@
+"""Benchmarks: machine ceilings, the engine's own speed, and load generation against servers."""

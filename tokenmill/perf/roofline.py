@@ -1,0 +1,113 @@
+"""Roofline time of a step on one chip, and the rates a measured step achieved.
+
+Each operator takes max(compute time, memory time) (or their sum on profiles that do not
+overlap them); memory time is the slowest tier's bytes / effective bandwidth when an operator
+reads from several tiers at once. Overheads come on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenmill.perf.profile import HardwareProfile
+from tokenmill.perf.step_cost import OpCost, StepCost
+
+
+@dataclass(frozen=True)
+class RooflineTime:
+    seconds: float
+    compute_s: float  # sum over operators of their compute time
+    memory_s: float  # sum over operators of their memory time
+    overhead_s: float
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.compute_s >= self.memory_s else "memory"
+
+
+def op_times(
+    op: OpCost,
+    profile: HardwareProfile,
+    token_scale: float = 1.0,
+    shard: float = 1.0,
+    kv_shard: float = 1.0,
+) -> tuple[float, float]:
+    """(compute_s, memory_s) of one operator on one chip.
+
+    token_scale: fraction of the batch's tokens this chip runs at once (pipeline micro-batches).
+    shard: how many chips split this operator (tensor parallelism); kv_shard: how many split its
+    K/V (at most the number of KV heads; beyond that heads are replicated).
+    """
+    flops = op.flops * token_scale / shard
+    if op.kind == "attention" and profile.attention_unit is not None:
+        unit = profile.attention_unit
+        compute = flops / (unit.peak_flops * unit.efficiency)
+    elif flops:
+        compute = flops / (profile.peak_for(op.compute_dtype) * profile.compute_efficiency)
+    else:
+        compute = 0.0
+    weights = op.weight_bytes / shard * (token_scale if op.kind == "gather" else 1.0)
+    act = op.act_bytes * token_scale / shard
+    kv = (op.kv_read_bytes + op.kv_write_bytes) * token_scale / kv_shard
+    per_tier: dict[str, float] = {}
+    for kind, nbytes in (("weights", weights), ("kv", kv), ("activations", act)):
+        if nbytes:
+            tier = profile.tier_for(kind, nbytes)
+            per_tier[tier.name] = per_tier.get(tier.name, 0.0) + nbytes / tier.effective_bandwidth
+    memory = max(per_tier.values(), default=0.0)
+    return compute, memory
+
+
+def combine(profile: HardwareProfile, compute_s: float, memory_s: float) -> float:
+    if profile.overlap_compute_memory:
+        return max(compute_s, memory_s)
+    return compute_s + memory_s
+
+
+def step_overhead(profile: HardwareProfile, num_reqs: int, num_kernels: int) -> float:
+    return (
+        profile.per_step_overhead_s
+        + profile.per_request_overhead_s * num_reqs
+        + profile.per_kernel_overhead_s * num_kernels
+    )
+
+
+def roofline_time(cost: StepCost, profile: HardwareProfile) -> RooflineTime:
+    """Time of one step on one chip holding the whole model."""
+    total = compute_sum = memory_sum = 0.0
+    for op in cost.ops:
+        times = cost.num_layers if op.per_layer else 1
+        compute, memory = op_times(op, profile)
+        total += combine(profile, compute, memory) * times
+        compute_sum += compute * times
+        memory_sum += memory * times
+    overhead = step_overhead(profile, cost.batch.num_reqs, cost.num_kernels)
+    return RooflineTime(total + overhead, compute_sum, memory_sum, overhead)
+
+
+@dataclass(frozen=True)
+class AchievedRates:
+    """What a measured step achieved, for benchmark reports."""
+
+    flops_per_s: float
+    bytes_per_s: float
+    mfu: float | None  # fraction of peak FLOP/s (needs a profile)
+    mbu: float | None  # fraction of the weight tier's bandwidth
+    roofline_fraction: float | None  # roofline time / measured time
+
+
+def achieved_rates(
+    cost: StepCost, wall_time_s: float, profile: HardwareProfile | None = None, dtype: str = "bf16"
+) -> AchievedRates:
+    """Achieved FLOP/s and bytes/s of a step that took `wall_time_s`; with a profile, also the
+    fractions of its peaks and of its roofline time."""
+    if wall_time_s <= 0:
+        raise ValueError(f"wall_time_s must be > 0, got {wall_time_s}")
+    flops_s = cost.flops / wall_time_s
+    bytes_s = cost.total_bytes / wall_time_s
+    if profile is None:
+        return AchievedRates(flops_s, bytes_s, None, None, None)
+    peak = profile.peak_for(dtype)
+    bandwidth = profile.tier_for("weights").bandwidth_bytes_s
+    ideal = roofline_time(cost, profile).seconds
+    return AchievedRates(flops_s, bytes_s, flops_s / peak, bytes_s / bandwidth, ideal / wall_time_s)

@@ -1,0 +1,131 @@
+"""The step trace: per engine step, its shape, what was scheduled, and how long it took.
+
+The engine records one StepRecord per step (EngineConfig.record_step_trace); the simulator
+records the same. Calibration fits a hardware profile to a trace's shapes and wall times, and the
+scheduling-equivalence check compares two traces' (req_id, num_tokens) lists step by step.
+Stored as JSON lines, one record per line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tokenmill.perf.step_cost import BatchShape
+
+if TYPE_CHECKING:
+    from tokenmill.engine.interfaces import SchedulerOutput
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_reqs: int
+    # Sum over scheduled requests of the K/V tokens attention reads: context before + new tokens.
+    num_context_tokens: int
+    wall_time_s: float
+    # (req_id, num_scheduled_tokens) in scheduling order; empty when not recorded.
+    scheduled: tuple[tuple[str, int], ...] = ()
+    # (num_new_tokens, num_context_tokens_before, num_logits) per request, same order; optional,
+    # makes calibration exact instead of spreading the context evenly over requests.
+    shapes: tuple[tuple[int, int, int], ...] = ()
+
+    @classmethod
+    def from_scheduler_output(cls, sched_out: SchedulerOutput, wall_time_s: float) -> StepRecord:
+        scheduled, shapes = [], []
+        for s in sched_out.scheduled:
+            n = len(s.token_ids)
+            scheduled.append((s.req_id, n))
+            shapes.append((n, s.num_computed_tokens, (1 + len(s.spec_token_ids)) * s.do_sample))
+        return cls(
+            num_prefill_tokens=sched_out.num_prefill_tokens,
+            num_decode_tokens=sched_out.num_decode_tokens,
+            num_reqs=len(scheduled),
+            num_context_tokens=sum(n + c for n, c, _ in shapes),
+            wall_time_s=wall_time_s,
+            scheduled=tuple(scheduled),
+            shapes=tuple(shapes),
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+    def batch_shape(self) -> BatchShape:
+        """The step's BatchShape; without per-request shapes, decodes are taken as one token
+        each and the context is spread evenly over the requests."""
+        if self.shapes:
+            return BatchShape.from_requests(self.shapes)
+        num_decode_reqs = min(self.num_decode_tokens, self.num_reqs)
+        num_prefill_reqs = max(self.num_reqs - num_decode_reqs, 0)
+        requests: list[tuple[int, int]] = [(1, 0)] * num_decode_reqs
+        if num_prefill_reqs:
+            chunk, extra = divmod(self.num_prefill_tokens, num_prefill_reqs)
+            requests += [(chunk + (i < extra), 0) for i in range(num_prefill_reqs)]
+        new_total = sum(n for n, _ in requests)
+        context_total = max(self.num_context_tokens - new_total, 0)
+        per_req, extra = divmod(context_total, max(len(requests), 1))
+        return BatchShape.from_requests(
+            (n, per_req + (i < extra)) for i, (n, _) in enumerate(requests)
+        )
+
+
+def write_trace(path: str | Path, records: Iterable[StepRecord]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(asdict(rec)) + "\n")
+
+
+def read_trace(path: str | Path) -> list[StepRecord]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                raw = json.loads(line)
+                raw["scheduled"] = tuple(tuple(x) for x in raw.get("scheduled", ()))
+                raw["shapes"] = tuple(tuple(x) for x in raw.get("shapes", ()))
+                records.append(StepRecord(**raw))
+    return records
+
+
+@dataclass(frozen=True)
+class ScheduleMismatch:
+    step_idx: int
+    expected: tuple[tuple[str, int], ...] | None  # None: that trace had ended
+    actual: tuple[tuple[str, int], ...] | None
+
+    def __str__(self) -> str:
+        return f"step {self.step_idx}: expected {self.expected}, got {self.actual}"
+
+
+def _by_first_appearance(records: Sequence[StepRecord]) -> list[tuple[tuple[str, int], ...]]:
+    """Each step's list with request ids renamed "0", "1", ... in order of first appearance, so
+    traces whose engines name requests differently compare."""
+    names: dict[str, str] = {}
+    return [
+        tuple((names.setdefault(rid, str(len(names))), n) for rid, n in rec.scheduled)
+        for rec in records
+    ]
+
+
+def first_schedule_mismatch(
+    expected: Sequence[StepRecord], actual: Sequence[StepRecord], rename_ids: bool = False
+) -> ScheduleMismatch | None:
+    """The first step where the two traces scheduled different (req_id, num_tokens) lists, or
+    None when they made exactly the same decisions for the same number of steps. With
+    `rename_ids`, ids are compared by order of first appearance instead of by name."""
+    if rename_ids:
+        exp_steps, act_steps = _by_first_appearance(expected), _by_first_appearance(actual)
+    else:
+        exp_steps = [r.scheduled for r in expected]
+        act_steps = [r.scheduled for r in actual]
+    for idx in range(max(len(exp_steps), len(act_steps))):
+        exp = exp_steps[idx] if idx < len(exp_steps) else None
+        act = act_steps[idx] if idx < len(act_steps) else None
+        if exp != act:
+            return ScheduleMismatch(idx, exp, act)
+    return None

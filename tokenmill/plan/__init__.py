@@ -1,0 +1,13 @@
+"""The inference-hardware planner: what a model and its traffic cost, and how fast they run,
+on GPUs, SRAM inference chips and CPUs.
+
+    hardware.py   the catalogue (catalogue/*.toml, a source beside every figure)
+    models.py     popular model shapes (catalogue/*.json) or any config.json
+    placement.py  fewest chips holding weights + KV; TP/PP layout and its explanation
+    step_time.py  a step's time on a placement (per-chip roofline + links)
+    sim_runner.py the SimRunner: BaseRunner on a virtual clock
+    simulate.py   the engine step loop driving the real Scheduler and KVCacheManager
+    metrics.py    TTFT / TPOT / ITL / E2E, throughput, goodput under SLOs
+    economics.py  $ per million tokens, joules per token
+    planner.py    one plan end to end; compare.py ranks hardware; calibrate.py fits this machine
+"""

@@ -1,0 +1,166 @@
+"""The SimRunner: the runner interface with no model behind it. Each step advances a virtual clock
+by a step time (from the cost model, a constant, or a recorded trace) and returns placeholder
+tokens, so the engine's own Scheduler and KVCacheManager run unchanged.
+
+Requests are created with ignore_eos and max_tokens = the workload's output length, so the
+placeholder token (0) never ends a request early: how long each runs comes from the workload.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from tokenmill.engine.interfaces import BaseRunner, RunnerOutput, SchedulerOutput
+from tokenmill.errors import ConfigError
+from tokenmill.perf.step_cost import BatchShape
+from tokenmill.perf.trace import StepRecord
+from tokenmill.plan.step_time import LayoutStepTime
+
+PLACEHOLDER_TOKEN = 0
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    seconds: float
+    prefill_fraction: float  # share of the step's time spent on prompt tokens (for economics)
+
+
+class BaseStepTimer(Protocol):
+    """How long a scheduled step takes."""
+
+    def step_time(self, sched_out: SchedulerOutput) -> StepTiming: ...
+
+
+def _token_share(sched_out: SchedulerOutput) -> float:
+    total = sched_out.num_scheduled_tokens
+    return sched_out.num_prefill_tokens / total if total else 0.0
+
+
+class ConstantStepTime:
+    """Every step takes `seconds`: isolates scheduling decisions from the cost model."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def step_time(self, sched_out: SchedulerOutput) -> StepTiming:
+        return StepTiming(self.seconds, _token_share(sched_out))
+
+
+class ReplayStepTime:
+    """The wall times of a recorded engine trace, step by step (past its end: the last one)."""
+
+    def __init__(self, records: Sequence[StepRecord]) -> None:
+        if not records:
+            raise ConfigError("cannot replay an empty step trace")
+        self.records = records
+        self.idx = 0
+
+    def step_time(self, sched_out: SchedulerOutput) -> StepTiming:
+        rec = self.records[min(self.idx, len(self.records) - 1)]
+        self.idx += 1
+        return StepTiming(rec.wall_time_s, _token_share(sched_out))
+
+
+@dataclass(frozen=True)
+class SpecDecodeConfig:
+    """Speculative decoding: k drafts per decode step, each accepted with `acceptance_rate`
+    (until the first rejection); a draft token costs `draft_cost` of a target decode step."""
+
+    num_draft_tokens: int
+    acceptance_rate: float
+    draft_cost: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_draft_tokens < 1:
+            raise ConfigError(f"draft length k must be >= 1, got {self.num_draft_tokens}")
+        if not 0 <= self.acceptance_rate <= 1:
+            raise ConfigError(f"acceptance rate must be in [0, 1], got {self.acceptance_rate}")
+        if self.draft_cost < 0:
+            raise ConfigError(f"draft cost must be >= 0, got {self.draft_cost}")
+
+
+class CostModelStepTime:
+    """Step time from the layout's cost model; prefill and decode parts are timed alone too, to
+    split a mixed step's time between them in proportion."""
+
+    def __init__(self, model: LayoutStepTime, spec: SpecDecodeConfig | None = None) -> None:
+        self.model = model
+        self.spec = spec
+
+    def step_time(self, sched_out: SchedulerOutput) -> StepTiming:
+        prefill, decode = [], []
+        for s in sched_out.scheduled:
+            shape = (
+                len(s.token_ids),
+                s.num_computed_tokens,
+                (1 + len(s.spec_token_ids)) * s.do_sample,
+            )
+            (prefill if s.is_prompt_step else decode).append(shape)
+        seconds = self.model.seconds(BatchShape.from_requests(prefill + decode))
+        if prefill and decode:
+            t_pre = self.model.seconds(BatchShape.from_requests(prefill))
+            t_dec = self.model.seconds(BatchShape.from_requests(decode))
+            share = t_pre / (t_pre + t_dec)
+        else:
+            share = 1.0 if prefill else 0.0
+        if self.spec is not None and decode:
+            # Drafting proposes tokens one at a time for every decoding request.
+            one_token = BatchShape.from_requests((1, c + n - 1) for n, c, _ in decode)
+            draft = (
+                self.spec.num_draft_tokens * self.spec.draft_cost * self.model.seconds(one_token)
+            )
+            share = share * seconds / (seconds + draft)
+            seconds += draft
+        return StepTiming(seconds, share)
+
+
+class SimRunner(BaseRunner):
+    """Implements BaseRunner.execute on a virtual clock (`now`, seconds).
+
+    jitter_cv > 0 multiplies each step time by a log-normal factor of mean 1 (dynamically
+    scheduled hardware); statically scheduled hardware runs with 0. Seeded: runs repeat exactly.
+    """
+
+    def __init__(
+        self,
+        timer: BaseStepTimer,
+        jitter_cv: float = 0.0,
+        seed: int = 0,
+        acceptance_rate: float | None = None,
+    ) -> None:
+        self.timer = timer
+        self.now = 0.0
+        self.prefill_time_s = 0.0
+        self.decode_time_s = 0.0
+        self.num_steps = 0
+        self.acceptance_rate = acceptance_rate
+        self._rng = random.Random(seed)
+        self._sigma = math.sqrt(math.log1p(jitter_cv**2)) if jitter_cv > 0 else 0.0
+
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        timing = self.timer.step_time(scheduler_output)
+        seconds = timing.seconds
+        if self._sigma:
+            seconds *= math.exp(self._rng.gauss(-(self._sigma**2) / 2, self._sigma))
+        self.now += seconds
+        self.num_steps += 1
+        self.prefill_time_s += seconds * timing.prefill_fraction
+        self.decode_time_s += seconds * (1 - timing.prefill_fraction)
+        sampled = {
+            s.req_id: [PLACEHOLDER_TOKEN] * (1 + self._num_accepted(len(s.spec_token_ids)))
+            for s in scheduler_output.scheduled
+            if s.do_sample
+        }
+        return RunnerOutput(sampled=sampled, execute_time_s=seconds)
+
+    def _num_accepted(self, num_drafts: int) -> int:
+        if not num_drafts or self.acceptance_rate is None:
+            return 0
+        accepted = 0
+        while accepted < num_drafts and self._rng.random() < self.acceptance_rate:
+            accepted += 1
+        return accepted
