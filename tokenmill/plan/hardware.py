@@ -9,13 +9,13 @@ bundled uncalibrated default.
 from __future__ import annotations
 
 import json
-import os
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tokenmill.env import home_dir
 from tokenmill.errors import ConfigError
 from tokenmill.perf.profile import AttentionUnit, HardwareProfile, MemoryTier
 
@@ -27,7 +27,7 @@ ELECTRICITY_USD_PER_KWH = 0.10  # [guess] a round figure near US industrial rate
 
 def user_dir() -> Path:
     """Where tokenmill keeps per-user state (TOKENMILL_HOME, default ~/.cache/tokenmill)."""
-    return Path(os.environ.get("TOKENMILL_HOME") or Path.home() / ".cache" / "tokenmill")
+    return home_dir()
 
 
 def calibrated_path() -> Path:

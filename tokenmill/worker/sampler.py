@@ -37,14 +37,15 @@ def sample(
         if ids:
             logits[i, ids] = float("-inf")
     _apply_penalties(logits, rows)
-    tokens = torch.empty(len(rows), dtype=torch.long)
+    device = logits.device
+    tokens = torch.empty(len(rows), dtype=torch.long, device=device)
     greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
     random = [i for i, r in enumerate(rows) if not r.params.is_greedy]
     if greedy:
-        idx = torch.tensor(greedy)
+        idx = torch.tensor(greedy, device=device)
         tokens[idx] = logits[idx].argmax(dim=-1)
     if random:
-        idx = torch.tensor(random)
+        idx = torch.tensor(random, device=device)
         tokens[idx] = _sample_random(logits[idx], [rows[i] for i in random])
     token_list = tokens.tolist()
     logprobs: list[TokenLogprobs | None] = [None] * len(rows)
@@ -95,14 +96,14 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         p = row.params
         if not p.has_penalties:
             continue
-        out_ids = torch.tensor(row.output_token_ids, dtype=torch.long)
-        counts = torch.zeros(vocab, dtype=logits.dtype).index_add_(
-            0, out_ids, torch.ones(len(out_ids), dtype=logits.dtype)
-        )
+        device = logits.device
+        out_ids = torch.tensor(row.output_token_ids, dtype=torch.long, device=device)
+        counts = torch.zeros(vocab, dtype=logits.dtype, device=device)
+        counts.index_add_(0, out_ids, torch.ones_like(out_ids, dtype=logits.dtype))
         if p.repetition_penalty != 1.0:
             seen = counts > 0
             if row.prompt_token_ids:
-                seen[torch.tensor(row.prompt_token_ids, dtype=torch.long)] = True
+                seen[torch.tensor(row.prompt_token_ids, device=device)] = True
             penalised = torch.where(
                 logits[i] > 0, logits[i] / p.repetition_penalty, logits[i] * p.repetition_penalty
             )
@@ -115,14 +116,14 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
 
 def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """logits [M, V] of random rows -> [M] token ids."""
-    temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype)
+    device = logits.device
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=device)
     logits = logits / temps[:, None]
     min_ps = [r.params.min_p for r in rows]
     if any(min_ps):
         probs = torch.softmax(logits, dim=-1)
-        threshold = (
-            torch.tensor(min_ps, dtype=logits.dtype)[:, None] * probs.max(-1, keepdim=True).values
-        )
+        min_p = torch.tensor(min_ps, dtype=logits.dtype, device=device)[:, None]
+        threshold = min_p * probs.max(-1, keepdim=True).values
         logits = logits.masked_fill(probs < threshold, float("-inf"))
     top_ks = [r.params.effective_top_k for r in rows]
     if any(top_ks):
@@ -142,20 +143,21 @@ def _top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
     ks = [k if 0 < k < vocab else vocab for k in top_ks]
     max_k = max(ks)
     top_values = torch.topk(logits, max_k, dim=-1).values  # (M, max_k), descending
-    kth = top_values.gather(1, torch.tensor(ks)[:, None] - 1)  # (M, 1)
+    kth = top_values.gather(1, torch.tensor(ks, device=logits.device)[:, None] - 1)  # (M, 1)
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def _top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
     rows = [i for i, p in enumerate(top_ps) if p < 1.0]
-    idx = torch.tensor(rows)
+    idx = torch.tensor(rows, device=logits.device)
     sub = logits[idx]
     sorted_logits, order = sub.sort(dim=-1, descending=True)
     sorted_probs = sorted_logits.softmax(dim=-1)
     # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it
     # already does. The first token is always kept.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    drop = mass_before >= torch.tensor([top_ps[i] for i in rows], dtype=logits.dtype)[:, None]
+    limits = torch.tensor([top_ps[i] for i in rows], dtype=logits.dtype, device=logits.device)
+    drop = mass_before >= limits[:, None]
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     logits = logits.clone()
