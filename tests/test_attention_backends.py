@@ -15,7 +15,7 @@ from tokenmill.engine.interfaces import ScheduledRequest, SchedulerOutput
 from tokenmill.worker.input_batch import prepare_inputs
 
 BLOCK = 16
-NUM_BLOCKS = 40
+NUM_BLOCKS = 48
 
 
 def make_step(requests: list[tuple[int, int]], gen: torch.Generator, device="cpu"):
@@ -57,6 +57,8 @@ CASES = [
     (4, 4, 32, None, [(0, 37), (50, 1), (20, 19), (3, 1)]),
     (6, 2, 64, None, [(0, 5), (33, 1), (64, 16), (0, 1), (100, 1)]),
     (3, 1, 64, 24, [(0, 40), (70, 1), (30, 20)]),
+    # Long chunks: the large prefill tiles, each spanning several cache blocks.
+    (4, 2, 32, None, [(0, 90), (40, 70), (5, 1)]),
 ]
 
 

@@ -32,6 +32,9 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self._req_blocks: dict[str, list[KVBlock]] = {}
+        # The same tables as ids, kept in step with _req_blocks: the scheduler hands these lists
+        # to the runner every step without rebuilding them.
+        self._req_block_ids: dict[str, list[int]] = {}
         self._num_hashed: dict[str, int] = {}  # leading blocks of a request already registered
         self._cached_this_step: list[KVBlock] = []
         self.prefix_queries = 0  # tokens looked up
@@ -51,7 +54,8 @@ class KVCacheManager:
         return self.pool.num_used_blocks / self.pool.num_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._req_blocks.get(request_id, ())]
+        """The request's block table (a live list: read it, do not keep or change it)."""
+        return self._req_block_ids.get(request_id, [])
 
     def num_blocks_held(self, request_id: str) -> int:
         return len(self._req_blocks.get(request_id, ()))
@@ -97,10 +101,13 @@ class KVCacheManager:
         self.pool.touch(computed_blocks)
         new_blocks = self.pool.allocate(num_new_blocks)
         blocks = self._req_blocks.setdefault(request.request_id, blocks)
+        ids = self._req_block_ids.setdefault(request.request_id, [])
         if computed_blocks:
             blocks.extend(computed_blocks)
+            ids.extend(b.block_id for b in computed_blocks)
             self._num_hashed[request.request_id] = len(blocks)
         blocks.extend(new_blocks)
+        ids.extend(b.block_id for b in new_blocks)
         if self.enable_prefix_caching:
             # Draft tokens may be rejected: only blocks full of known tokens are registered.
             self._register_full_blocks(request, min(num_total, request.num_tokens))
@@ -108,6 +115,7 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         blocks = self._req_blocks.pop(request.request_id, [])
+        self._req_block_ids.pop(request.request_id, None)
         self._num_hashed.pop(request.request_id, None)
         # Tail blocks are the least likely to be shared: queue them first so they go first.
         self.pool.free(reversed(blocks))
@@ -133,7 +141,9 @@ class KVCacheManager:
     def check_invariants(self) -> None:
         self.pool.check_invariants()
         counts: dict[int, int] = {}
-        for blocks in self._req_blocks.values():
+        for req_id, blocks in self._req_blocks.items():
+            if self._req_block_ids[req_id] != [b.block_id for b in blocks]:
+                raise AssertionError(f"block id table of {req_id} out of step")
             for block in blocks:
                 counts[block.block_id] = counts.get(block.block_id, 0) + 1
         for block in self.pool.blocks:

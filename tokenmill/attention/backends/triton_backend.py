@@ -36,7 +36,8 @@ def _paged_attention_kernel(
     scale, window,
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
     G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
     req = tl.program_id(0)
@@ -71,26 +72,30 @@ def _paged_attention_kernel(
     kv_start = 0
     if USE_WINDOW:
         kv_start = tl.maximum(0, num_computed + tile * BLOCK_M - window + 1)
-        kv_start = (kv_start // BLOCK_SIZE) * BLOCK_SIZE
-    offs = tl.arange(0, BLOCK_SIZE)
-    for block_start in range(kv_start, kv_end, BLOCK_SIZE):
-        block_id = tl.load(block_table_ptr + req * stride_bt + block_start // BLOCK_SIZE)
-        k_pos = block_start + offs  # (N,)
-        base = block_id * stride_cb + offs[:, None] * stride_cs + kv_head * stride_ch
-        k = tl.load(k_cache_ptr + base + dims[None, :], mask=(k_pos < kv_end)[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + base + dims[None, :], mask=(k_pos < kv_end)[:, None], other=0.0)
+    scale_log2 = scale * 1.4426950408889634  # log2(e)
+    offs = tl.arange(0, TILE_N)
+    for tile_start in range(kv_start, kv_end, TILE_N):
+        k_pos = tile_start + offs  # (N,) a tile may span several cache blocks
+        k_ok = k_pos < kv_end
+        block_id = tl.load(
+            block_table_ptr + req * stride_bt + k_pos // BLOCK_SIZE, mask=k_ok, other=0
+        )
+        base = block_id * stride_cb + (k_pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        k = tl.load(k_cache_ptr + base[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + base[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
         if DOT_FP32:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale  # (R, N)
-        allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_end)
+        # Scores in log2 units: exp2 is the cheaper instruction.
+        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2
+        allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
         if USE_WINDOW:
             allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
-        scores = tl.where(allowed, scores, float("-inf"))
+        scores = tl.where(allowed, scores, float("-inf"))  # (R, N)
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         # Rows with nothing allowed yet keep m = -inf; guard exp(-inf - -inf).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -101,9 +106,6 @@ def _paged_attention_kernel(
 
 class TritonAttentionBackend(BaseAttentionBackend):
     name = "triton"
-
-    def __init__(self, block_m: int = 16) -> None:
-        self.block_m = block_m
 
     def forward(
         self,
@@ -119,9 +121,12 @@ class TritonAttentionBackend(BaseAttentionBackend):
         out = torch.empty_like(q)
         groups = spec.num_queries_per_kv
         group_pow2 = triton.next_power_of_2(groups)
-        # Tiles hold BLOCK_M tokens x GP heads; tl.dot wants at least 16 rows.
-        block_m = max(self.block_m // group_pow2, 16 // group_pow2, 1)
         max_q_len = _max_query_len(metadata)
+        # A tile is (BLOCK_M tokens x GP heads) rows; tl.dot wants at least 16 of them. Prefill
+        # tiles grow to 128 rows and 8 warps; decode tiles stay small.
+        is_prefill = max_q_len >= 64
+        rows = 128 if is_prefill else 16
+        block_m = max(rows // group_pow2, 1)
         grid = (metadata.num_reqs, spec.num_kv_heads, triton.cdiv(max_q_len, block_m))
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         _paged_attention_kernel[grid](
@@ -129,12 +134,13 @@ class TritonAttentionBackend(BaseAttentionBackend):
             metadata.seq_lens, spec.scale, spec.sliding_window or 0,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             metadata.block_table.stride(0),
-            G=groups, GP=group_pow2, HEAD_DIM=spec.head_dim, BLOCK_M=block_m,
+            G=groups, GP=group_pow2, HEAD_DIM=spec.head_dim, BLOCK_M=block_m, TILE_N=64,
             BLOCK_SIZE=metadata.block_size, USE_WINDOW=spec.sliding_window is not None,
             # float32 models get exact float32 products, not TF32.
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             # Triton's CPU interpreter computes 16-bit dots wrongly; it gets float32 operands.
             DOT_FP32=_INTERPRETED,
+            num_warps=8 if is_prefill else 4,
         )  # fmt: skip
         return out
 
