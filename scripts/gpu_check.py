@@ -79,12 +79,11 @@ def kernel_correctness() -> dict:
 
 
 def attention_bench() -> dict:
+    import tests.test_attention_backends as tab
     from tests.test_attention_backends import make_step
     from tokenmill.attention.backends.base import AttentionSpec
     from tokenmill.attention.backends.torch_backend import TorchAttentionBackend
     from tokenmill.attention.backends.triton_backend import TritonAttentionBackend
-
-    import tests.test_attention_backends as tab
 
     results = {}
     heads, kv_heads, dim = 32, 8, 128
@@ -114,7 +113,8 @@ def attention_bench() -> dict:
             ("triton", TritonAttentionBackend()),
             ("torch", TorchAttentionBackend()),
         ):
-            t = cuda_time(lambda b=backend: b.forward(spec, q, k, v, cache, md))
+            args = (spec, q, k, v, cache, md)
+            t = cuda_time(lambda b=backend, a=args: b.forward(*a))
             row[name] = {"ms": t * 1e3, "kv_gb_s": kv_bytes / t / 1e9, "tflops": flops / t / 1e12}
         row["speedup_triton_vs_torch"] = row["torch"]["ms"] / row["triton"]["ms"]
         results[label] = row
@@ -123,37 +123,51 @@ def attention_bench() -> dict:
 
 
 def engine_parity() -> dict:
+    """fp32 SmolLM2-shaped engine: torch backend vs Triton backend vs Triton + decode graphs."""
     from tokenmill import LLM, SamplingParams
 
     prompts = [[(31 * i + 7 * j) % 40000 + 100 for j in range(20 + 37 * i)] for i in range(8)]
-    params = SamplingParams(max_tokens=16, temperature=0, prompt_logprobs=1, ignore_eos=True)
+    params = [
+        SamplingParams(max_tokens=8 + 4 * i, temperature=0, prompt_logprobs=1, logprobs=1,
+                       ignore_eos=True)
+        for i in range(8)
+    ]  # fmt: skip
     outs = {}
-    for backend in ("torch", "triton"):
+    for backend, graphs in (("torch", "off"), ("triton", "off"), ("triton", "auto")):
         llm = LLM(
             load_format="dummy", dummy_config=SMOLLM2, device="cuda", dtype="float32",
             attention_backend=backend, kv_cache_memory_gib=1.0, max_num_batched_tokens=64,
+            decode_graphs=graphs, max_num_seqs=16,
         )  # fmt: skip
-        outs[backend] = llm.generate(prompts, params, use_tqdm=False)
+        outs[f"{backend}/{graphs}"] = llm.generate(prompts, params, use_tqdm=False)
         del llm
         torch.cuda.empty_cache()
-    worst, same = 0.0, 0
-    for a, b in zip(outs["torch"], outs["triton"], strict=True):
-        same += a.outputs[0].token_ids == b.outputs[0].token_ids
-        for pa, pb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True):
-            for tok, lp in pa.items():
-                if tok in pb:
-                    worst = max(worst, abs(lp.logprob - pb[tok].logprob))
-    log(f"engine parity fp32 torch vs triton: {same}/8 greedy equal, max dlogprob {worst:.2e}")
-    return {"greedy_equal": same, "of": 8, "max_dlogprob": worst}
+    result = {}
+    ref = outs["torch/off"]
+    for key in ("triton/off", "triton/auto"):
+        worst, same = 0.0, 0
+        for a, b in zip(ref, outs[key], strict=True):
+            same += a.outputs[0].token_ids == b.outputs[0].token_ids
+            pairs = list(zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True))
+            pairs += list(zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True))
+            for pa, pb in pairs:
+                for tok, lp in pa.items():
+                    if tok in pb:
+                        worst = max(worst, abs(lp.logprob - pb[tok].logprob))
+        result[key] = {"greedy_equal": same, "of": 8, "max_dlogprob": worst}
+        log(f"engine parity fp32 torch vs {key}: {same}/8 greedy equal, max dlogprob {worst:.2e}")
+    return result
 
 
-def engine_throughput(config: dict, name: str, batches=(1, 32, 128), out_len=128) -> dict:
+def engine_throughput(
+    config: dict, name: str, graphs: str, batches=(1, 32, 128), out_len=128
+) -> dict:
     from tokenmill import LLM, SamplingParams
 
     llm = LLM(
         load_format="dummy", dummy_config=config, device="cuda", dtype="bfloat16",
         attention_backend="triton", kv_cache_memory_gib=8.0, max_num_seqs=max(batches),
-        max_num_batched_tokens=8192, record_step_trace=True,
+        max_num_batched_tokens=8192, record_step_trace=True, decode_graphs=graphs,
     )  # fmt: skip
     params = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
     results = {}
@@ -169,7 +183,9 @@ def engine_throughput(config: dict, name: str, batches=(1, 32, 128), out_len=128
             "decode_step_ms": step * 1e3, "decode_tok_s": batch / step,
             "end_to_end_output_tok_s": batch * out_len / wall,
         }  # fmt: skip
-        log(f"engine {name} bf16 batch {batch}: {json.dumps(results[batch])}")
+        log(f"engine {name} bf16 graphs={graphs} batch {batch}: {json.dumps(results[batch])}")
+    del llm
+    torch.cuda.empty_cache()
     return results
 
 
@@ -190,8 +206,10 @@ def main() -> None:
         ("kernel_correctness", kernel_correctness),
         ("attention_bench", attention_bench),
         ("engine_parity", engine_parity),
-        ("engine_smollm2_shape", lambda: engine_throughput(SMOLLM2, "SmolLM2-135M shape")),
-        ("engine_llama_1b_shape", lambda: engine_throughput(LLAMA_1B, "Llama-3.2-1B shape")),
+        ("smollm2_eager", lambda: engine_throughput(SMOLLM2, "SmolLM2-135M", "off")),
+        ("smollm2_graphs", lambda: engine_throughput(SMOLLM2, "SmolLM2-135M", "auto")),
+        ("llama_1b_eager", lambda: engine_throughput(LLAMA_1B, "Llama-3.2-1B", "off")),
+        ("llama_1b_graphs", lambda: engine_throughput(LLAMA_1B, "Llama-3.2-1B", "auto")),
     ):
         start = time.perf_counter()
         try:

@@ -93,5 +93,14 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: str = "auto"  # auto | torch | triton
+    # Pure-decode steps replay CUDA graphs: "auto" (on CUDA with the Triton backend), "off", or
+    # "no-capture" (the same static-buffer path run eagerly; for tests without a GPU).
+    decode_graphs: str = "auto"
     # Record (step shape, wall time) for every step; the planner calibrates from this trace.
     record_step_trace: bool = False
+
+    def __post_init__(self) -> None:
+        if self.decode_graphs not in ("auto", "off", "no-capture"):
+            raise ConfigError(
+                f"decode_graphs must be auto, off or no-capture, got {self.decode_graphs!r}"
+            )

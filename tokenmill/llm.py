@@ -42,6 +42,7 @@ class LLM:
         enable_chunked_prefill: bool = True,
         scheduling_policy: str = "fcfs",
         attention_backend: str = "auto",
+        decode_graphs: str = "auto",
         record_step_trace: bool = False,
     ) -> None:
         config = EngineConfig(
@@ -58,6 +59,7 @@ class LLM:
                 enable_chunked_prefill=enable_chunked_prefill, policy=scheduling_policy,
             ),
             attention_backend=attention_backend,
+            decode_graphs=decode_graphs,
             record_step_trace=record_step_trace,
         )  # fmt: skip
         self.engine = LLMEngine(config)

@@ -39,6 +39,7 @@ class LLMEngine:
             runner = ModelRunner(
                 loaded, config.model, config.cache, config.attention_backend,
                 eos_token_ids=loaded.arch.eos_token_ids or _tokenizer_eos(loaded.tokenizer),
+                decode_graphs=config.decode_graphs, max_num_seqs=config.scheduler.max_num_seqs,
             )  # fmt: skip
         self.runner = runner
         self.loaded = loaded

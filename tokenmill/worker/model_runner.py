@@ -22,6 +22,7 @@ from tokenmill.engine.interfaces import (
 from tokenmill.loader.base import LoadedModel
 from tokenmill.models.registry import build_model
 from tokenmill.models.weights import load_weights
+from tokenmill.worker.cuda_graphs import DecodeGraphs
 from tokenmill.worker.input_batch import StepInputs, prepare_inputs
 from tokenmill.worker.sampler import SamplingRow, batch_token_logprobs, sample
 
@@ -45,6 +46,8 @@ class ModelRunner(BaseRunner):
         cache_config: CacheConfig,
         attention_backend: str = "auto",
         eos_token_ids: tuple[int, ...] = (),
+        decode_graphs: str = "auto",
+        max_num_seqs: int = 64,
     ) -> None:
         self.arch = loaded.arch
         self.device = torch.device(model_config.device)
@@ -67,18 +70,36 @@ class ModelRunner(BaseRunner):
             else TORCH_DTYPES[cache_config.kv_cache_dtype]
         )
         self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config)
+        # One extra block past num_blocks belongs to no request: padding rows of captured decode
+        # graphs write and read there.
+        self.scratch_block = self.num_blocks
         shape = (
-            self.arch.num_hidden_layers, 2, self.num_blocks, self.block_size,
+            self.arch.num_hidden_layers, 2, self.num_blocks + 1, self.block_size,
             self.arch.num_key_value_heads, self.arch.head_dim,
         )  # fmt: skip
         self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-        self.kv_caches = list(self.kv_cache.unbind(0))  # per layer [2, NB, BS, Hkv, D]
+        self.kv_caches = [
+            self.kv_cache[i] for i in range(shape[0])
+        ]  # per layer [2, NB, BS, Hkv, D]
         logger.info(
             "KV cache: %d blocks of %d tokens (%.2f GiB, %s)",
             self.num_blocks, self.block_size, self.kv_cache.nbytes / 2**30, self.kv_dtype,
         )  # fmt: skip
         self._states: dict[str, _RequestState] = {}
         self._seed_source = random.Random(model_config.seed)
+        self.graphs = self._decode_graphs(decode_graphs, max_num_seqs)
+
+    def _decode_graphs(self, mode: str, max_num_seqs: int) -> DecodeGraphs | None:
+        use = mode == "no-capture" or (
+            mode == "auto" and self.device.type == "cuda" and self.backend.name == "triton"
+        )
+        if not use or self.backend.name != "triton":
+            return None
+        max_len = min(self.arch.max_position_embeddings, self.num_blocks * self.block_size)
+        return DecodeGraphs(
+            self.model, self.kv_caches, self.block_size, -(-max_len // self.block_size),
+            self.scratch_block, max_num_seqs, capture=mode == "auto",
+        )  # fmt: skip
 
     @property
     def bytes_per_block(self) -> int:
@@ -102,8 +123,11 @@ class ModelRunner(BaseRunner):
             sched_out, self.block_size, self.device,
             lambda rid: self._states[rid].params.prompt_logprobs is not None,
         )  # fmt: skip
-        with forward_context(inputs.metadata, self.kv_caches):
-            hidden = self.model(inputs.input_ids, inputs.positions)  # (T, E)
+        if self.graphs is not None and self.graphs.can_run(inputs):
+            hidden = self.graphs.run(inputs)  # (B, E)
+        else:
+            with forward_context(inputs.metadata, self.kv_caches):
+                hidden = self.model(inputs.input_ids, inputs.positions)  # (T, E)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (N, V)
         out = self._sample(sched_out, inputs, logits)
         out.execute_time_s = time.perf_counter() - start
