@@ -81,9 +81,19 @@ def run_case(backend, case, dtype=torch.float32, device="cpu"):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_torch_backend_matches_dense_reference(case):
-    got, expected = run_case(TorchAttentionBackend(), case)
+@pytest.mark.parametrize("use_native", [False, True])
+def test_torch_backend_matches_dense_reference(case, use_native):
+    if use_native:
+        from tokenmill.attention.backends.cpu_kernels import cpu_kernels
+
+        assert cpu_kernels() is not None, "the native CPU kernels failed to build"
+    got, expected = run_case(TorchAttentionBackend(use_native=use_native), case)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_native_decode_kernel_in_bfloat16():
+    got, expected = run_case(TorchAttentionBackend(use_native=True), CASES[1], torch.bfloat16)
+    torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("case", CASES)

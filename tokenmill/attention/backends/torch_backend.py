@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backends.base import AttentionSpec, BaseAttentionBackend, write_kv
+from tokenmill.attention.backends.cpu_kernels import cpu_kernels
 from tokenmill.attention.metadata import AttentionMetadata
 
 # SDPA's grouped-query flag arrived in torch 2.5; older versions repeat the K/V heads instead.
@@ -28,6 +29,7 @@ class _DecodePlan:
     token_idx: torch.Tensor | None  # [Bd] rows of q that are decodes; None: all rows, in order
     block_table: torch.Tensor  # [Bd, nb]
     mask: torch.Tensor  # [Bd, 1, 1, nb * block_size] True = attend
+    seq_lens: torch.Tensor  # [Bd] int64
 
 
 @dataclass
@@ -49,6 +51,10 @@ class _StepPlan:
 class TorchAttentionBackend(BaseAttentionBackend):
     name = "torch"
 
+    def __init__(self, use_native: bool = True) -> None:
+        # On the CPU, decodes use the native paged kernel when it builds (tokenmill/csrc).
+        self.use_native = use_native
+
     def forward(
         self,
         spec: AttentionSpec,
@@ -62,10 +68,36 @@ class TorchAttentionBackend(BaseAttentionBackend):
         plan = _plan_for(metadata, spec.sliding_window)
         out = torch.empty_like(q)
         if plan.decode is not None:
-            _decode(spec, q, kv_cache, plan.decode, out)
+            native = self._native(q, kv_cache)
+            if native is not None:
+                _decode_native(native, spec, q, kv_cache, plan.decode, out)
+            else:
+                _decode(spec, q, kv_cache, plan.decode, out)
         for seg in plan.segments:
             out[seg.start : seg.end] = _prefill_segment(spec, q, k, v, kv_cache, seg)
         return out
+
+    def _native(self, q: torch.Tensor, kv_cache: torch.Tensor):
+        if not self.use_native or q.device.type != "cpu" or kv_cache.dtype != q.dtype:
+            return None
+        if q.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return cpu_kernels()
+
+
+def _decode_native(
+    kernels, spec: AttentionSpec, q: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan, out
+) -> None:
+    """Reads each request's blocks in place: no gather copy, no padding to the longest."""
+    q_d = q if plan.token_idx is None else q.index_select(0, plan.token_idx)
+    o = kernels.paged_decode_attention(
+        q_d.contiguous(), kv_cache[0], kv_cache[1], plan.block_table, plan.seq_lens,
+        spec.scale, spec.sliding_window or 0,
+    )  # fmt: skip
+    if plan.token_idx is None:
+        out.copy_(o)
+    else:
+        out.index_copy_(0, plan.token_idx, o)
 
 
 def _decode(
@@ -170,4 +202,6 @@ def _decode_plan(md: AttentionMetadata, reqs: list[int], window: int | None) -> 
     mask = k_pos < seq_lens
     if window is not None:
         mask &= k_pos >= seq_lens - window
-    return _DecodePlan(token_idx, block_table, mask[:, None, None, :])
+    return _DecodePlan(
+        token_idx, block_table.contiguous(), mask[:, None, None, :], seq_lens[:, 0].contiguous()
+    )
