@@ -15,7 +15,8 @@ from torch import nn
 from tokenmill.attention.backends.base import AttentionSpec, BaseAttentionBackend
 from tokenmill.attention.layer import Attention
 from tokenmill.models.arch_config import ArchConfig
-from tokenmill.models.layers import MergedLinear, RMSNorm, RotaryEmbedding
+from tokenmill.models.layers import Linear, MergedLinear, RMSNorm, RotaryEmbedding
+from tokenmill.models.linear_ops import linear
 
 
 def is_sliding_layer(arch: ArchConfig, layer_idx: int) -> bool:
@@ -36,7 +37,7 @@ class Gemma3Attention(nn.Module):
         self.qkv_proj = MergedLinear(
             arch.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=arch.attention_bias
         )
-        self.o_proj = nn.Linear(q_size, arch.hidden_size, bias=arch.attention_bias)
+        self.o_proj = Linear(q_size, arch.hidden_size, bias=arch.attention_bias)
         self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, offset=1.0)
         self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, offset=1.0)
         scalar = arch.query_pre_attn_scalar or self.head_dim
@@ -61,7 +62,7 @@ class Gemma3MLP(nn.Module):
         super().__init__()
         inter = arch.intermediate_size
         self.gate_up_proj = MergedLinear(arch.hidden_size, {"gate": inter, "up": inter})
-        self.down_proj = nn.Linear(inter, arch.hidden_size, bias=False)
+        self.down_proj = Linear(inter, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
@@ -118,7 +119,7 @@ class Gemma3ForCausalLM(nn.Module):
         self.arch = arch
         self.model = Gemma3Model(arch, backend)
         if not arch.tie_word_embeddings:
-            self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+            self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
@@ -127,6 +128,6 @@ class Gemma3ForCausalLM(nn.Module):
         head = (
             self.model.embed_tokens.weight if self.arch.tie_word_embeddings else self.lm_head.weight
         )
-        logits = F.linear(hidden, head).float()
+        logits = linear(hidden, head).float()
         cap = self.arch.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.errors import UnsupportedModelError
+from tokenmill.models.linear_ops import linear
 
 
 class RMSNorm(nn.Module):
@@ -107,7 +108,14 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, factor: float, cfg: dict) -> torch.
     return torch.where(is_medium, smoothed, scaled)
 
 
-class MergedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """nn.Linear whose product goes through tokenmill's matmul dispatch (linear_ops.linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
     """Several projections of the same input in one matmul (q/k/v, or gate/up).
 
     `shards` names each output slice; weight loading copies a checkpoint tensor into its slice.

@@ -13,7 +13,8 @@ from torch import nn
 from tokenmill.attention.backends.base import AttentionSpec, BaseAttentionBackend
 from tokenmill.attention.layer import Attention
 from tokenmill.models.arch_config import ArchConfig
-from tokenmill.models.layers import MergedLinear, RMSNorm, RotaryEmbedding
+from tokenmill.models.layers import Linear, MergedLinear, RMSNorm, RotaryEmbedding
+from tokenmill.models.linear_ops import linear
 
 
 class LlamaAttention(nn.Module):
@@ -28,7 +29,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(
             arch.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=qkv_bias
         )
-        self.o_proj = nn.Linear(q_size, arch.hidden_size, bias=arch.attention_bias)
+        self.o_proj = Linear(q_size, arch.hidden_size, bias=arch.attention_bias)
         spec = AttentionSpec(
             layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5
         )
@@ -51,7 +52,7 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedLinear(
             arch.hidden_size, {"gate": inter, "up": inter}, bias=arch.mlp_bias
         )
-        self.down_proj = nn.Linear(inter, arch.hidden_size, bias=arch.mlp_bias)
+        self.down_proj = Linear(inter, arch.hidden_size, bias=arch.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
@@ -96,7 +97,7 @@ class LlamaForCausalLM(nn.Module):
         self.arch = arch
         self.model = LlamaModel(arch, backend)
         if not arch.tie_word_embeddings:
-            self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+            self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions [T] -> hidden states [T, E]."""
@@ -107,4 +108,4 @@ class LlamaForCausalLM(nn.Module):
         head = (
             self.model.embed_tokens.weight if self.arch.tie_word_embeddings else self.lm_head.weight
         )
-        return F.linear(hidden, head).float()
+        return linear(hidden, head).float()

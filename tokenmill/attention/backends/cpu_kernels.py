@@ -18,7 +18,8 @@ from tokenmill.env import home_dir
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("paged_attention_cpu.cpp",)
+_SOURCES = ("bindings.cpp", "paged_attention_cpu.cpp", "linear_bf16_cpu.cpp")
+_HEADERS = ("kernels.h",)
 
 
 def _cpu_signature() -> str:
@@ -40,7 +41,7 @@ def cpu_kernels():
     csrc = Path(__file__).resolve().parents[2] / "csrc"
     sources = [str(csrc / name) for name in _SOURCES]
     digest = hashlib.sha256()
-    for path in sources:
+    for path in sources + [str(csrc / name) for name in _HEADERS]:
         digest.update(Path(path).read_bytes())
     digest.update((torch.__version__ + _cpu_signature()).encode())
     build_dir = home_dir() / "torch_extensions" / f"cpu_kernels_{digest.hexdigest()[:16]}"
