@@ -103,3 +103,11 @@ def test_logprobs_ranks_and_top_n():
     batch = batch_token_logprobs(LOGITS[None].repeat(2, 1), torch.tensor([3, 7]), 1)
     assert [b.rank for b in batch] == [4, 8]
     assert batch[0].top_ids == [0]
+
+
+def test_extreme_temperature_and_penalty_stay_finite():
+    # A temperature this small samples greedily; a huge penalty cannot make NaN logits.
+    assert draw(SamplingParams(temperature=1e-40), n=3) == Counter({0: 3})
+    params = SamplingParams(temperature=1.0, repetition_penalty=1e-300)
+    counts = draw(params, n=50, output_ids=[1, 2])
+    assert sum(counts.values()) == 50 and all(0 <= t < VOCAB for t in counts)

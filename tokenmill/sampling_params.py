@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 from tokenmill.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+# Temperatures below this sample as greedy: dividing logits by them overflows float32.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def effective_top_k(self) -> int:

@@ -24,8 +24,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
-from tokenmill.errors import TokenmillError
+from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -58,6 +59,7 @@ class EngineStats:
     num_generation_tokens: int = 0  # tokens sampled, total
     num_preemptions: int = 0
     num_steps: int = 0
+    step_time_total_s: float = 0.0  # wall time spent in LLMEngine.step(), summed
     is_running: bool = False  # the loop thread is alive and serving
 
 
@@ -103,6 +105,8 @@ class RequestStream:
         if not self.finished:
             self._close()
             self._engine._post(_Abort(self))
+            # Wake any other task still waiting on this stream: it ends instead of hanging.
+            self._queue.put_nowait(StopAsyncIteration())
 
     def _close(self) -> None:
         self.finished = True
@@ -131,13 +135,10 @@ class _Abort:
 
 
 @dataclass
-class _AbortAll:
-    reason: str
-
-
-@dataclass
 class _Stop:
-    pass
+    """Abort everything in flight (its consumers get EngineStoppedError), then end the loop."""
+
+    reason: str
 
 
 @dataclass
@@ -166,13 +167,14 @@ class AsyncEngine:
         self._accepting = True
         self._stats = EngineStats()
         self._num_steps = 0
+        self._step_time_total_s = 0.0
         # Streams whose consumer has not seen the end yet (any thread; set ops are atomic).
         self._open_streams: set[RequestStream] = set()
         self._thread = threading.Thread(target=self._run_loop, name="tokenmill-engine", daemon=True)
         self._thread.start()
 
     @classmethod
-    def from_config(cls, config) -> AsyncEngine:
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
         return cls(LLMEngine(config))
 
     # ---- asyncio side ------------------------------------------------------------------
@@ -236,15 +238,13 @@ class AsyncEngine:
             if not self._open_streams:
                 break
             await asyncio.sleep(0.02)
-        self._post(_AbortAll("the server is shutting down"))
-        self._post(_Stop())
+        self._post(_Stop("the server is shutting down"))
         await asyncio.to_thread(self._thread.join, 5.0)
 
     def close(self) -> None:
         """Synchronous stop for non-async callers: abort everything and end the loop thread."""
         self._accepting = False
-        self._post(_AbortAll("the engine was closed"))
-        self._post(_Stop())
+        self._post(_Stop("the engine was closed"))
         self._thread.join(5.0)
 
     def _post(self, command: object) -> None:
@@ -282,9 +282,8 @@ class AsyncEngine:
                 self._apply_add(command)
             elif isinstance(command, _Abort):
                 self._apply_abort(command.stream)
-            elif isinstance(command, _AbortAll):
-                self._fail_all(EngineStoppedError(command.reason))
             elif isinstance(command, _Stop):
+                self._fail_all(EngineStoppedError(command.reason))
                 return False
 
     def _apply_add(self, command: _Add) -> None:
@@ -293,7 +292,7 @@ class AsyncEngine:
         if stream.finished:
             return  # aborted before the loop thread saw it
         if stream.request_id in self._tracks:
-            error = _duplicate_id_error(stream.request_id)
+            error = InvalidRequestError(f"request id {stream.request_id!r} is already in use")
         else:
             try:
                 self.engine.add_request(
@@ -327,17 +326,20 @@ class AsyncEngine:
 
     def _step(self) -> None:
         engine = self.engine
-        tokens_before = engine.num_prompt_tokens_total + engine.num_generation_tokens_total
+        tokens_before = engine.num_computed_tokens_total
         self._num_steps += 1
+        start = time.perf_counter()
         try:
             outputs = engine.step()
         except Exception as exc:  # noqa: BLE001 - the loop must outlive any one step
             logger.exception("engine step failed; failing the requests in flight")
             self._fail_all(EngineInternalError(f"internal error in the engine step: {exc}"))
             return
+        finally:
+            self._step_time_total_s += time.perf_counter() - start
         self._dispatch(outputs)
         self._snapshot()
-        tokens_after = engine.num_prompt_tokens_total + engine.num_generation_tokens_total
+        tokens_after = engine.num_computed_tokens_total
         if not outputs and tokens_after == tokens_before:
             self._wakeup.wait(_NO_PROGRESS_BACKOFF_S)
 
@@ -395,14 +397,9 @@ class AsyncEngine:
             num_generation_tokens=engine.num_generation_tokens_total,
             num_preemptions=engine.scheduler.num_preemptions,
             num_steps=self._num_steps,
+            step_time_total_s=self._step_time_total_s,
             is_running=is_running,
         )
-
-
-def _duplicate_id_error(request_id: str) -> Exception:
-    from tokenmill.errors import InvalidRequestError
-
-    return InvalidRequestError(f"request id {request_id!r} is already in use")
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:

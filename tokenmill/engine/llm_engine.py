@@ -56,8 +56,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.step_trace: list[StepRecord] = []
-        self.num_prompt_tokens_total = 0
-        self.num_generation_tokens_total = 0
+        self.num_generation_tokens_total = 0  # tokens sampled
+        self.num_computed_tokens_total = 0  # tokens run through the model (work done)
 
     def _max_model_len(self, cache_tokens: int) -> int:
         limit = self.arch.max_position_embeddings if self.arch else cache_tokens
@@ -132,6 +132,12 @@ class LLMEngine:
             children = self.output_processor.remove(request_id)
             self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
 
+    @property
+    def num_prompt_tokens_total(self) -> int:
+        """Prompt tokens of requests that got their first token, prefix-cache hits included
+        (vLLM's meaning of the prompt-token counter)."""
+        return self.output_processor.num_prompt_tokens_total
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -178,7 +184,7 @@ class LLMEngine:
         return merged
 
     def _account(self, sched_out: SchedulerOutput, runner_out: RunnerOutput, wall: float) -> None:
-        self.num_prompt_tokens_total += sched_out.num_prefill_tokens
+        self.num_computed_tokens_total += sched_out.num_scheduled_tokens
         self.num_generation_tokens_total += sum(len(t) for t in runner_out.sampled.values())
         if self.config.record_step_trace:
             self.step_trace.append(StepRecord.from_scheduler_output(sched_out, wall))

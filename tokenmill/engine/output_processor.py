@@ -54,6 +54,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._parents: dict[str, _ParentState] = {}
         self._child_of: dict[str, tuple[str, int]] = {}  # scheduler request id -> (parent, index)
+        self.num_prompt_tokens_total = 0
 
     def add_request(
         self,
@@ -123,6 +124,8 @@ class OutputProcessor:
                 stopped.append(request.request_id)
             m = parent.metrics
             if new_ids:
+                if m.first_token_time is None:
+                    self.num_prompt_tokens_total += len(parent.prompt_token_ids)
                 m.first_token_time = m.first_token_time or now
                 m.last_token_time = now
             m.num_preemptions = max(m.num_preemptions, request.num_preemptions)

@@ -37,6 +37,8 @@ def sample(
         if ids:
             logits[i, ids] = float("-inf")
     _apply_penalties(logits, rows)
+    # Extreme penalties can overflow: NaN never wins, +inf becomes the largest finite value.
+    torch.nan_to_num_(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
     device = logits.device
     tokens = torch.empty(len(rows), dtype=torch.long, device=device)
     greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]

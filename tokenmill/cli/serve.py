@@ -1,0 +1,120 @@
+"""`tokenmill serve [MODEL]`: the OpenAI-compatible HTTP server (loopback by default)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from tokenmill.cli.engine_args import add_engine_args, engine_config_from_args
+from tokenmill.errors import ConfigError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API (/v1/completions, ...)"
+    )
+    add_engine_args(parser)
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    group.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free)")
+    group.add_argument(
+        "--max-queue", type=int, default=256,
+        help="most requests waiting to be scheduled; beyond it requests get 429",
+    )  # fmt: skip
+    group.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    group.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413"
+    )
+    group.add_argument(
+        "--served-model-name", default=None,
+        help="the model name clients send (default: the model file or folder name)",
+    )  # fmt: skip
+    group.add_argument(
+        "--shutdown-timeout", type=float, default=10.0,
+        help="seconds in-flight requests may finish after SIGTERM before they are aborted",
+    )  # fmt: skip
+    group.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.server import ServerConfig, create_app
+    from tokenmill.server.launch import run_server
+
+    _check_args(args)
+    sock = _bind(args.host, args.port)  # before the slow model load: a busy port fails fast
+    engine = AsyncEngine(LLMEngine(engine_config_from_args(args, max_waiting=args.max_queue)))
+    config = ServerConfig(
+        model_name=args.served_model_name or served_model_name(args.model),
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )
+    app = create_app(engine, config, model_root=args.model)
+    _print_banner(args.host, sock.getsockname()[1], config)
+    return run_server(
+        app,
+        engine,
+        sock,
+        log_level=args.log_level.lower(),
+        access_log=args.access_log,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )
+
+
+def served_model_name(model: str | None) -> str:
+    """The name clients use for the model: its file or folder name, without `.gguf`."""
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    name = os.path.basename(os.path.normpath(model))
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queue < 1:
+        raise ConfigError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.max_body_bytes < 1024:
+        raise ConfigError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    if args.shutdown_timeout < 0:
+        raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.listen(2048)
+    return sock
+
+
+def _print_banner(host: str, port: int, config) -> None:
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::", "::1") else host
+    base = f"http://{shown}:{port}"
+    key = config.api_key or "EMPTY"
+    auth = f" -H 'Authorization: Bearer {config.api_key}'" if config.api_key else ""
+    print(
+        f"tokenmill serving '{config.model_name}' on {base}\n"
+        f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+        f'    -d \'{{"model": "{config.model_name}", '
+        f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
+        f'  python -c "from openai import OpenAI; '
+        f"c = OpenAI(base_url='{base}/v1', api_key='{key}'); "
+        f"print(c.chat.completions.create(model='{config.model_name}', "
+        f"messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)\"\n"
+        f"  health: {base}/health   metrics: {base}/metrics   (Ctrl-C or SIGTERM stops it)",
+        flush=True,
+    )
+    sys.stdout.flush()

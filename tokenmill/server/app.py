@@ -1,0 +1,47 @@
+"""The app factory: an AsyncEngine and a ServerConfig in, a FastAPI app out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.server.errors import install_error_handlers
+from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from tokenmill.server.routes import router
+from tokenmill.server.state import ServerConfig, ServerState
+
+
+def create_app(engine: AsyncEngine, config: ServerConfig, model_root: str | None = None) -> FastAPI:
+    """An OpenAI-compatible app serving `engine`; the app owns it and shuts it down on exit."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # uvicorn has already waited (up to its graceful timeout) for open responses; this
+        # aborts whatever is left and stops the engine thread.
+        await engine.shutdown(config.shutdown_timeout_s)
+
+    app = FastAPI(
+        title="tokenmill",
+        summary="OpenAI-compatible LLM inference server",
+        lifespan=lifespan,
+    )
+    app.state.tokenmill = ServerState(
+        engine=engine,
+        config=config,
+        metrics=ServerMetrics(engine, config.model_name),
+        tokenizer=engine.engine.tokenizer,
+        max_model_len=engine.engine.max_model_len,
+        model_root=model_root,
+    )
+    app.include_router(router)
+    install_error_handlers(app)
+    # The last added runs first: the key is checked before a body is read.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    return app

@@ -1,0 +1,217 @@
+"""POST /v1/completions: one or more prompts in, text out (whole, or streamed as SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tokenmill.engine.async_engine import RequestStream
+from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.server.logprobs import CompletionLogprobsBuilder
+from tokenmill.server.protocol import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
+from tokenmill.server.sampling import (
+    check_common,
+    check_completion_options,
+    completion_prompts,
+    resolve_max_tokens,
+    sampling_params,
+)
+from tokenmill.server.state import ServerState, get_state
+from tokenmill.server.streaming import (
+    DONE,
+    ClientDisconnected,
+    EventStreamResponse,
+    add_all,
+    final_outputs,
+    merged,
+    raise_if_failed,
+    sse,
+    sse_error,
+)
+
+
+@dataclass
+class _Job:
+    """One completion request as the engine sees it."""
+
+    state: ServerState
+    body: CompletionRequest
+    request_id: str
+    created: int
+    prompts: list[tuple[str | None, list[int]]]
+
+    def choice_index(self, prompt_idx: int, output: CompletionOutput) -> int:
+        return prompt_idx * self.body.n + output.index
+
+    def prompt_text(self, prompt_idx: int) -> str:
+        text, token_ids = self.prompts[prompt_idx]
+        if text is not None:
+            return text
+        tokenizer = self.state.tokenizer
+        return tokenizer.decode(token_ids, skip_special_tokens=False) if tokenizer else ""
+
+    def usage(self, finals: list[RequestOutput]) -> UsageInfo:
+        prompt = sum(len(ids) for _, ids in self.prompts)
+        completion = sum(len(o.token_ids) for out in finals for o in out.outputs)
+        return UsageInfo(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+
+
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    state = get_state(request)
+    check_common(body, state)
+    check_completion_options(body)
+    prompts = await asyncio.to_thread(completion_prompts, body, state)
+    echo_logprobs = body.logprobs if body.echo else None
+    params = [
+        sampling_params(
+            body,
+            resolve_max_tokens(body.max_tokens, len(ids), state.max_model_len),
+            body.logprobs,
+            prompt_logprobs=echo_logprobs,
+        )
+        for _, ids in prompts
+    ]
+    job = _Job(state, body, f"cmpl-{uuid.uuid4().hex}", int(time.time()), prompts)
+    streams = await add_all(
+        state.engine, job.request_id, [ids for _, ids in prompts], params, body.priority
+    )
+    if body.stream:
+        return EventStreamResponse(_events(job, streams), streams)
+    try:
+        finals = await final_outputs(request, streams)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    choices = [
+        _final_choice(job, prompt_idx, out, o)
+        for prompt_idx, out in enumerate(finals)
+        for o in out.outputs
+    ]
+    response = CompletionResponse(
+        id=job.request_id,
+        created=job.created,
+        model=state.config.model_name,
+        choices=choices,
+        usage=job.usage(finals),
+    )
+    return Response(response.model_dump_json(), media_type="application/json")
+
+
+def _final_choice(job: _Job, prompt_idx: int, out: RequestOutput, o: CompletionOutput):
+    raise_if_failed(o)
+    text = o.text
+    logprobs = None
+    if job.body.logprobs is not None:
+        builder = CompletionLogprobsBuilder(job.state.tokenizer)
+        logprobs = CompletionLogprobs()
+        if job.body.echo:
+            logprobs = _prompt_logprobs(builder, out)
+        _extend(logprobs, builder.build(o.token_ids, o.logprobs or []))
+    if job.body.echo:
+        text = job.prompt_text(prompt_idx) + text
+    return CompletionChoice(
+        index=job.choice_index(prompt_idx, o),
+        text=text,
+        logprobs=logprobs,
+        finish_reason=o.finish_reason,
+        stop_reason=o.stop_reason if o.finish_reason == "stop" else None,
+    )
+
+
+async def _events(job: _Job, streams: list[RequestStream]) -> AsyncIterator[str]:
+    body = job.body
+    builders: dict[int, CompletionLogprobsBuilder] = {}
+    finals: dict[int, RequestOutput] = {}
+    try:
+        async with contextlib.aclosing(merged(streams)) as outputs:
+            async for prompt_idx, out in outputs:
+                for o in out.outputs:
+                    chunk = _chunk_choice(job, prompt_idx, out, o, builders)
+                    if chunk is not None:
+                        yield sse(
+                            CompletionChunk(
+                                id=job.request_id,
+                                created=job.created,
+                                model=job.state.config.model_name,
+                                choices=[chunk],
+                            )
+                        )
+                if out.finished:
+                    finals[prompt_idx] = out
+        if body.stream_options is not None and body.stream_options.include_usage:
+            usage = job.usage(list(finals.values()))
+            yield sse(
+                CompletionChunk(
+                    id=job.request_id,
+                    created=job.created,
+                    model=job.state.config.model_name,
+                    choices=[],
+                    usage=usage,
+                )
+            )
+    except Exception as exc:  # noqa: BLE001 - after the 200 headers: an error event
+        yield sse_error(exc)
+    yield DONE
+
+
+def _chunk_choice(
+    job: _Job,
+    prompt_idx: int,
+    out: RequestOutput,
+    o: CompletionOutput,
+    builders: dict[int, CompletionLogprobsBuilder],
+) -> CompletionChoice | None:
+    """This step's piece of one choice, or None when it has nothing new."""
+    raise_if_failed(o)
+    index = job.choice_index(prompt_idx, o)
+    has_new = bool(o.token_ids_delta) or o.finish_reason is not None
+    is_first = index not in builders and has_new
+    want_logprobs = job.body.logprobs is not None
+    if is_first:
+        builders[index] = CompletionLogprobsBuilder(job.state.tokenizer)
+    text = o.text_delta
+    logprobs = None
+    if is_first and job.body.echo:
+        text = job.prompt_text(prompt_idx) + text
+        if want_logprobs:
+            logprobs = _prompt_logprobs(builders[index], out)
+    if want_logprobs and index in builders and o.token_ids_delta:
+        logprobs = logprobs or CompletionLogprobs()
+        _extend(logprobs, builders[index].build(o.token_ids_delta, o.logprobs_delta or []))
+    if not text and logprobs is None and o.finish_reason is None:
+        return None
+    return CompletionChoice(
+        index=index,
+        text=text,
+        logprobs=logprobs,
+        finish_reason=o.finish_reason,
+        stop_reason=o.stop_reason if o.finish_reason == "stop" else None,
+    )
+
+
+def _prompt_logprobs(builder: CompletionLogprobsBuilder, out: RequestOutput) -> CompletionLogprobs:
+    entries = list(out.prompt_logprobs or [])
+    entries += [None] * (len(out.prompt_token_ids) - len(entries))
+    return builder.build(out.prompt_token_ids, entries)
+
+
+def _extend(target: CompletionLogprobs, more: CompletionLogprobs) -> None:
+    target.tokens += more.tokens
+    target.token_logprobs += more.token_logprobs
+    target.top_logprobs += more.top_logprobs
+    target.text_offset += more.text_offset

@@ -1,0 +1,179 @@
+"""From an OpenAI request body to what the engine takes: prompt token ids and SamplingParams.
+
+The engine caps generation at the context window silently, so the server checks
+prompt + max_tokens against it here and says both numbers when they do not fit.
+"""
+
+from __future__ import annotations
+
+from tokenmill.errors import ContextLengthError
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.errors import APIError
+from tokenmill.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingRequest,
+)
+from tokenmill.server.state import ServerState
+
+# Template variables the server sets itself; chat_template_kwargs may not override them.
+_RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "tokenize"})
+
+
+def sampling_params(
+    body: SamplingRequest,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    """SamplingParams for `body`; raises InvalidRequestError naming any bad value."""
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
+    return SamplingParams(
+        n=body.n,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=0 if body.top_k is None else body.top_k,
+        min_p=0.0 if body.min_p is None else body.min_p,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
+        stop=tuple(stop),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        include_stop_str_in_output=body.include_stop_str_in_output,
+        ignore_eos=body.ignore_eos,
+        max_tokens=max_tokens,
+        min_tokens=body.min_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=body.skip_special_tokens,
+    )
+
+
+def check_common(body: SamplingRequest, state: ServerState) -> None:
+    """Checks the engine cannot make: the model name, unsupported features, size bounds."""
+    state.check_model(body.model)
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server", "logit_bias")
+    if body.n > state.config.max_n:
+        raise APIError(400, f"n must be at most {state.config.max_n}, got {body.n}", "n")
+
+
+def resolve_max_tokens(
+    requested: int | None, prompt_len: int, max_model_len: int, field: str = "max_tokens"
+) -> int:
+    """The number of tokens to generate: `requested`, or what is left of the context if None."""
+    if prompt_len >= max_model_len:
+        raise ContextLengthError(
+            f"prompt has {prompt_len} tokens but this model's maximum context length is "
+            f"{max_model_len} tokens: at most {max_model_len - 1} prompt tokens fit"
+        )
+    if requested is None:
+        return max_model_len - prompt_len
+    if requested < 1:
+        raise APIError(400, f"{field} must be at least 1, got {requested}", field)
+    if prompt_len + requested > max_model_len:
+        raise ContextLengthError(
+            f"{field}: this model's maximum context length is {max_model_len} tokens, but "
+            f"{prompt_len + requested} tokens were requested ({prompt_len} in the prompt + "
+            f"{requested} for the completion); shorten the prompt or lower {field}"
+        )
+    return requested
+
+
+# ---- /v1/completions -----------------------------------------------------------------------
+
+
+def completion_prompts(
+    body: CompletionRequest, state: ServerState
+) -> list[tuple[str | None, list[int]]]:
+    """The request's prompts as (text or None, token ids): a string, strings, token ids, or
+    lists of token ids."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise APIError(400, "prompt is empty: send a string or a list of token ids", "prompt")
+    if len(prompts) > state.config.max_prompts:
+        raise APIError(
+            400,
+            f"prompt has {len(prompts)} entries; at most {state.config.max_prompts} per request",
+            "prompt",
+        )
+    out = []
+    for idx, p in enumerate(prompts):
+        if not p:
+            where = "prompt" if len(prompts) == 1 else f"prompt[{idx}]"
+            raise APIError(400, f"{where} is empty", "prompt")
+        out.append((p, _encode(state, p)) if isinstance(p, str) else (None, list(p)))
+    return out
+
+
+def check_completion_options(body: CompletionRequest) -> None:
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(
+            400, f"best_of ({body.best_of}) must equal n ({body.n}) on this server", "best_of"
+        )
+    if body.suffix:
+        raise APIError(400, "suffix is not supported by this server", "suffix")
+
+
+# ---- /v1/chat/completions ------------------------------------------------------------------
+
+
+def chat_prompt(body: ChatCompletionRequest, state: ServerState) -> list[int]:
+    """The conversation through the model's chat template, as token ids."""
+    if not body.messages:
+        raise APIError(400, "messages is empty: send at least one message", "messages")
+    if state.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer, so no chat template", "messages")
+    messages = [_message_dict(m, idx) for idx, m in enumerate(body.messages)]
+    extra = {
+        k: v
+        for k, v in (body.chat_template_kwargs or {}).items()
+        if k not in _RESERVED_TEMPLATE_KWARGS
+    }
+    return list(
+        state.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=body.add_generation_prompt, tokenize=True, **extra
+        )
+    )
+
+
+def chat_num_top_logprobs(body: ChatCompletionRequest) -> int | None:
+    """SamplingParams.logprobs for a chat request: None, or how many alternatives per token."""
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+    if not body.logprobs:
+        return None
+    top = body.top_logprobs or 0
+    if not 0 <= top <= 20:
+        raise APIError(400, f"top_logprobs must be in [0, 20], got {top}", "top_logprobs")
+    return top
+
+
+def _message_dict(message: ChatMessage, idx: int) -> dict:
+    out = message.model_dump(exclude_none=True)
+    if isinstance(message.content, list):
+        texts = []
+        for part in message.content:
+            if part.type != "text" or part.text is None:
+                raise APIError(
+                    400,
+                    f"messages[{idx}].content: only text parts are supported, got '{part.type}'",
+                    f"messages[{idx}].content",
+                )
+            texts.append(part.text)
+        out["content"] = "".join(texts)
+    return out
+
+
+def _encode(state: ServerState, text: str) -> list[int]:
+    if state.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer: send token ids as the prompt", "prompt")
+    return list(state.tokenizer.encode(text))
