@@ -15,7 +15,14 @@ from torch import nn
 from tokenmill.attention.backends.base import AttentionSpec, BaseAttentionBackend
 from tokenmill.attention.layer import Attention
 from tokenmill.models.arch_config import ArchConfig
-from tokenmill.models.layers import Linear, MergedLinear, RMSNorm, RotaryEmbedding
+from tokenmill.models.layers import (
+    Linear,
+    MergedLinear,
+    RMSNorm,
+    RopeTable,
+    RotaryEmbedding,
+    apply_rotary,
+)
 from tokenmill.models.linear_ops import linear
 
 
@@ -47,13 +54,13 @@ class Gemma3Attention(nn.Module):
         )  # fmt: skip
         self.attn = Attention(spec, backend)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, positions: torch.Tensor):
+    def forward(self, x: torch.Tensor, rope: RopeTable):
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))  # (T, H, D)
         k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))  # (T, Hkv, D)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(rope, q, k)
         return self.o_proj(self.attn(q, k, v))
 
 
@@ -80,8 +87,8 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(size, eps, offset=1.0)
         self.post_feedforward_layernorm = RMSNorm(size, eps, offset=1.0)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, positions: torch.Tensor):
-        attn = self.self_attn(self.input_layernorm(x), rotary, positions)
+    def forward(self, x: torch.Tensor, rope: RopeTable):
+        attn = self.self_attn(self.input_layernorm(x), rope)
         x = x + self.post_attention_layernorm(attn)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
@@ -107,9 +114,10 @@ class Gemma3Model(nn.Module):
         x = self.embed_tokens(input_ids)  # (T, E)
         # The scale is rounded to the model dtype first, as the reference does.
         x = x * torch.tensor(self.arch.hidden_size**0.5, dtype=x.dtype)
+        rope_global = self.rotary_emb(positions, x.dtype)
+        rope_local = self.rotary_emb_local(positions, x.dtype)
         for layer in self.layers:
-            rotary = self.rotary_emb_local if layer.self_attn.is_sliding else self.rotary_emb
-            x = layer(x, rotary, positions)
+            x = layer(x, rope_local if layer.self_attn.is_sliding else rope_global)
         return self.norm(x)
 
 

@@ -13,7 +13,7 @@ from tokenmill.models.linear_ops import linear
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm: normalise in float32, scale in the model dtype (as Hugging Face does).
+    """RMSNorm, normalised in float32 whatever the model dtype (torch's fused kernel does so).
 
     `offset=1.0` gives Gemma's variant, which scales by (1 + weight) in float32.
     """
@@ -27,13 +27,11 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.offset == 0:
+        if self.offset == 0:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
-            return (xf * (self.offset + self.weight.float())).to(x.dtype)
-        return self.weight * xf.to(x.dtype)
+        return (xf * (self.offset + self.weight.float())).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -65,13 +63,20 @@ class RotaryEmbedding(nn.Module):
         self.cos_cache = emb.cos().to(device)
         self.sin_cache = emb.sin().to(device)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; q [T, H, D]; k [T, Hkv, D]."""
-        cos = self.cos_cache[positions].to(q.dtype)[:, None, :]  # (T, 1, D)
-        sin = self.sin_cache[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTable:
+        """The cos/sin rows of this step's positions [T], looked up once for all layers."""
+        cos = self.cos_cache[positions].to(dtype)[:, None, :]  # (T, 1, D)
+        sin = self.sin_cache[positions].to(dtype)[:, None, :]
+        return cos, sin
+
+
+RopeTable = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (T, 1, D) each
+
+
+def apply_rotary(rope: RopeTable, q: torch.Tensor, k: torch.Tensor):
+    """q [T, H, D], k [T, Hkv, D] rotated by their positions' angles."""
+    cos, sin = rope
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

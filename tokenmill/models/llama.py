@@ -13,7 +13,14 @@ from torch import nn
 from tokenmill.attention.backends.base import AttentionSpec, BaseAttentionBackend
 from tokenmill.attention.layer import Attention
 from tokenmill.models.arch_config import ArchConfig
-from tokenmill.models.layers import Linear, MergedLinear, RMSNorm, RotaryEmbedding
+from tokenmill.models.layers import (
+    Linear,
+    MergedLinear,
+    RMSNorm,
+    RopeTable,
+    RotaryEmbedding,
+    apply_rotary,
+)
 from tokenmill.models.linear_ops import linear
 
 
@@ -35,13 +42,13 @@ class LlamaAttention(nn.Module):
         )
         self.attn = Attention(spec, backend)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, positions: torch.Tensor):
+    def forward(self, x: torch.Tensor, rope: RopeTable):
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(rope, q, k)
         return self.o_proj(self.attn(q, k, v))  # (T, E)
 
 
@@ -67,8 +74,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, positions: torch.Tensor):
-        x = x + self.self_attn(self.input_layernorm(x), rotary, positions)
+    def forward(self, x: torch.Tensor, rope: RopeTable):
+        x = x + self.self_attn(self.input_layernorm(x), rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -86,8 +93,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, E)
+        rope = self.rotary_emb(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, self.rotary_emb, positions)
+            x = layer(x, rope)
         return self.norm(x)
 
 

@@ -66,9 +66,11 @@ class TorchAttentionBackend(BaseAttentionBackend):
     ) -> torch.Tensor:
         write_kv(kv_cache, k, v, metadata.slot_mapping)
         plan = _plan_for(metadata, spec.sliding_window)
+        native = self._native(q, kv_cache) if plan.decode is not None else None
+        if native is not None and not plan.segments and plan.decode.token_idx is None:
+            return _native_attention(native, spec, q, kv_cache, plan.decode)  # all decodes
         out = torch.empty_like(q)
         if plan.decode is not None:
-            native = self._native(q, kv_cache)
             if native is not None:
                 _decode_native(native, spec, q, kv_cache, plan.decode, out)
             else:
@@ -85,19 +87,17 @@ class TorchAttentionBackend(BaseAttentionBackend):
         return cpu_kernels()
 
 
-def _decode_native(
-    kernels, spec: AttentionSpec, q: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan, out
-) -> None:
+def _native_attention(kernels, spec: AttentionSpec, q, kv_cache, plan: _DecodePlan):
     """Reads each request's blocks in place: no gather copy, no padding to the longest."""
     q_d = q if plan.token_idx is None else q.index_select(0, plan.token_idx)
-    o = kernels.paged_decode_attention(
+    return kernels.paged_decode_attention(
         q_d.contiguous(), kv_cache[0], kv_cache[1], plan.block_table, plan.seq_lens,
         spec.scale, spec.sliding_window or 0,
     )  # fmt: skip
-    if plan.token_idx is None:
-        out.copy_(o)
-    else:
-        out.index_copy_(0, plan.token_idx, o)
+
+
+def _decode_native(kernels, spec: AttentionSpec, q, kv_cache, plan: _DecodePlan, out) -> None:
+    out.index_copy_(0, plan.token_idx, _native_attention(kernels, spec, q, kv_cache, plan))
 
 
 def _decode(
