@@ -69,9 +69,9 @@ def _prefill(llm, dtype, num, length, ceilings) -> Phase:
     start = time.perf_counter()
     llm.generate(prompts, SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
     elapsed = time.perf_counter() - start
-    steps = len(llm.engine.step_trace)
+    # The whole prefill (however many steps it took) against the cost of all its prompts.
     shapes = [(length, 0)] * num
-    phase = _phase(f"prefill {num}x{length}", dtype, llm, shapes, elapsed / steps, 0, ceilings)
+    phase = _phase(f"prefill {num}x{length} (all steps)", dtype, llm, shapes, elapsed, 0, ceilings)
     phase.tokens_per_s = num * length / elapsed
     return phase
 
@@ -85,6 +85,10 @@ def _decode(llm, dtype, batch, prompt_len, output_len, ceilings) -> Phase:
     decode_steps = [
         s for s in llm.engine.step_trace if s.num_prefill_tokens == 0 and s.num_reqs == batch
     ]
+    if not decode_steps:
+        raise RuntimeError(
+            f"no pure-decode step ran all {batch} requests together: raise the KV cache size"
+        )
     step_time = statistics.median(s.wall_time_s for s in decode_steps)
     context = prompt_len + output_len // 2
     shapes = [(1, context)] * batch
@@ -118,13 +122,14 @@ def run(
     batch_sizes: tuple[int, ...] = (1, 64),
     output_len: int = 64,
     gain_requests: int = 64,
+    kv_cache_gib: float = 4.0,
 ) -> EngineBenchResult:
     from tokenmill import LLM
 
     result = EngineBenchResult(ceilings=measure(dtypes))
     for dtype in dtypes:
         llm = LLM(
-            model, dtype=dtype, kv_cache_memory_gib=1.0, max_num_seqs=max(batch_sizes),
+            model, dtype=dtype, kv_cache_memory_gib=kv_cache_gib, max_num_seqs=max(batch_sizes),
             max_num_batched_tokens=2048, record_step_trace=True,
         )  # fmt: skip
         _decode(llm, dtype, 1, 16, 8, result.ceilings)  # warm-up

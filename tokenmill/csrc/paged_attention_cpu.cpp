@@ -2,10 +2,11 @@
 // place (no gather copy, no padding to the longest request).
 //
 // One task per (request, KV head): the G query heads sharing that KV head are scored together
-// while K is streamed once, then V is streamed once for the weighted sum. Scores stay in a
-// per-task buffer (two-pass softmax). Tasks run on ATen's thread pool.
+// while K is streamed once (pass 1), the scores are exponentiated 16 at a time (a vectorised
+// exp: a scalar exp per score costs more than all the memory traffic), then V is streamed once
+// for the weighted sum (pass 2). Tasks run on ATen's thread pool.
 //
-//   q            [B, H, D]            float32 or bfloat16
+//   q            [B, H, D]            float32 or bfloat16, D a multiple of 16
 //   k/v cache    [NB, BS, Hkv, D]     same dtype as q
 //   block_table  [B, MB] int64        seq_lens [B] int64
 //   out          [B, H, D]            dtype of q
@@ -18,9 +19,19 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define TOKENMILL_AVX512 1
+#else
+#define TOKENMILL_AVX512 0
+#endif
+
 namespace {
+
+constexpr int64_t kMaxDim = 256;
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) {
@@ -30,18 +41,107 @@ inline float to_float(c10::BFloat16 x) {
   return f;
 }
 
+#if TOKENMILL_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  // bf16 -> fp32 is a 16-bit left shift of the bit pattern.
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// exp(x) for x <= 0 (scores minus their max), relative error ~2e-7: 2^(x*log2e) split into an
+// integer power (exponent bits) and a degree-6 polynomial on [-0.5, 0.5].
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
 template <typename T>
-inline float dot(const float* q, const T* k, int64_t dim) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < dim; ++d) acc += q[d] * to_float(k[d]);
-  return acc;
+inline const T* slot(const T* cache, const int64_t* blocks, int64_t pos, int64_t block_size,
+                     int64_t block_stride, int64_t slot_stride, int64_t head_offset) {
+  return cache + blocks[pos / block_size] * block_stride + (pos % block_size) * slot_stride +
+         head_offset;
+}
+
+// Scores of `groups` query rows (already scaled) against positions [first, first + n).
+template <typename T>
+void score_pass(const float* qf, int64_t groups, int64_t dim, const T* k_ptr,
+                const int64_t* blocks, int64_t first, int64_t n, int64_t block_size,
+                int64_t block_stride, int64_t slot_stride, int64_t head_offset, float* scores) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* k = slot(k_ptr, blocks, first + i, block_size, block_stride, slot_stride, head_offset);
+#if TOKENMILL_AVX512
+    __m512 kv[kMaxDim / 16];
+    for (int64_t c = 0; c < dim / 16; ++c) kv[c] = load16(k + c * 16);
+    for (int64_t h = 0; h < groups; ++h) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < dim / 16; ++c)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + h * dim + c * 16), kv[c], acc);
+      scores[h * n + i] = _mm512_reduce_add_ps(acc);
+    }
+#else
+    for (int64_t h = 0; h < groups; ++h) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < dim; ++d) acc += qf[h * dim + d] * to_float(k[d]);
+      scores[h * n + i] = acc;
+    }
+#endif
+  }
+}
+
+// In place: scores -> exp(scores - max); returns their sum.
+inline float softmax_numerators(float* s, int64_t n) {
+  const float m = *std::max_element(s, s + n);
+  float sum = 0.f;
+  int64_t i = 0;
+#if TOKENMILL_AVX512
+  __m512 vsum = _mm512_setzero_ps();
+  const __m512 vm = _mm512_set1_ps(m);
+  for (; i + 16 <= n; i += 16) {
+    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), vm));
+    _mm512_storeu_ps(s + i, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  sum = _mm512_reduce_add_ps(vsum);
+#endif
+  for (; i < n; ++i) {
+    s[i] = std::exp(s[i] - m);
+    sum += s[i];
+  }
+  return sum;
 }
 
 template <typename T>
-inline void axpy(float* acc, float p, const T* v, int64_t dim) {
-#pragma omp simd
-  for (int64_t d = 0; d < dim; ++d) acc[d] += p * to_float(v[d]);
+void value_pass(const float* p, int64_t groups, int64_t dim, const T* v_ptr,
+                const int64_t* blocks, int64_t first, int64_t n, int64_t block_size,
+                int64_t block_stride, int64_t slot_stride, int64_t head_offset, float* acc) {
+  std::fill(acc, acc + groups * dim, 0.f);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* v = slot(v_ptr, blocks, first + i, block_size, block_stride, slot_stride, head_offset);
+#if TOKENMILL_AVX512
+    for (int64_t c = 0; c < dim / 16; ++c) {
+      const __m512 vv = load16(v + c * 16);
+      for (int64_t h = 0; h < groups; ++h) {
+        float* a = acc + h * dim + c * 16;
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[h * n + i]), vv, _mm512_loadu_ps(a)));
+      }
+    }
+#else
+    for (int64_t h = 0; h < groups; ++h)
+      for (int64_t d = 0; d < dim; ++d) acc[h * dim + d] += p[h * n + i] * to_float(v[d]);
+#endif
+  }
 }
 
 template <typename T>
@@ -73,31 +173,13 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
         const T* src = q_ptr + (b * num_heads + g * groups + h) * dim;
         for (int64_t d = 0; d < dim; ++d) qf[h * dim + d] = to_float(src[d]) * float(scale);
       }
-      scores.assign(groups * n, 0.f);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t pos = first + i;
-        const T* k = k_ptr + blocks[pos / block_size] * block_stride +
-                     (pos % block_size) * slot_stride + g * dim;
-        for (int64_t h = 0; h < groups; ++h) scores[h * n + i] = dot(&qf[h * dim], k, dim);
-      }
+      scores.resize(groups * n);
+      score_pass(qf.data(), groups, dim, k_ptr, blocks, first, n, block_size, block_stride,
+                 slot_stride, g * dim, scores.data());
       std::vector<float> inv_sum(groups);
-      for (int64_t h = 0; h < groups; ++h) {
-        float* s = &scores[h * n];
-        const float m = *std::max_element(s, s + n);
-        float sum = 0.f;
-        for (int64_t i = 0; i < n; ++i) {
-          s[i] = std::exp(s[i] - m);
-          sum += s[i];
-        }
-        inv_sum[h] = 1.f / sum;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t pos = first + i;
-        const T* v = v_ptr + blocks[pos / block_size] * block_stride +
-                     (pos % block_size) * slot_stride + g * dim;
-        for (int64_t h = 0; h < groups; ++h) axpy(&acc[h * dim], scores[h * n + i], v, dim);
-      }
+      for (int64_t h = 0; h < groups; ++h) inv_sum[h] = 1.f / softmax_numerators(&scores[h * n], n);
+      value_pass(scores.data(), groups, dim, v_ptr, blocks, first, n, block_size, block_stride,
+                 slot_stride, g * dim, acc.data());
       for (int64_t h = 0; h < groups; ++h) {
         T* dst = out_ptr + (b * num_heads + g * groups + h) * dim;
         for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<T>(acc[h * dim + d] * inv_sum[h]);
@@ -119,6 +201,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "cache dtype must equal q dtype");
   TORCH_CHECK(block_table.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
               "int64 block_table and seq_lens expected");
+  TORCH_CHECK(q.size(2) % 16 == 0 && q.size(2) <= kMaxDim, "head_dim must be 16k and <= 256");
   at::Tensor out = at::empty_like(q);
   if (q.scalar_type() == at::kFloat) {
     decode_attention<float>(q, k_cache, v_cache, block_table, seq_lens, scale, window, out);

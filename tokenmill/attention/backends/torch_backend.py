@@ -82,7 +82,7 @@ class TorchAttentionBackend(BaseAttentionBackend):
     def _native(self, q: torch.Tensor, kv_cache: torch.Tensor):
         if not self.use_native or q.device.type != "cpu" or kv_cache.dtype != q.dtype:
             return None
-        if q.dtype not in (torch.float32, torch.bfloat16):
+        if q.dtype not in (torch.float32, torch.bfloat16) or q.shape[-1] % 16 or q.shape[-1] > 256:
             return None
         return cpu_kernels()
 
