@@ -4,7 +4,9 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &tokenmill::paged_decode_attention,
         "decode attention over a paged KV cache (CPU)");
-  m.def("linear_bf16", &tokenmill::linear_bf16,
-        "skinny bf16 x @ W^T for decode (CPU, AVX512-BF16)");
-  m.def("has_avx512_bf16", &tokenmill::has_avx512_bf16, "whether linear_bf16 is compiled in");
+  m.def("pack_bf16_weight", &tokenmill::pack_bf16_weight,
+        "repack a bf16 [N, K] weight into gemm_bf16_packed's panels");
+  m.def("gemm_bf16_packed", &tokenmill::gemm_bf16_packed,
+        "x [M, K] @ W^T for a packed bf16 weight (CPU, AVX512-BF16)");
+  m.def("has_avx512_bf16", &tokenmill::has_avx512_bf16, "whether the bf16 GEMM is compiled in");
 }

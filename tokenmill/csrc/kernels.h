@@ -9,7 +9,9 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& v_cache, const at::Tensor& block_table,
                                   const at::Tensor& seq_lens, double scale, int64_t window);
 
-at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w);
 bool has_avx512_bf16();
+
+at::Tensor pack_bf16_weight(const at::Tensor& w);
+at::Tensor gemm_bf16_packed(const at::Tensor& x, const at::Tensor& packed);
 
 }  // namespace tokenmill

@@ -1,5 +1,8 @@
-"""The matmul every linear layer calls: PyTorch's, except for skinny bfloat16 products on CPUs
-with AVX512-BF16, where tokenmill's native kernel streams the weights about twice as fast."""
+"""The matmul every linear layer calls: PyTorch's, except for bfloat16 on CPUs with
+AVX512-BF16, where tokenmill's native GEMM (tokenmill/csrc/gemm_bf16_cpu.cpp) runs on a copy of
+the weight packed once into its panel layout. It beats the library GEMM at every batch size
+measured here (BENCHMARKS.md), most at decode sizes, where it streams weights about twice as
+fast."""
 
 from __future__ import annotations
 
@@ -8,8 +11,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-# Up to this many rows the native kernel beats the library GEMM (measured: BENCHMARKS.md).
-NATIVE_MAX_ROWS = 4
+_PACKED_ATTR = "_tokenmill_packed_bf16"
 
 
 @functools.cache
@@ -20,19 +22,27 @@ def _native_kernels():
     return kernels if kernels is not None and kernels.has_avx512_bf16() else None
 
 
+def _packed(kernels, weight: torch.Tensor) -> torch.Tensor:
+    # Packed once per weight, kept beside it (the original stays for other callers).
+    packed = getattr(weight, _PACKED_ATTR, None)
+    if packed is None:
+        packed = kernels.pack_bf16_weight(weight.detach())
+        setattr(weight, _PACKED_ATTR, packed)
+    return packed
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ weight[out, in]^T (+ bias)."""
     if (
         x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
         and x.device.type == "cpu"
         and x.dim() == 2
-        and x.shape[0] <= NATIVE_MAX_ROWS
-        and weight.shape[1] % 32 == 0
-        and weight.shape[0] % 4 == 0
-        and weight.dtype == torch.bfloat16
+        and weight.shape[0] % 16 == 0
+        and weight.shape[1] % 2 == 0
     ):
         kernels = _native_kernels()
         if kernels is not None:
-            y = kernels.linear_bf16(x.contiguous(), weight)
+            y = kernels.gemm_bf16_packed(x.contiguous(), _packed(kernels, weight))
             return y if bias is None else y + bias
     return F.linear(x, weight, bias)

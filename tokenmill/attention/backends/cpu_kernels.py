@@ -18,7 +18,11 @@ from tokenmill.env import home_dir
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("bindings.cpp", "paged_attention_cpu.cpp", "linear_bf16_cpu.cpp")
+_SOURCES = (
+    "bindings.cpp",
+    "paged_attention_cpu.cpp",
+    "gemm_bf16_cpu.cpp",
+)
 _HEADERS = ("kernels.h",)
 
 
