@@ -96,6 +96,9 @@ class EngineConfig:
     # Pure-decode steps replay CUDA graphs: "auto" (on CUDA with the Triton backend), "off", or
     # "no-capture" (the same static-buffer path run eagerly; for tests without a GPU).
     decode_graphs: str = "auto"
+    # Pure-decode steps of Llama-family bf16 models on AVX512-BF16 CPUs run one native call per
+    # layer (worker/cpu_fused_decode.py).
+    cpu_fused_decode: bool = True
     # Record (step shape, wall time) for every step; the planner calibrates from this trace.
     record_step_trace: bool = False
 

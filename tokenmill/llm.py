@@ -43,6 +43,7 @@ class LLM:
         scheduling_policy: str = "fcfs",
         attention_backend: str = "auto",
         decode_graphs: str = "auto",
+        cpu_fused_decode: bool = True,
         record_step_trace: bool = False,
     ) -> None:
         config = EngineConfig(
@@ -60,6 +61,7 @@ class LLM:
             ),
             attention_backend=attention_backend,
             decode_graphs=decode_graphs,
+            cpu_fused_decode=cpu_fused_decode,
             record_step_trace=record_step_trace,
         )  # fmt: skip
         self.engine = LLMEngine(config)

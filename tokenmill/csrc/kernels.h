@@ -14,4 +14,12 @@ bool has_avx512_bf16();
 at::Tensor pack_bf16_weight(const at::Tensor& w);
 at::Tensor gemm_bf16_packed(const at::Tensor& x, const at::Tensor& packed);
 
+void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm,
+                        double eps, const at::Tensor& qkv_packed, const at::Tensor& o_packed,
+                        const at::Tensor& gate_up_packed, const at::Tensor& down_packed,
+                        const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv_cache,
+                        const at::Tensor& slot_mapping, const at::Tensor& block_table,
+                        const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads,
+                        double scale);
+
 }  // namespace tokenmill

@@ -40,6 +40,7 @@ class LLMEngine:
                 loaded, config.model, config.cache, config.attention_backend,
                 eos_token_ids=loaded.arch.eos_token_ids or _tokenizer_eos(loaded.tokenizer),
                 decode_graphs=config.decode_graphs, max_num_seqs=config.scheduler.max_num_seqs,
+                cpu_fused_decode=config.cpu_fused_decode,
             )  # fmt: skip
         self.runner = runner
         self.loaded = loaded

@@ -22,7 +22,7 @@ def _native_kernels():
     return kernels if kernels is not None and kernels.has_avx512_bf16() else None
 
 
-def _packed(kernels, weight: torch.Tensor) -> torch.Tensor:
+def packed_weight(kernels, weight: torch.Tensor) -> torch.Tensor:
     # Packed once per weight, kept beside it (the original stays for other callers).
     packed = getattr(weight, _PACKED_ATTR, None)
     if packed is None:
@@ -43,6 +43,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ):
         kernels = _native_kernels()
         if kernels is not None:
-            y = kernels.gemm_bf16_packed(x.contiguous(), _packed(kernels, weight))
+            y = kernels.gemm_bf16_packed(x.contiguous(), packed_weight(kernels, weight))
             return y if bias is None else y + bias
     return F.linear(x, weight, bias)

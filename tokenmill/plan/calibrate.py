@@ -1,12 +1,23 @@
 """Fit "this machine" to the engine's measured step trace.
 
-Each step's FLOPs and bytes come from the same cost model the planner uses; the fit finds
+Each step's FLOPs and bytes come from the same cost model the planner uses, operator by
+operator, and the fit finds the profile that best reproduces the measured step times:
 
-    wall_time = per_step + per_request * num_reqs + FLOPs / flop_rate + bytes / byte_rate
+    wall_time = per_step + per_request * num_reqs
+                + sum over operators of combine(FLOPs / flop_rate, bytes / byte_rate)
 
-by non-negative least squares on relative error (small decode steps weigh as much as large
-prefill steps). The additive form is what a CPU does: it overlaps little memory with compute.
-The fitted profile is written in the catalogue's schema, each figure's source naming the fit.
+The matmuls and element-wise work share one FLOP rate, attention has its own (a CPU's attention
+kernels reach a rate unlike its GEMMs'; the profile's attention_unit carries it), and all bytes
+move at one bandwidth. `combine` is the sum (no overlap: a linear model, solved by non-negative
+least squares) or the max (a roofline: the same solve over which side bounds each operator,
+iterated until that stops changing). Both minimise the relative error, so small decode steps
+weigh as much as large prefill steps; steps far off the first fit (another process took the CPU)
+are dropped and the fit repeated. The fitted profile is written in the catalogue's schema, each
+figure's source naming the fit, and predicts exactly what the fit predicts.
+
+The second half runs the real engine through the batch shapes serving produces (prefill chunks,
+decode batches at short and long contexts, mixed steps), some scenarios held out of the fit to
+measure how well it predicts steps it did not see: `tokenmill plan calibrate`.
 """
 
 from __future__ import annotations
@@ -14,9 +25,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,42 +41,97 @@ from tokenmill.perf.trace import StepRecord
 from tokenmill.plan.hardware import THIS_MACHINE, calibrated_path
 
 _UNBOUNDED = 1e18  # a rate the fit found no cost for
+_COLUMNS = ("per_step", "per_request", "flops", "attention_flops", "bytes")
+PERF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass(frozen=True)
 class CalibrationFit:
     per_step_s: float
     per_request_s: float
-    flops_per_s: float
+    flops_per_s: float  # matmuls and element-wise operators
     bytes_per_s: float
     num_steps: int
-    rel_rms_error: float  # of the fitted step times against the measured ones
+    rel_rms_error: float  # of the fitted step times against the measured ones (steps kept)
     median_abs_rel_error: float
+    attention_flops_per_s: float = _UNBOUNDED
+    overlap: bool = False  # max(compute, memory) per operator instead of their sum
+    num_outliers: int = 0  # steps dropped as disturbed
 
-    def predict(self, flops: np.ndarray, nbytes: np.ndarray, num_reqs: np.ndarray) -> np.ndarray:
-        return (
-            self.per_step_s
-            + self.per_request_s * num_reqs
-            + flops / self.flops_per_s
-            + nbytes / self.bytes_per_s
+    @property
+    def coefficients(self) -> np.ndarray:
+        return np.array([
+            self.per_step_s, self.per_request_s, _inverse(self.flops_per_s),
+            _inverse(self.attention_flops_per_s), _inverse(self.bytes_per_s),
+        ])  # fmt: skip
+
+    def predict(self, features: StepFeatures) -> np.ndarray:
+        return features.predict(self.coefficients, self.overlap)
+
+
+def _inverse(rate: float) -> float:
+    return 0.0 if rate >= _UNBOUNDED else 1.0 / rate
+
+
+@dataclass(frozen=True)
+class StepFeatures:
+    """Per step (N) and operator (K): FLOPs and bytes (times the layers it runs in)."""
+
+    flops: np.ndarray  # (N, K)
+    nbytes: np.ndarray  # (N, K)
+    is_attention: np.ndarray  # (K,) bool
+    num_reqs: np.ndarray  # (N,)
+    wall: np.ndarray  # (N,)
+
+    @classmethod
+    def of(cls, records: Sequence[StepRecord], arch: ArchConfig, precision: Precision):
+        flops, nbytes, is_attention = [], [], None
+        for rec in records:
+            cost = step_cost(arch, rec.batch_shape(), precision)
+            times = [cost.num_layers if op.per_layer else 1 for op in cost.ops]
+            flops.append([op.flops * t for op, t in zip(cost.ops, times, strict=True)])
+            nbytes.append([op.total_bytes * t for op, t in zip(cost.ops, times, strict=True)])
+            is_attention = is_attention or [op.kind == "attention" for op in cost.ops]
+        return cls(
+            np.asarray(flops, dtype=float).reshape(len(records), -1),
+            np.asarray(nbytes, dtype=float).reshape(len(records), -1),
+            np.asarray(is_attention or [], dtype=bool),
+            np.asarray([r.num_reqs for r in records], dtype=float),
+            np.asarray([r.wall_time_s for r in records], dtype=float),
         )
 
+    def subset(self, mask: np.ndarray) -> StepFeatures:
+        return replace(
+            self, flops=self.flops[mask], nbytes=self.nbytes[mask],
+            num_reqs=self.num_reqs[mask], wall=self.wall[mask],
+        )  # fmt: skip
 
-def _features(
-    records: Sequence[StepRecord], arch: ArchConfig, precision: Precision
-) -> tuple[np.ndarray, ...]:
-    flops, nbytes, reqs, wall = [], [], [], []
-    for rec in records:
-        cost = step_cost(arch, rec.batch_shape(), precision)
-        flops.append(cost.flops)
-        nbytes.append(cost.total_bytes)
-        reqs.append(rec.num_reqs)
-        wall.append(rec.wall_time_s)
-    return tuple(np.asarray(x, dtype=float) for x in (flops, nbytes, reqs, wall))
+    def sides(self, coef: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rate = np.where(self.is_attention, coef[3], coef[2])  # (K,)
+        return self.flops * rate, self.nbytes * coef[4]  # (N, K) each
+
+    def predict(self, coef: np.ndarray, overlap: bool) -> np.ndarray:
+        compute, memory = self.sides(coef)
+        ops = np.maximum(compute, memory) if overlap else compute + memory
+        return coef[0] + coef[1] * self.num_reqs + ops.sum(axis=1)
+
+    def design(self, compute_bound: np.ndarray | None = None) -> np.ndarray:
+        """Columns of _COLUMNS; with `compute_bound` (N, K), each operator's FLOPs count only
+        where compute bounds it and its bytes only where memory does (the max model)."""
+        if compute_bound is None:
+            compute_bound = np.ones_like(self.flops, dtype=bool)
+            memory_bound = compute_bound
+        else:
+            memory_bound = ~compute_bound
+        flops = self.flops * compute_bound
+        return np.stack([
+            np.ones_like(self.wall), self.num_reqs, flops[:, ~self.is_attention].sum(axis=1),
+            flops[:, self.is_attention].sum(axis=1), (self.nbytes * memory_bound).sum(axis=1),
+        ], axis=1)  # fmt: skip
 
 
 def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares with non-negative coefficients, by trying every active set (4 columns)."""
+    """Least squares with non-negative coefficients, by trying every active set (5 columns)."""
     best, best_err = np.zeros(a.shape[1]), float("inf")
     for k in range(1, a.shape[1] + 1):
         for cols in itertools.combinations(range(a.shape[1]), k):
@@ -79,36 +146,135 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return best
 
 
+def _solve(feats: StepFeatures, compute_bound: np.ndarray | None) -> np.ndarray:
+    a = feats.design(compute_bound)
+    # Columns scaled to similar magnitudes so lstsq is well conditioned; rows by 1 / wall.
+    scales = np.maximum(np.abs(a).max(axis=0), 1e-30)
+    return _nnls(a / scales / feats.wall[:, None], np.ones_like(feats.wall)) / scales
+
+
+def _rel_errors(feats: StepFeatures, coef: np.ndarray, overlap: bool) -> np.ndarray:
+    return feats.predict(coef, overlap) / feats.wall - 1
+
+
+def _fit_coefficients(feats: StepFeatures, overlap: bool) -> np.ndarray:
+    coef = _solve(feats, None)
+    if not overlap:
+        return coef
+
+    def objective(c: np.ndarray) -> float:
+        return float(np.sum(_rel_errors(feats, c, True) ** 2))
+
+    # The max model is piecewise linear: given which side bounds each operator it is the sum
+    # model's solve. Iterate that from several guesses of the machine balance (FLOPs per byte
+    # where operators turn compute-bound) and keep the best.
+    best, best_err = coef, objective(coef)
+    inv_flops = coef[2] or 1e-11
+    for balance in np.logspace(-1, 3, 9):
+        start = coef.copy()
+        start[2], start[3], start[4] = inv_flops, coef[3] or inv_flops, inv_flops * balance
+        c, pattern = start, None
+        for _ in range(20):
+            compute, memory = feats.sides(c)
+            if pattern is not None and np.array_equal(compute >= memory, pattern):
+                break
+            pattern = compute >= memory
+            c = _solve(feats, pattern)
+            err = objective(c)
+            if err < best_err:
+                best, best_err = c, err
+    return best
+
+
+def _outliers(rel: np.ndarray) -> np.ndarray:
+    """Steps whose relative error is far beyond the typical one (disturbed measurements)."""
+    spread = 1.4826 * np.median(np.abs(rel - np.median(rel)))
+    return np.abs(rel) > max(5 * spread, 0.15)
+
+
+def fit_features(feats: StepFeatures, overlap: bool = False, trim: bool = True) -> CalibrationFit:
+    if len(feats.wall) < 8:
+        raise ConfigError(f"calibration needs at least 8 timed steps, got {len(feats.wall)}")
+    coef = _fit_coefficients(feats, overlap)
+    dropped = np.zeros(len(feats.wall), dtype=bool)
+    if trim:
+        dropped = _outliers(_rel_errors(feats, coef, overlap))
+        if 0 < dropped.sum() <= len(feats.wall) // 4:
+            coef = _fit_coefficients(feats.subset(~dropped), overlap)
+        else:
+            dropped[:] = False
+    rel = _rel_errors(feats.subset(~dropped), coef, overlap)
+    return CalibrationFit(
+        per_step_s=float(coef[0]),
+        per_request_s=float(coef[1]),
+        flops_per_s=1.0 / coef[2] if coef[2] > 0 else _UNBOUNDED,
+        bytes_per_s=1.0 / coef[4] if coef[4] > 0 else _UNBOUNDED,
+        num_steps=int((~dropped).sum()),
+        rel_rms_error=float(np.sqrt(np.mean(rel**2))),
+        median_abs_rel_error=float(np.median(np.abs(rel))),
+        attention_flops_per_s=1.0 / coef[3] if coef[3] > 0 else _UNBOUNDED,
+        overlap=overlap,
+        num_outliers=int(dropped.sum()),
+    )
+
+
 def fit_trace(
-    records: Sequence[StepRecord], arch: ArchConfig, precision: Precision | None = None
+    records: Sequence[StepRecord],
+    arch: ArchConfig,
+    precision: Precision | None = None,
+    overlap: bool = False,
+    trim: bool = True,
 ) -> CalibrationFit:
     """Fit step times of `records` (a model `arch` run at `precision`)."""
     records = [r for r in records if r.wall_time_s > 0 and r.num_reqs > 0]
     if len(records) < 8:
         raise ConfigError(f"calibration needs at least 8 timed steps, got {len(records)}")
-    precision = precision or Precision(weights="fp32")
-    flops, nbytes, reqs, wall = _features(records, arch, precision)
-    # Columns scaled to similar magnitudes so lstsq is well conditioned; rows by 1 / wall.
-    scales = np.array([1.0, 1.0, max(flops.max(), 1.0), max(nbytes.max(), 1.0)])
-    a = np.stack([np.ones_like(wall), reqs, flops, nbytes], axis=1) / scales
-    coef = _nnls(a / wall[:, None], np.ones_like(wall)) / scales
-    fit = CalibrationFit(
-        per_step_s=float(coef[0]),
-        per_request_s=float(coef[1]),
-        flops_per_s=float(1.0 / coef[2]) if coef[2] > 0 else _UNBOUNDED,
-        bytes_per_s=float(1.0 / coef[3]) if coef[3] > 0 else _UNBOUNDED,
-        num_steps=len(records),
-        rel_rms_error=0.0,
-        median_abs_rel_error=0.0,
-    )
-    rel = fit.predict(flops, nbytes, reqs) / wall - 1
-    return CalibrationFit(
-        **{
-            **fit.__dict__,
-            "rel_rms_error": float(np.sqrt(np.mean(rel**2))),
-            "median_abs_rel_error": float(np.median(np.abs(rel))),
-        }
-    )
+    feats = StepFeatures.of(records, arch, precision or Precision(weights="fp32"))
+    return fit_features(feats, overlap, trim)
+
+
+@dataclass(frozen=True)
+class ErrorSummary:
+    """Relative errors of predicted step times: (predicted - measured) / measured."""
+
+    num_steps: int
+    median_abs: float
+    p90_abs: float
+    rms: float
+    mean: float  # the bias: > 0 predicts slower than measured
+
+    @classmethod
+    def of(cls, rel: np.ndarray) -> ErrorSummary:
+        if not len(rel):
+            return cls(0, float("nan"), float("nan"), float("nan"), float("nan"))
+        a = np.abs(rel)
+        return cls(len(rel), float(np.median(a)), float(np.percentile(a, 90)),
+                   float(np.sqrt(np.mean(rel**2))), float(np.mean(rel)))  # fmt: skip
+
+    def describe(self) -> str:
+        return (
+            f"{self.num_steps} steps: median |err| {self.median_abs:.1%}, p90 {self.p90_abs:.1%},"
+            f" RMS {self.rms:.1%}, bias {self.mean:+.1%}"
+        )
+
+
+def step_kind(rec: StepRecord) -> str:
+    if rec.num_prefill_tokens and rec.num_decode_tokens:
+        return "mixed"
+    return "prefill" if rec.num_prefill_tokens else "decode"
+
+
+def evaluate(
+    fit: CalibrationFit, records: Sequence[StepRecord], arch: ArchConfig, precision: Precision
+) -> dict[str, ErrorSummary]:
+    """Errors of `fit` on `records`: all of them and per step kind (prefill, decode, mixed)."""
+    feats = StepFeatures.of(records, arch, precision)
+    rel = fit.predict(feats) / feats.wall - 1
+    kinds = np.asarray([step_kind(r) for r in records])
+    out = {"all": ErrorSummary.of(rel)}
+    for kind in ("prefill", "decode", "mixed"):
+        out[kind] = ErrorSummary.of(rel[kinds == kind])
+    return out
 
 
 def _memory_bytes() -> float:
@@ -118,22 +284,24 @@ def _memory_bytes() -> float:
         return 16e9
 
 
-def profile_dict(fit: CalibrationFit, origin: str, precision: Precision) -> dict:
-    """The fitted machine in the hardware catalogue's schema."""
+def profile_dict(
+    fit: CalibrationFit, origin: str, precision: Precision, calibration: dict | None = None
+) -> dict:
+    """The fitted machine in the hardware catalogue's schema; `calibration` (how it was
+    measured: dtype, engine settings, held-out errors) is kept beside it."""
     src = (
         f"[fitted] {fit.num_steps} steps of {origin} ({precision.describe()}), "
         f"{time.strftime('%Y-%m-%d')}, rel. RMS error {fit.rel_rms_error:.1%}"
     )
-    compute_key = f"{Precision(weights=precision.weights).weight_format.compute_dtype}_tflops"
     peak = {"value": fit.flops_per_s / 1e12, "source": src}
-    return {
+    profile = {
         "name": THIS_MACHINE,
         "display_name": "this machine (calibrated)",
         "aliases": ["local", "here"],
         "kind": "cpu",
         "scheduling": "dynamic",
         "calibrated": True,
-        "overlap_compute_memory": False,
+        "overlap_compute_memory": fit.overlap,
         "memory": [
             {
                 "name": "ram",
@@ -143,9 +311,9 @@ def profile_dict(fit: CalibrationFit, origin: str, precision: Precision) -> dict
                 "efficiency": {"value": 1.0, "source": "folded into the fitted bandwidth"},
             }
         ],
+        # Every dtype the cost model may ask for runs at the one fitted rate.
         "compute": {
-            compute_key: peak,
-            "fp32_tflops": peak,
+            **{f"{d}_tflops": peak for d in ("fp32", "bf16", "fp16")},
             "efficiency": {"value": 1.0, "source": "folded into the fitted rate"},
         },
         "runtime": {
@@ -167,6 +335,14 @@ def profile_dict(fit: CalibrationFit, origin: str, precision: Precision) -> dict
             "power_w": {"value": 65, "source": "[guess] a desktop-class CPU under load"},
         },
     }
+    if fit.attention_flops_per_s < _UNBOUNDED:
+        profile["attention_unit"] = {
+            "tflops": {"value": fit.attention_flops_per_s / 1e12, "source": src + "; attention"},
+            "efficiency": {"value": 1.0, "source": "folded into the fitted rate"},
+        }
+    if calibration is not None:
+        profile["calibration"] = calibration
+    return profile
 
 
 def write_calibration(profile: dict, path: Path | None = None) -> Path:
@@ -174,3 +350,233 @@ def write_calibration(profile: dict, path: Path | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def read_calibration(path: Path | None = None) -> dict | None:
+    """The `calibration` section of the written profile (dtype, engine settings, errors)."""
+    path = path or calibrated_path()
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8")).get("calibration")
+
+
+# ---- running the engine through the shapes serving produces ---------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """`num_reqs` requests of `prompt_len` tokens generating `output_len` each, started
+    together: prefill steps (several prompts packed per step), then decode steps at that batch.
+    With `late_prompt_len`, one more prompt arrives once they decode: mixed steps."""
+
+    name: str
+    num_reqs: int
+    prompt_len: int
+    output_len: int
+    late_prompt_len: int = 0
+    holdout: bool = False  # kept out of the fit; its steps measure the prediction error
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
+    dtype: str = "float32"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    kv_cache_memory_gib: float = 1.0
+    prefill_lens: tuple[int, ...] = (16, 64, 128, 256, 384, 512, 1024)
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    long_prompt_len: int = 400
+    long_batch_sizes: tuple[int, ...] = (1, 16, 48)
+    decode_steps: int = 10
+    mixed: tuple[tuple[int, int], ...] = ((8, 256), (32, 480))  # (decoding requests, late prompt)
+    holdout: tuple[Scenario, ...] = (
+        Scenario("holdout prefill 700", 1, 700, 1, holdout=True),
+        Scenario("holdout decode 24x200", 24, 200, 10, holdout=True),
+        Scenario("holdout mixed 16+384", 16, 48, 10, late_prompt_len=384, holdout=True),
+    )
+    warmup: Scenario = Scenario("warm-up", 4, 64, 4, late_prompt_len=128)  # not recorded
+    seed: int = 0
+
+    def scenarios(self) -> list[Scenario]:
+        out = [Scenario(f"prefill {n}", 1, n, 1) for n in self.prefill_lens for _ in range(2)]
+        out += [Scenario(f"decode {b}x32", b, 32, self.decode_steps) for b in self.batch_sizes]
+        out += [
+            Scenario(f"decode {b}x{self.long_prompt_len}", b, self.long_prompt_len, 6)
+            for b in self.long_batch_sizes
+        ]
+        out += [Scenario(f"mixed {b}+{n}", b, 32, self.decode_steps, n) for b, n in self.mixed]
+        return out + list(self.holdout)
+
+    def engine_settings(self) -> dict:
+        keys = ("dtype", "max_num_seqs", "max_num_batched_tokens", "block_size")
+        return {k: getattr(self, k) for k in keys} | {
+            "kv_cache_memory_gib": self.kv_cache_memory_gib,
+            "enable_prefix_caching": False,
+        }
+
+
+@dataclass
+class CalibrationTrace:
+    records: list[StepRecord]
+    groups: list[str]  # the scenario each step belongs to
+    holdout: list[bool]
+    arch: ArchConfig
+    elapsed_s: float = 0.0
+    loadavg_before: tuple[float, ...] = ()
+    loadavg_after: tuple[float, ...] = ()
+
+
+def _engine(settings: CalibrationSettings):
+    from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    return LLMEngine(
+        EngineConfig(
+            model=ModelConfig(model=settings.model, dtype=settings.dtype),
+            cache=CacheConfig(
+                block_size=settings.block_size, kv_cache_memory_gib=settings.kv_cache_memory_gib,
+                enable_prefix_caching=False,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=settings.max_num_seqs,
+                max_num_batched_tokens=settings.max_num_batched_tokens,
+            ),
+            record_step_trace=True,
+        )
+    )  # fmt: skip
+
+
+def _run_scenario(engine, sc: Scenario, rng: random.Random, ids) -> None:
+    from tokenmill.sampling_params import SamplingParams
+
+    def add(prompt_len: int, output_len: int) -> str:
+        req_id = f"cal-{next(ids)}"
+        prompt = [rng.randrange(1000, 30000) for _ in range(prompt_len)]
+        engine.add_request(req_id, prompt, SamplingParams(max_tokens=output_len, ignore_eos=True))
+        return req_id
+
+    first = {add(sc.prompt_len, sc.output_len) for _ in range(sc.num_reqs)}
+    unstarted, late = set(first), None
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        unstarted -= {o.request_id for o in outputs}
+        first -= {o.request_id for o in outputs if o.finished}
+        if late is not None and any(o.request_id == late for o in outputs):
+            late = None
+        # While the first requests decode, one late prompt is always being prefilled.
+        if sc.late_prompt_len and not unstarted and first and late is None:
+            late = add(sc.late_prompt_len, 1)
+
+
+def record_calibration_trace(settings: CalibrationSettings, progress=None) -> CalibrationTrace:
+    """Run the real engine through `settings.scenarios()`; every step recorded and labelled."""
+    engine = _engine(settings)
+    rng, ids = random.Random(settings.seed), itertools.count()
+    # Warm-up, not recorded: first-use allocations and kernel builds.
+    _run_scenario(engine, settings.warmup, rng, ids)
+    trace = CalibrationTrace([], [], [], engine.arch, loadavg_before=_loadavg())
+    start = time.perf_counter()
+    for sc in settings.scenarios():
+        engine.step_trace.clear()
+        _run_scenario(engine, sc, rng, ids)
+        trace.records += engine.step_trace
+        trace.groups += [sc.name] * len(engine.step_trace)
+        trace.holdout += [sc.holdout] * len(engine.step_trace)
+        if progress is not None:
+            progress(f"{sc.name}: {len(engine.step_trace)} steps")
+    trace.elapsed_s = time.perf_counter() - start
+    trace.loadavg_after = _loadavg()
+    return trace
+
+
+def _loadavg() -> tuple[float, ...]:
+    return tuple(round(x, 2) for x in os.getloadavg()) if hasattr(os, "getloadavg") else ()
+
+
+@dataclass
+class CalibrationReport:
+    fit: CalibrationFit  # on every step (the written profile)
+    holdout_fit: CalibrationFit  # on the steps not held out
+    holdout_errors: dict[str, ErrorSummary]  # of holdout_fit on the held-out steps
+    train_errors: dict[str, ErrorSummary]
+    candidates: dict[str, float] = field(default_factory=dict)  # model -> held-out RMS
+
+    def summary(self) -> dict:
+        return {
+            "fit": asdict(self.fit),
+            "holdout_fit": asdict(self.holdout_fit),
+            "holdout_errors": {k: asdict(v) for k, v in self.holdout_errors.items()},
+            "train_errors": {k: asdict(v) for k, v in self.train_errors.items()},
+            "model_candidates_holdout_rms": self.candidates,
+        }
+
+
+def fit_calibration(trace: CalibrationTrace, precision: Precision, combine: str = "auto"):
+    """Fit the sum and max models on the steps not held out, keep the one whose held-out error
+    is lower (or the one `combine` names), and refit it on every step."""
+    held = np.asarray(trace.holdout, dtype=bool)
+    recs = trace.records
+    train = [r for r, h in zip(recs, held, strict=True) if not h]
+    test = [r for r, h in zip(recs, held, strict=True) if h]
+    if not test:
+        raise ConfigError("the calibration holds out no steps; add a holdout scenario")
+    options = {"sum": False, "max": True}
+    if combine != "auto":
+        if combine not in options:
+            raise ConfigError(f"combine must be auto, sum or max, got {combine!r}")
+        options = {combine: options[combine]}
+    results = {}
+    for name, overlap in options.items():
+        fit = fit_trace(train, trace.arch, precision, overlap)
+        results[name] = (fit, evaluate(fit, test, trace.arch, precision))
+    best = min(results, key=lambda k: results[k][1]["all"].rms)
+    holdout_fit, holdout_errors = results[best]
+    return CalibrationReport(
+        fit=fit_trace(recs, trace.arch, precision, options[best]),
+        holdout_fit=holdout_fit,
+        holdout_errors=holdout_errors,
+        train_errors=evaluate(holdout_fit, train, trace.arch, precision),
+        candidates={k: v[1]["all"].rms for k, v in results.items()},
+    )
+
+
+def calibrate(
+    settings: CalibrationSettings,
+    combine: str = "auto",
+    out_path: Path | None = None,
+    trace_path: Path | None = None,
+    progress=None,
+) -> tuple[CalibrationReport, CalibrationTrace, Path]:
+    """Record the trace, fit it, write the profile (and the trace); `tokenmill plan calibrate`."""
+    from tokenmill.perf.trace import write_trace
+
+    trace = record_calibration_trace(settings, progress)
+    precision = Precision(weights=PERF_DTYPE[settings.dtype])
+    report = fit_calibration(trace, precision, combine)
+    out_path = out_path or calibrated_path()
+    trace_path = trace_path or out_path.with_name(out_path.stem + "-trace.jsonl")
+    trace_path.parent.mkdir(parents=True, exist_ok=True)
+    write_trace(trace_path, trace.records)
+    info = {
+        "engine": settings.engine_settings(),
+        "model": settings.model or "bundled SmolLM2-135M-Instruct",
+        "torch_threads": _torch_threads(),
+        "trace": str(trace_path),
+        "groups": trace.groups,
+        "holdout": trace.holdout,
+        "elapsed_s": round(trace.elapsed_s, 1),
+        "loadavg_before": trace.loadavg_before,
+        "loadavg_after": trace.loadavg_after,
+        **report.summary(),
+    }
+    origin = f"tokenmill plan calibrate --dtype {settings.dtype}"
+    path = write_calibration(profile_dict(report.fit, origin, precision, info), out_path)
+    return report, trace, path
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

@@ -22,6 +22,7 @@ from tokenmill.engine.interfaces import (
 from tokenmill.loader.base import LoadedModel
 from tokenmill.models.registry import build_model
 from tokenmill.models.weights import load_weights
+from tokenmill.worker.cpu_fused_decode import fused_decode_for
 from tokenmill.worker.cuda_graphs import DecodeGraphs
 from tokenmill.worker.input_batch import StepInputs, prepare_inputs
 from tokenmill.worker.sampler import SamplingRow, batch_token_logprobs, sample
@@ -48,6 +49,7 @@ class ModelRunner(BaseRunner):
         eos_token_ids: tuple[int, ...] = (),
         decode_graphs: str = "auto",
         max_num_seqs: int = 64,
+        cpu_fused_decode: bool = True,
     ) -> None:
         self.arch = loaded.arch
         self.device = torch.device(model_config.device)
@@ -88,6 +90,9 @@ class ModelRunner(BaseRunner):
         self._states: dict[str, _RequestState] = {}
         self._seed_source = random.Random(model_config.seed)
         self.graphs = self._decode_graphs(decode_graphs, max_num_seqs)
+        self.fused_decode = (
+            fused_decode_for(self.model, self.dtype, self.device) if cpu_fused_decode else None
+        )
 
     def _decode_graphs(self, mode: str, max_num_seqs: int) -> DecodeGraphs | None:
         use = mode == "no-capture" or (
@@ -125,6 +130,8 @@ class ModelRunner(BaseRunner):
         )  # fmt: skip
         if self.graphs is not None and self.graphs.can_run(inputs):
             hidden = self.graphs.run(inputs)  # (B, E)
+        elif self.fused_decode is not None and self.fused_decode.can_run(inputs):
+            hidden = self.fused_decode.run(inputs, self.kv_caches)  # (B, E)
         else:
             with forward_context(inputs.metadata, self.kv_caches):
                 hidden = self.model(inputs.input_ids, inputs.positions)  # (T, E)

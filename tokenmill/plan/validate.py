@@ -1,0 +1,442 @@
+"""Predicted vs measured serving on this machine: the planner's honest check.
+
+For each arrival pattern (Poisson request rates, all at once) one workload (the same ShareGPT
+sample, seed and arrival offsets) goes two ways:
+
+    predicted   simulate(): the engine's own Scheduler and KVCacheManager with the server's
+                settings (max_num_seqs, max_num_batched_tokens, KV blocks, block size) on a
+                SimRunner timed by the calibrated this-machine profile
+    measured    `tokenmill bench serve` against a `tokenmill serve` started here with the same
+                settings, on this machine
+
+and the table compares median TPOT and output throughput (target: within 10%) and p99 TTFT
+(within 25%). The server's own counters (/metrics: engine steps and their summed time) split a
+miss between the step-time model (busy time) and what happens outside the engine's steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tokenmill.config import SchedulerConfig
+from tokenmill.errors import ConfigError
+from tokenmill.models.arch_config import ArchConfig
+from tokenmill.perf.dtypes import Precision
+from tokenmill.plan.calibrate import PERF_DTYPE, read_calibration
+from tokenmill.plan.hardware import THIS_MACHINE, get_hardware
+from tokenmill.plan.metrics import summarize
+from tokenmill.plan.placement import place
+from tokenmill.plan.sim_runner import CostModelStepTime, SimRunner
+from tokenmill.plan.simulate import SimConfig, simulate
+from tokenmill.plan.step_time import LayoutStepTime
+from tokenmill.workload import ArrivalSpec, Workload, build_workload, parse_workload
+
+# (metric, what it is, tolerance): the issue's targets.
+TARGETS = (
+    ("tpot_median_ms", "median TPOT", 0.10),
+    ("output_tok_s", "output throughput", 0.10),
+    ("ttft_p99_ms", "p99 TTFT", 0.25),
+)
+_BANNER = re.compile(r"serving '.*' on http://[^:]+:(\d+)")
+_KV_ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+QUIET_LOAD = 1.2  # 1-min load average above which a 2-core measurement is not of this machine
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
+    dtype: str = "float32"
+    workload: str = "sharegpt"
+    num_prompts: int = 64
+    rates: tuple[float, ...] = (0.25, 0.5, 1.0, math.inf)  # requests/s; inf: all at once
+    burstiness: float = 1.0
+    seed: int = 0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    kv_cache_memory_gib: float = 1.0
+    num_warmup: int = 1
+    jitter: bool = False  # the simulator's step-time jitter (the fit's residual spread)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in PERF_DTYPE:
+            raise ConfigError(f"dtype must be one of {', '.join(PERF_DTYPE)}, got {self.dtype!r}")
+        if self.num_prompts < 1:
+            raise ConfigError(f"--num-prompts must be >= 1, got {self.num_prompts}")
+        if not self.rates or any(not r > 0 for r in self.rates):
+            raise ConfigError(f"rates must be > 0 requests/s (or inf), got {self.rates}")
+        parse_workload(self.workload)
+
+    def serve_args(self) -> list[str]:
+        args = [
+            "--dtype", self.dtype, "--max-num-seqs", str(self.max_num_seqs),
+            "--max-num-batched-tokens", str(self.max_num_batched_tokens),
+            "--block-size", str(self.block_size), "--kv-cache-memory", str(self.kv_cache_memory_gib),
+            "--no-prefix-caching", "--max-queue", str(max(4096, self.num_prompts)),
+        ]  # fmt: skip
+        return ([self.model] if self.model else []) + args
+
+
+def server_kv_blocks(arch: ArchConfig, dtype: str, block_size: int, memory_gib: float) -> int:
+    """The KV blocks `tokenmill serve --kv-cache-memory` allocates (the ModelRunner's rule)."""
+    per_block = (
+        2 * arch.num_hidden_layers * block_size * arch.num_key_value_heads * arch.head_dim
+        * _KV_ELEMENT_BYTES[dtype]
+    )  # fmt: skip
+    return max(1, int(memory_gib * 2**30) // per_block)
+
+
+def build_validation_workload(settings: ValidationSettings, rate: float, tokenizer) -> Workload:
+    """What `tokenmill bench serve --workload W --num-prompts N --seed S --request-rate R`
+    sends (tokenmill.cli.bench_serve builds it the same way)."""
+    spec = parse_workload(settings.workload)
+    arrivals = ArrivalSpec(rate, settings.burstiness, None)
+    tok = tokenizer if spec.needs_tokenizer else None
+    return build_workload(spec, settings.num_prompts, arrivals, tokenizer=tok, seed=settings.seed)
+
+
+@dataclass
+class RunMetrics:
+    """The compared numbers of one run, predicted or measured (times in ms)."""
+
+    tpot_median_ms: float
+    output_tok_s: float
+    ttft_p99_ms: float
+    ttft_median_ms: float
+    e2e_median_ms: float
+    duration_s: float
+    num_requests: int
+    output_tokens: int
+    num_steps: int | None = None  # engine steps (server: from /metrics)
+    busy_s: float | None = None  # summed step time (server: from /metrics)
+
+
+def predict(workload: Workload, arch: ArchConfig, settings: ValidationSettings) -> RunMetrics:
+    """The planner's prediction of `workload` on the calibrated this-machine."""
+    hw = get_hardware(THIS_MACHINE)
+    if not hw.calibrated:
+        raise ConfigError("this-machine is not calibrated; run `tokenmill plan calibrate` first")
+    precision = Precision(weights=PERF_DTYPE[settings.dtype])
+    num_blocks = server_kv_blocks(
+        arch, settings.dtype, settings.block_size, settings.kv_cache_memory_gib
+    )
+    placement = place(arch, hw, precision, 0, chips=1)
+    runner = SimRunner(
+        CostModelStepTime(LayoutStepTime(arch, hw, precision, placement)),
+        jitter_cv=hw.profile.step_jitter_cv if settings.jitter else 0.0,
+        seed=settings.seed,
+    )
+    config = SimConfig(
+        num_blocks=num_blocks,
+        max_model_len=min(arch.max_position_embeddings, num_blocks * settings.block_size),
+        block_size=settings.block_size,
+        scheduler=SchedulerConfig(
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+        ),
+        enable_prefix_caching=False,
+    )
+    result = simulate(workload, runner, config)
+    m = summarize(result)
+    return RunMetrics(
+        tpot_median_ms=m.tpot.median * 1e3, output_tok_s=m.output_tok_s,
+        ttft_p99_ms=m.ttft.p99 * 1e3, ttft_median_ms=m.ttft.median * 1e3,
+        e2e_median_ms=m.e2e.median * 1e3, duration_s=m.duration_s, num_requests=m.num_requests,
+        output_tokens=m.output_tokens, num_steps=result.num_steps,
+        busy_s=result.prefill_time_s + result.decode_time_s,
+    )  # fmt: skip
+
+
+class ServerProcess:
+    """`tokenmill serve` in a subprocess on a free port (it prints the port it bound)."""
+
+    def __init__(self, serve_args: list[str], log_path: Path) -> None:
+        self.cmd = [sys.executable, "-m", "tokenmill.cli.main", "serve", "--port", "0", *serve_args]
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.base_url = ""
+
+    def __enter__(self) -> ServerProcess:
+        import httpx
+
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            if self.proc.poll() is not None:
+                raise ConfigError(f"tokenmill serve exited:\n{text[-2000:]}")
+            match = _BANNER.search(text)
+            if match:
+                self.base_url = f"http://127.0.0.1:{match.group(1)}"
+                try:
+                    if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.25)
+        self.__exit__()
+        raise ConfigError("tokenmill serve did not become healthy in 600 s")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def engine_counters(self) -> tuple[float, float]:
+        """(engine steps, seconds inside LLMEngine.step()) so far, from /metrics."""
+        import httpx
+
+        return parse_engine_counters(httpx.get(self.base_url + "/metrics", timeout=10).text)
+
+
+def parse_engine_counters(text: str) -> tuple[float, float]:
+    values = []
+    for name in ("tokenmill:engine_steps_total", "tokenmill:engine_step_seconds_total"):
+        match = re.search(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.eE+-]+)$", text, re.M)
+        values.append(float(match.group(1)) if match else float("nan"))
+    return values[0], values[1]
+
+
+def measure(
+    server: ServerProcess, settings: ValidationSettings, rate: float, json_path: Path
+) -> RunMetrics:
+    """One `tokenmill bench serve` run against `server` (a subprocess, as a user runs it)."""
+    cmd = [
+        sys.executable, "-m", "tokenmill.cli.main", "bench", "serve",
+        "--base-url", server.base_url, "--workload", settings.workload,
+        "--num-prompts", str(settings.num_prompts), "--seed", str(settings.seed),
+        "--request-rate", str(rate), "--burstiness", str(settings.burstiness),
+        "--num-warmup", str(settings.num_warmup), "--json", str(json_path), "--no-progress",
+    ]  # fmt: skip
+    if settings.model:
+        cmd += ["--tokenizer", settings.model]
+    steps0, busy0 = server.engine_counters()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    steps1, busy1 = server.engine_counters()
+    if not json_path.exists():
+        raise ConfigError(f"bench serve failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    m = json.loads(json_path.read_text())["metrics"]
+    if m["num_failed"]:
+        raise ConfigError(f"bench serve: {m['num_failed']} requests failed; see {json_path}")
+    return RunMetrics(
+        tpot_median_ms=m["tpot"]["median"], output_tok_s=m["output_throughput"],
+        ttft_p99_ms=m["ttft"]["p99"], ttft_median_ms=m["ttft"]["median"],
+        e2e_median_ms=m["e2el"]["median"], duration_s=m["duration_s"],
+        num_requests=m["num_completed"], output_tokens=m["total_output_tokens"],
+        num_steps=int(steps1 - steps0), busy_s=busy1 - busy0,
+    )  # fmt: skip
+
+
+@dataclass
+class ValidationRow:
+    rate: float
+    predicted: RunMetrics
+    measured: RunMetrics | None
+    loadavg_before: tuple[float, ...] = ()
+    loadavg_after: tuple[float, ...] = ()
+
+    def errors(self) -> dict[str, float]:
+        """(predicted - measured) / measured per compared metric."""
+        if self.measured is None:
+            return {}
+        return {
+            key: getattr(self.predicted, key) / getattr(self.measured, key) - 1
+            for key, _, _ in TARGETS
+            if getattr(self.measured, key)
+        }
+
+    def passes(self) -> dict[str, bool]:
+        errs = self.errors()
+        return {key: abs(errs[key]) <= tol for key, _, tol in TARGETS if key in errs}
+
+
+@dataclass
+class ValidationReport:
+    settings: ValidationSettings
+    rows: list[ValidationRow] = field(default_factory=list)
+    calibration: dict | None = None
+    machine: dict = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        settings = asdict(self.settings)
+        settings["rates"] = [_rate_json(r) for r in self.settings.rates]
+        rows = []
+        for row in self.rows:
+            rows.append({
+                **asdict(row), "rate": _rate_json(row.rate), "errors": row.errors(),
+                "passes": row.passes(),
+            })  # fmt: skip
+        calib = {
+            k: v for k, v in (self.calibration or {}).items() if k not in ("groups", "holdout")
+        }
+        return {
+            "settings": settings, "rows": rows, "calibration": calib, "machine": self.machine,
+            "elapsed_s": round(self.elapsed_s, 1),
+            "targets": {key: tol for key, _, tol in TARGETS},
+        }  # fmt: skip
+
+
+def _rate_json(rate: float) -> float | str:
+    return "inf" if math.isinf(rate) else rate
+
+
+def _loadavg() -> tuple[float, ...]:
+    return tuple(round(x, 2) for x in os.getloadavg()) if hasattr(os, "getloadavg") else ()
+
+
+def check_calibration(settings: ValidationSettings) -> dict:
+    calibration = read_calibration()
+    if calibration is None or not get_hardware(THIS_MACHINE).calibrated:
+        raise ConfigError("this-machine is not calibrated; run `tokenmill plan calibrate` first")
+    dtype = calibration.get("engine", {}).get("dtype")
+    if dtype != settings.dtype:
+        raise ConfigError(
+            f"this-machine was calibrated with --dtype {dtype}, not {settings.dtype}; "
+            f"run `tokenmill plan calibrate --dtype {settings.dtype}` (or validate --calibrate)"
+        )
+    return calibration
+
+
+def run_validation(
+    settings: ValidationSettings, do_measure: bool = True, work_dir: Path | None = None, log=print
+) -> ValidationReport:
+    """Predict every rate; with `do_measure`, also serve and measure each (one server)."""
+    from tokenmill.bench.report import machine_info
+    from tokenmill.bench.serve import open_model_info
+
+    start = time.perf_counter()
+    calibration = check_calibration(settings)
+    info = open_model_info(settings.model)
+    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="tokenmill-validate-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    report = ValidationReport(settings, calibration=calibration, machine=machine_info())
+    workloads = [build_validation_workload(settings, r, info.tokenizer) for r in settings.rates]
+    rows = [
+        ValidationRow(rate, predict(w, info.arch, settings), None)
+        for rate, w in zip(settings.rates, workloads, strict=True)
+    ]
+    report.rows = rows
+    if not do_measure:
+        report.elapsed_s = time.perf_counter() - start
+        return report
+    with ServerProcess(settings.serve_args(), work_dir / "serve.log") as server:
+        log(f"tokenmill serve up at {server.base_url} (log: {work_dir / 'serve.log'})")
+        for row in rows:
+            row.loadavg_before = _loadavg()
+            name = f"bench-rate-{_rate_json(row.rate)}.json"
+            row.measured = measure(server, settings, row.rate, work_dir / name)
+            row.loadavg_after = _loadavg()
+            log(format_row(row))
+    report.elapsed_s = time.perf_counter() - start
+    return report
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None or value != value:
+        return "-"
+    return f"{value:,.1f}{unit}" if value < 100 else f"{value:,.0f}{unit}"
+
+
+def _arrivals(rate: float) -> str:
+    return "all at once" if math.isinf(rate) else f"{rate:g} req/s"
+
+
+def format_row(row: ValidationRow) -> str:
+    errs, ok = row.errors(), row.passes()
+    cells = [_arrivals(row.rate)]
+    for key, _, _ in TARGETS:
+        pred = getattr(row.predicted, key)
+        meas = getattr(row.measured, key) if row.measured else None
+        err = f"{errs[key]:+.0%} {'ok' if ok[key] else 'MISS'}" if key in errs else "-"
+        cells += [_fmt(pred), _fmt(meas), err]
+    m = row.measured
+    busy = (
+        f"{_fmt(row.predicted.busy_s)} / {_fmt(m.busy_s)} s ({_fmt(m.duration_s)} s)" if m else "-"
+    )
+    load = "/".join(f"{x:.2f}" for x in (row.loadavg_before[:1] + row.loadavg_after[:1]))
+    return "| " + " | ".join([*cells, busy, load or "-"]) + " |"
+
+
+def format_markdown(report: ValidationReport) -> str:
+    s, cal = report.settings, report.calibration or {}
+    holdout = cal.get("holdout_errors", {}).get("all", {})
+    head = (
+        "| arrivals | TPOT p50 pred ms | meas ms | err | out tok/s pred | meas | err "
+        "| TTFT p99 pred ms | meas ms | err | engine busy pred / meas (run) | load 1-min before/after |"
+    )
+    lines = [
+        f"Workload: {s.workload}, {s.num_prompts} requests per run, seed {s.seed}, "
+        f"burstiness {s.burstiness:g}; engine: {s.dtype}, max_num_seqs {s.max_num_seqs}, "
+        f"max_num_batched_tokens {s.max_num_batched_tokens}, block size {s.block_size}, "
+        f"KV {s.kv_cache_memory_gib:g} GiB, prefix caching off.",
+        f"Calibration: {cal.get('fit', {}).get('num_steps', '?')} steps, held-out step-time error "
+        f"median {holdout.get('median_abs', float('nan')):.1%}, RMS "
+        f"{holdout.get('rms', float('nan')):.1%}; load during calibration "
+        f"{cal.get('loadavg_before', ['?'])[0]} -> {cal.get('loadavg_after', ['?'])[0]}.",
+        f"Machine: {report.machine.get('cpu', '?')}, {report.machine.get('cpu_count', '?')} CPUs, "
+        f"torch {report.machine.get('torch', '?')} with {report.machine.get('torch_threads', '?')}"
+        f" threads; {report.machine.get('time', '')}.",
+        "",
+        head,
+        "|" + "---|" * 12,
+        *(format_row(row) for row in report.rows),
+        "",
+        *_load_warning(report),
+        "err = (predicted - measured) / measured; targets: median TPOT and output throughput "
+        "within 10%, p99 TTFT within 25%. Engine busy: summed step time, predicted vs the "
+        "server's own counter; (run) is the measured run's duration.",
+    ]
+    return "\n".join(lines)
+
+
+def _load_warning(report: ValidationReport) -> list[str]:
+    cal = report.calibration or {}
+    loads = [*cal.get("loadavg_before", [])[:1], *cal.get("loadavg_after", [])[:1]]
+    for row in report.rows:
+        loads += [*row.loadavg_before[:1], *row.loadavg_after[:1]]
+    if not loads or max(loads) <= QUIET_LOAD:
+        return []
+    return [
+        f"**Taken under load**: the 1-minute load average reached {max(loads):.2f} (> "
+        f"{QUIET_LOAD}) during the calibration or the runs; other processes shared the CPUs, "
+        "so these numbers do not measure this machine. Rerun on a quiet machine.",
+        "",
+    ]
+
+
+def write_report(report: ValidationReport, md_path: Path | None, json_path: Path | None) -> None:
+    if md_path is not None:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        title = "# Planner validation: predicted vs measured serving on this machine\n\n"
+        cmd = f"Regenerate: `{validation_command(report.settings)}`\n\n"
+        md_path.write_text(title + cmd + format_markdown(report) + "\n", encoding="utf-8")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def validation_command(s: ValidationSettings) -> str:
+    rates = ",".join("inf" if math.isinf(r) else f"{r:g}" for r in s.rates)
+    model = f" --model {s.model}" if s.model else ""
+    return (
+        f"tokenmill plan validate --calibrate{model} --dtype {s.dtype} --workload {s.workload} "
+        f"--num-prompts {s.num_prompts} --rates {rates} --seed {s.seed} "
+        f"--max-num-seqs {s.max_num_seqs} --max-num-batched-tokens {s.max_num_batched_tokens} "
+        f"--block-size {s.block_size} --kv-cache-memory {s.kv_cache_memory_gib:g}"
+    )

@@ -1,0 +1,74 @@
+"""Pure-decode steps of Llama-family bf16 models on the CPU, one native call per layer.
+
+At batch 1 an eager decoder layer is ~25 PyTorch operator calls whose dispatch overhead is a
+third of the step; tokenmill/csrc/llama_decode_cpu.cpp runs the whole layer (norms, packed
+GEMMs, rotary, K/V write, paged attention, SiLU*up, residuals) in one call. Like the CUDA
+graphs of cuda_graphs.py, this is a runner concern: the model file keeps the math, and steps
+with any prompt chunk run eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.models.linear_ops import packed_weight
+from tokenmill.worker.input_batch import StepInputs
+
+
+def fused_decode_for(model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+    """A FusedCpuDecode for this model, or None when it does not apply."""
+    from tokenmill.attention.backends.cpu_kernels import cpu_kernels
+    from tokenmill.models.llama import LlamaForCausalLM
+
+    arch = getattr(model, "arch", None)
+    if not isinstance(model, LlamaForCausalLM) or device.type != "cpu" or dtype != torch.bfloat16:
+        return None
+    if arch.attention_bias or arch.mlp_bias or arch.architecture == "qwen2" or arch.sliding_window:
+        return None
+    if arch.head_dim % 16 or arch.head_dim > 256 or arch.hidden_act != "silu":
+        return None
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.has_avx512_bf16():
+        return None
+    return FusedCpuDecode(model, kernels)
+
+
+class FusedCpuDecode:
+    def __init__(self, model: torch.nn.Module, kernels) -> None:
+        self.model = model
+        self.kernels = kernels
+        self.arch = model.arch
+        self._layers = []
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self._layers.append(
+                (
+                    layer.input_layernorm.weight,
+                    layer.post_attention_layernorm.weight,
+                    packed_weight(kernels, attn.qkv_proj.weight),
+                    packed_weight(kernels, attn.o_proj.weight),
+                    packed_weight(kernels, mlp.gate_up_proj.weight),
+                    packed_weight(kernels, mlp.down_proj.weight),
+                    attn.attn.spec.scale,
+                )
+            )
+
+    def can_run(self, inputs: StepInputs) -> bool:
+        return inputs.metadata.num_tokens == inputs.metadata.num_reqs
+
+    @torch.inference_mode()
+    def run(self, inputs: StepInputs, kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        """Hidden states [B, E] of a step in which every request computes one token."""
+        inner = self.model.model
+        arch = self.arch
+        md = inputs.metadata
+        x = inner.embed_tokens(inputs.input_ids).contiguous()  # (B, E)
+        cos = inner.rotary_emb.cos_cache[inputs.positions].contiguous()  # (B, D) fp32
+        sin = inner.rotary_emb.sin_cache[inputs.positions].contiguous()
+        for i, (norm1, norm2, qkv, o, gate_up, down, scale) in enumerate(self._layers):
+            self.kernels.llama_decode_layer(
+                x, norm1, norm2, arch.rms_norm_eps, qkv, o, gate_up, down, cos, sin,
+                kv_caches[i], md.slot_mapping, md.block_table, md.seq_lens,
+                arch.num_attention_heads, arch.num_key_value_heads, scale,
+            )  # fmt: skip
+        return inner.norm(x)
