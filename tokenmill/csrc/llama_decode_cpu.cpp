@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 
 #include "kernels.h"
+#include "simd.h"
 
 #include <cmath>
 #include <cstring>
@@ -30,16 +31,18 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const auto* xp = x.data_ptr<at::BFloat16>();
   const auto* wp = w.data_ptr<at::BFloat16>();
   auto* op = out.data_ptr<at::BFloat16>();
-  for (int64_t t = 0; t < rows; ++t) {
-    float sum = 0.f;
-    for (int64_t d = 0; d < dim; ++d) {
-      const float v = bf16_to_float(xp[t * dim + d]);
-      sum += v * v;
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float sum = 0.f;
+      for (int64_t d = 0; d < dim; ++d) {
+        const float v = bf16_to_float(xp[t * dim + d]);
+        sum += v * v;
+      }
+      const float inv = 1.f / std::sqrt(sum / dim + static_cast<float>(eps));
+      for (int64_t d = 0; d < dim; ++d)
+        op[t * dim + d] = bf16_to_float(xp[t * dim + d]) * inv * bf16_to_float(wp[d]);
     }
-    const float inv = 1.f / std::sqrt(sum / dim + static_cast<float>(eps));
-    for (int64_t d = 0; d < dim; ++d)
-      op[t * dim + d] = bf16_to_float(xp[t * dim + d]) * inv * bf16_to_float(wp[d]);
-  }
+  });
   return out;
 }
 
@@ -53,6 +56,24 @@ void rotate(at::BFloat16* v, int64_t heads, int64_t dim, const float* cos, const
       p[d] = a * cos[d] - b * sin[d];
       p[d + half] = b * cos[d + half] + a * sin[d + half];
     }
+  }
+}
+
+// out[i] = silu(gate[i]) * up[i], gate = gu[0:n], up = gu[n:2n].
+void silu_mul(const at::BFloat16* gu, int64_t n, at::BFloat16* out) {
+  int64_t i = 0;
+#if TOKENMILL_AVX512 && defined(__AVX512BF16__)
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 g = tokenmill::load16(gu + i), u = tokenmill::load16(gu + n + i);
+    const __m512 e = tokenmill::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    const __m512 y = _mm512_div_ps(_mm512_mul_ps(g, u), _mm512_add_ps(one, e));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(y));
+  }
+#endif
+  for (; i < n; ++i) {
+    const float g = bf16_to_float(gu[i]), u = bf16_to_float(gu[n + i]);
+    out[i] = g / (1.f + std::exp(-g)) * u;
   }
 }
 
@@ -107,13 +128,9 @@ void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::T
   at::Tensor act = at::empty({tokens, inter}, x.options());
   const auto* gu = gate_up.data_ptr<at::BFloat16>();
   auto* ap = act.data_ptr<at::BFloat16>();
-  for (int64_t t = 0; t < tokens; ++t) {
-    for (int64_t i = 0; i < inter; ++i) {
-      const float g = bf16_to_float(gu[t * 2 * inter + i]);
-      const float u = bf16_to_float(gu[t * 2 * inter + inter + i]);
-      ap[t * inter + i] = g / (1.f + std::exp(-g)) * u;
-    }
-  }
+  at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) silu_mul(gu + t * 2 * inter, inter, ap + t * inter);
+  });
   add_into(x, gemm_bf16_packed(act, down_packed));
 }
 

@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 
 #include "kernels.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -22,14 +23,13 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define TOKENMILL_AVX512 1
-#else
-#define TOKENMILL_AVX512 0
-#endif
 
 namespace {
+
+#if TOKENMILL_AVX512
+using tokenmill::exp16;
+using tokenmill::load16;
+#endif
 
 constexpr int64_t kMaxDim = 256;
 
@@ -41,31 +41,6 @@ inline float to_float(c10::BFloat16 x) {
   return f;
 }
 
-#if TOKENMILL_AVX512
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  // bf16 -> fp32 is a 16-bit left shift of the bit pattern.
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// exp(x) for x <= 0 (scores minus their max), relative error ~2e-7: 2^(x*log2e) split into an
-// integer power (exponent bits) and a degree-6 polynomial on [-0.5, 0.5].
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
 
 template <typename T>
 inline const T* slot(const T* cache, const int64_t* blocks, int64_t pos, int64_t block_size,

@@ -41,6 +41,9 @@ from tokenmill.perf.trace import StepRecord
 from tokenmill.plan.hardware import THIS_MACHINE, calibrated_path
 
 _UNBOUNDED = 1e18  # a rate the fit found no cost for
+DISTURBED_SHARE = 0.05  # of a core taken by other processes: the measurement is not this machine's
+CPU_TICK_SLACK_S = 0.02  # /proc/stat and os.times() count in 10 ms ticks
+MAX_ATTEMPTS = 3  # runs of a disturbed scenario before its clean steps are all we keep
 _COLUMNS = ("per_step", "per_request", "flops", "attention_flops", "bytes")
 PERF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -423,9 +426,22 @@ class CalibrationTrace:
     groups: list[str]  # the scenario each step belongs to
     holdout: list[bool]
     arch: ArchConfig
+    # CPU-seconds other processes used during each step (None: not measurable here).
+    others_cpu_s: list[float | None] = field(default_factory=list)
     elapsed_s: float = 0.0
     loadavg_before: tuple[float, ...] = ()
     loadavg_after: tuple[float, ...] = ()
+    num_retries: int = 0
+
+    @property
+    def disturbed(self) -> list[bool]:
+        """Steps during which other processes took CPU time: with 2 cores and torch's threads
+        spin-waiting on each other, even a little of it slows a step several times."""
+        others = self.others_cpu_s or [None] * len(self.records)
+        return [
+            o is not None and o > DISTURBED_SHARE * r.wall_time_s + CPU_TICK_SLACK_S
+            for r, o in zip(self.records, others, strict=True)
+        ]
 
 
 def _engine(settings: CalibrationSettings):
@@ -448,7 +464,30 @@ def _engine(settings: CalibrationSettings):
     )  # fmt: skip
 
 
-def _run_scenario(engine, sc: Scenario, rng: random.Random, ids) -> None:
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU-seconds every process has used, those of this process and its waited children),
+    or None where /proc/stat is missing. Steal time counts as used by others."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+    t = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
+
+
+def others_cpu_since(before: tuple[float, float] | None, extra_own_s: float = 0.0):
+    """CPU-seconds other processes used since `before` (`extra_own_s`: ours not counted by
+    os.times(), such as a server subprocess still running)."""
+    now = cpu_seconds()
+    if before is None or now is None:
+        return None
+    return max(0.0, (now[0] - before[0]) - (now[1] - before[1]) - extra_own_s)
+
+
+def _run_scenario(engine, sc: Scenario, rng: random.Random, ids) -> list[float | None]:
+    """Run one scenario; returns the other processes' CPU-seconds during each recorded step."""
     from tokenmill.sampling_params import SamplingParams
 
     def add(prompt_len: int, output_len: int) -> str:
@@ -458,9 +497,12 @@ def _run_scenario(engine, sc: Scenario, rng: random.Random, ids) -> None:
         return req_id
 
     first = {add(sc.prompt_len, sc.output_len) for _ in range(sc.num_reqs)}
-    unstarted, late = set(first), None
+    unstarted, late, others = set(first), None, []
     while engine.has_unfinished_requests():
+        num_recorded, before = len(engine.step_trace), cpu_seconds()
         outputs = engine.step()
+        if len(engine.step_trace) > num_recorded:
+            others.append(others_cpu_since(before))
         unstarted -= {o.request_id for o in outputs}
         first -= {o.request_id for o in outputs if o.finished}
         if late is not None and any(o.request_id == late for o in outputs):
@@ -468,10 +510,13 @@ def _run_scenario(engine, sc: Scenario, rng: random.Random, ids) -> None:
         # While the first requests decode, one late prompt is always being prefilled.
         if sc.late_prompt_len and not unstarted and first and late is None:
             late = add(sc.late_prompt_len, 1)
+    return others
 
 
 def record_calibration_trace(settings: CalibrationSettings, progress=None) -> CalibrationTrace:
-    """Run the real engine through `settings.scenarios()`; every step recorded and labelled."""
+    """Run the real engine through `settings.scenarios()`; every step recorded and labelled
+    with its scenario and the CPU time other processes took meanwhile. A scenario disturbed by
+    them is run again, up to MAX_ATTEMPTS times."""
     engine = _engine(settings)
     rng, ids = random.Random(settings.seed), itertools.count()
     # Warm-up, not recorded: first-use allocations and kernel builds.
@@ -479,13 +524,23 @@ def record_calibration_trace(settings: CalibrationSettings, progress=None) -> Ca
     trace = CalibrationTrace([], [], [], engine.arch, loadavg_before=_loadavg())
     start = time.perf_counter()
     for sc in settings.scenarios():
-        engine.step_trace.clear()
-        _run_scenario(engine, sc, rng, ids)
-        trace.records += engine.step_trace
-        trace.groups += [sc.name] * len(engine.step_trace)
-        trace.holdout += [sc.holdout] * len(engine.step_trace)
-        if progress is not None:
-            progress(f"{sc.name}: {len(engine.step_trace)} steps")
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            engine.step_trace.clear()
+            others = _run_scenario(engine, sc, rng, ids)
+            steps = list(engine.step_trace)
+            wall = sum(r.wall_time_s for r in steps)
+            taken = sum(o or 0.0 for o in others)
+            disturbed = taken > DISTURBED_SHARE * wall + CPU_TICK_SLACK_S
+            if progress is not None:
+                note = f", other processes took {taken / wall:.0%} of a core" if disturbed else ""
+                progress(f"{sc.name}: {len(steps)} steps in {wall:.1f} s{note}")
+            if not disturbed or attempt == MAX_ATTEMPTS:
+                break
+            trace.num_retries += 1
+        trace.records += steps
+        trace.groups += [sc.name] * len(steps)
+        trace.holdout += [sc.holdout] * len(steps)
+        trace.others_cpu_s += others
     trace.elapsed_s = time.perf_counter() - start
     trace.loadavg_after = _loadavg()
     return trace
@@ -502,6 +557,7 @@ class CalibrationReport:
     holdout_errors: dict[str, ErrorSummary]  # of holdout_fit on the held-out steps
     train_errors: dict[str, ErrorSummary]
     candidates: dict[str, float] = field(default_factory=dict)  # model -> held-out RMS
+    num_disturbed: int = 0  # steps left out: other processes took CPU time during them
 
     def summary(self) -> dict:
         return {
@@ -510,18 +566,21 @@ class CalibrationReport:
             "holdout_errors": {k: asdict(v) for k, v in self.holdout_errors.items()},
             "train_errors": {k: asdict(v) for k, v in self.train_errors.items()},
             "model_candidates_holdout_rms": self.candidates,
+            "num_disturbed_steps": self.num_disturbed,
         }
 
 
 def fit_calibration(trace: CalibrationTrace, precision: Precision, combine: str = "auto"):
-    """Fit the sum and max models on the steps not held out, keep the one whose held-out error
-    is lower (or the one `combine` names), and refit it on every step."""
-    held = np.asarray(trace.holdout, dtype=bool)
-    recs = trace.records
+    """Fit the sum and max models on the clean steps not held out, keep the one whose error on
+    the clean held-out steps is lower (or the one `combine` names), and refit it on every
+    clean step. Steps disturbed by other processes are left out of both."""
+    clean = [not d for d in trace.disturbed]
+    recs = [r for r, c in zip(trace.records, clean, strict=True) if c]
+    held = [h for h, c in zip(trace.holdout, clean, strict=True) if c]
     train = [r for r, h in zip(recs, held, strict=True) if not h]
     test = [r for r, h in zip(recs, held, strict=True) if h]
     if not test:
-        raise ConfigError("the calibration holds out no steps; add a holdout scenario")
+        raise ConfigError("the calibration holds out no undisturbed steps; add a holdout scenario")
     options = {"sum": False, "max": True}
     if combine != "auto":
         if combine not in options:
@@ -539,6 +598,7 @@ def fit_calibration(trace: CalibrationTrace, precision: Precision, combine: str 
         holdout_errors=holdout_errors,
         train_errors=evaluate(holdout_fit, train, trace.arch, precision),
         candidates={k: v[1]["all"].rms for k, v in results.items()},
+        num_disturbed=len(trace.records) - len(recs),
     )
 
 
@@ -569,6 +629,8 @@ def calibrate(
         "elapsed_s": round(trace.elapsed_s, 1),
         "loadavg_before": trace.loadavg_before,
         "loadavg_after": trace.loadavg_after,
+        "others_cpu_s": trace.others_cpu_s,
+        "num_scenario_retries": trace.num_retries,
         **report.summary(),
     }
     origin = f"tokenmill plan calibrate --dtype {settings.dtype}"

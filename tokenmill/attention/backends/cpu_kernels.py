@@ -24,7 +24,7 @@ _SOURCES = (
     "gemm_bf16_cpu.cpp",
     "llama_decode_cpu.cpp",
 )
-_HEADERS = ("kernels.h",)
+_HEADERS = ("kernels.h", "simd.h")
 
 
 def _cpu_signature() -> str:
