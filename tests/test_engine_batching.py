@@ -91,6 +91,18 @@ def test_preempted_and_recomputed_equals_alone(llm_fp32, prompts, alone):
     assert llm.engine.kv_manager.usage == 0
 
 
+def test_engines_sharing_a_runner_never_trust_overwritten_prefixes(llm_fp32, prompts, alone):
+    first = engine_like(llm_fp32, cache={"num_blocks": 24})
+    assert token_ids(first.generate([prompts[-1]], GREEDY, use_tqdm=False)) == [alone[-1]]
+    # A second engine over the same KV memory writes all 24 blocks with other tokens.
+    other = engine_like(llm_fp32, cache={"num_blocks": 24, "enable_prefix_caching": False})
+    filler = (prompts[-2] + prompts[-3] + prompts[-4])[: 24 * 16 - 16]
+    other.generate([filler], SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)
+    again = first.generate([prompts[-1]], GREEDY, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 0
+    assert again.outputs[0].token_ids == alone[-1]
+
+
 def test_seeded_sampling_is_independent_of_the_batch(llm_fp32, prompts):
     params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=1234)
     alone = llm_fp32.generate([prompts[5]], params, use_tqdm=False)[0].outputs[0].token_ids

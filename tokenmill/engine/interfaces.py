@@ -99,6 +99,8 @@ class BaseRunner(ABC):
     cost model advancing a virtual clock). Both see the same SchedulerOutput stream.
     """
 
+    kv_owner: object | None = None  # set by the engine that last wrote the KV memory
+
     @abstractmethod
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         """Compute every scheduled token, sample for requests with do_sample, return the tokens."""

@@ -59,6 +59,7 @@ class LLMEngine:
         self.step_trace: list[StepRecord] = []
         self.num_generation_tokens_total = 0  # tokens sampled
         self.num_computed_tokens_total = 0  # tokens run through the model (work done)
+        self._kv_token = object()  # which engine last wrote the runner's KV memory
 
     def _max_model_len(self, cache_tokens: int) -> int:
         limit = self.arch.max_position_embeddings if self.arch else cache_tokens
@@ -146,6 +147,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
+        self._claim_kv_memory()
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             if sched_out.finished_req_ids:
@@ -160,6 +162,22 @@ class LLMEngine:
         # The whole step (schedule, forward, sampling, detokenization): what the planner models.
         self._account(sched_out, runner_out, time.perf_counter() - start)
         return outputs
+
+    def _claim_kv_memory(self) -> None:
+        """Engines that share a runner share its KV memory: when another engine has written it
+        since this one last stepped, none of this engine's cached prefixes can be trusted."""
+        owner = getattr(self.runner, "kv_owner", None)
+        if owner is self._kv_token:
+            return
+        if owner is not None:
+            if self.kv_manager.pool.num_used_blocks:
+                raise RuntimeError(
+                    "another engine ran on this model runner while this engine had requests "
+                    "in flight; their KV blocks were overwritten"
+                )
+            dropped = self.kv_manager.reset_prefix_cache()
+            logger.debug("runner's KV memory changed hands: dropped %d cached blocks", dropped)
+        self.runner.kv_owner = self._kv_token
 
     def _execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
         try:
