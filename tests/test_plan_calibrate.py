@@ -4,9 +4,22 @@ import pytest
 
 from tokenmill.errors import ConfigError
 from tokenmill.perf import Precision, StepRecord, roofline_time, step_cost
-from tokenmill.plan.calibrate import fit_trace, profile_dict, write_calibration
+from tokenmill.perf.trace import write_trace
+from tokenmill.plan.calibrate import (
+    CalibrationSettings,
+    CalibrationTrace,
+    Scenario,
+    StepFeatures,
+    fit_calibration,
+    fit_trace,
+    profile_dict,
+    read_calibration,
+    write_calibration,
+)
 from tokenmill.plan.hardware import get_hardware, spec_from_dict
 from tokenmill.plan.models import get_model
+from tokenmill.plan.placement import place
+from tokenmill.plan.step_time import LayoutStepTime
 
 ARCH = get_model("smollm2-135m").arch
 FP32 = Precision(weights="fp32")
@@ -74,3 +87,157 @@ def test_fitted_profile_reproduces_step_times(tmp_path, monkeypatch):
 def test_too_short_a_trace_is_refused():
     with pytest.raises(ConfigError, match="at least 8"):
         fit_trace(_synthetic_trace(0.0, True, n=3), ARCH, FP32)
+
+
+# ---- the fit's physics: attention rate, roofline (max) model, disturbed steps ----------------
+
+ATTN_RATE = 5e9
+
+
+def _shapes(rng: random.Random) -> list[tuple[int, int, int]]:
+    shapes = [(1, rng.randint(10, 1500), 1) for _ in range(rng.randint(0, 48))]
+    if not shapes or rng.random() < 0.4:
+        shapes.append((rng.randint(8, 512), rng.choice([0, 0, 512]), 1))
+    return shapes
+
+
+def _roofline_trace(overlap: bool, n: int = 300, attn_rate: float = ATTN_RATE):
+    """Step times of a known machine whose attention runs at its own rate, per operator the
+    sum or the max of compute and memory time."""
+    rng = random.Random(2)
+    records = []
+    for _ in range(n):
+        shapes = _shapes(rng)
+        t = TRUE["per_step"] + TRUE["per_req"] * len(shapes)
+        for op in step_cost(ARCH, shapes, FP32).ops:
+            times = ARCH.num_hidden_layers if op.per_layer else 1
+            rate = attn_rate if op.kind == "attention" else TRUE["flops_s"]
+            compute, memory = op.flops / rate, op.total_bytes / TRUE["bytes_s"]
+            t += (max(compute, memory) if overlap else compute + memory) * times
+        prefill = sum(s[0] for s in shapes if s[1] == 0 or s[0] > 1)
+        records.append(
+            StepRecord(prefill, sum(s[0] for s in shapes) - prefill, len(shapes),
+                       sum(a + b for a, b, _ in shapes), t, shapes=tuple(shapes))
+        )  # fmt: skip
+    return records
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_fit_recovers_attention_rate_and_the_combine_rule(overlap):
+    fit = fit_trace(_roofline_trace(overlap), ARCH, FP32, overlap=overlap)
+    assert fit.overlap is overlap
+    assert fit.rel_rms_error < 1e-6
+    assert fit.attention_flops_per_s == pytest.approx(ATTN_RATE, rel=1e-4)
+    assert fit.flops_per_s == pytest.approx(TRUE["flops_s"], rel=1e-4)
+    assert fit.per_request_s == pytest.approx(TRUE["per_req"], rel=1e-4)
+
+
+def test_disturbed_steps_are_dropped_and_do_not_bend_the_fit():
+    records = _roofline_trace(False)
+    disturbed = set(range(0, len(records), 20))  # 5% of the steps ran 3x slower
+    noisy = [
+        StepRecord(**{**r.__dict__, "wall_time_s": r.wall_time_s * (3 if i in disturbed else 1)})
+        for i, r in enumerate(records)
+    ]
+    fit = fit_trace(noisy, ARCH, FP32)
+    assert fit.num_outliers == len(disturbed)
+    assert fit.flops_per_s == pytest.approx(TRUE["flops_s"], rel=1e-4)
+    assert fit.bytes_per_s == pytest.approx(TRUE["bytes_s"], rel=1e-4)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_planner_predicts_what_the_fit_predicts(overlap, tmp_path, monkeypatch):
+    """The written profile, loaded from the catalogue and timed by the planner's own step-time
+    model, gives the fit's step times (attention unit, combine rule and overheads included)."""
+    records = _roofline_trace(overlap, n=60)
+    fit = fit_trace(records, ARCH, FP32, overlap=overlap)
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path))
+    write_calibration(profile_dict(fit, "synthetic", FP32))
+    hw = get_hardware("this-machine")
+    assert hw.profile.overlap_compute_memory is overlap and hw.profile.attention_unit is not None
+    model = LayoutStepTime(ARCH, hw, FP32, place(ARCH, hw, FP32, 0, chips=1))
+    predicted = fit.predict(StepFeatures.of(records, ARCH, FP32))
+    for rec, t in zip(records, predicted, strict=True):
+        assert model.seconds(rec.batch_shape()) == pytest.approx(t, rel=1e-9)
+        assert model.seconds(rec.batch_shape()) == pytest.approx(rec.wall_time_s, rel=1e-5)
+
+
+def test_fit_calibration_holds_out_and_picks_the_better_model():
+    records = _roofline_trace(True, n=120)
+    held = [i % 4 == 0 for i in range(len(records))]
+    trace = CalibrationTrace(records, ["g"] * len(records), held, ARCH)
+    report = fit_calibration(trace, FP32)
+    assert set(report.candidates) == {"sum", "max"}
+    assert report.fit.overlap is True  # the truth is a roofline
+    assert report.holdout_errors["all"].num_steps == sum(held)
+    assert report.holdout_errors["all"].rms < 1e-5
+    assert report.candidates["sum"] > 10 * report.candidates["max"]
+    with pytest.raises(ConfigError, match="holds out no undisturbed steps"):
+        fit_calibration(CalibrationTrace(records, ["g"] * 120, [False] * 120, ARCH), FP32)
+
+
+def test_default_scenarios_cover_serving_shapes_and_hold_some_out():
+    scenarios = CalibrationSettings().scenarios()
+    names = [s.name for s in scenarios]
+    assert "prefill 1024" in names and "decode 64x32" in names and "mixed 32+480" in names
+    assert any(s.late_prompt_len for s in scenarios if s.holdout)
+    assert {s.holdout for s in scenarios} == {True, False}
+    settings = CalibrationSettings(dtype="bfloat16").engine_settings()
+    assert settings["dtype"] == "bfloat16" and settings["enable_prefix_caching"] is False
+
+
+def test_real_engine_calibration_predicts_a_held_out_step(tmp_path):
+    """A short trace of the bundled model: every shape is timed and the fit predicts a step it
+    did not see within a loose bound (this machine may be shared, so only the order of
+    magnitude is asserted)."""
+    from tokenmill.plan.calibrate import record_calibration_trace
+
+    settings = CalibrationSettings(
+        dtype="float32", kv_cache_memory_gib=0.05, prefill_lens=(16, 64), batch_sizes=(1, 3),
+        long_prompt_len=48, long_batch_sizes=(2,), decode_steps=3, mixed=((2, 24),),
+        holdout=(Scenario("held out", 2, 16, 3, holdout=True),),
+        warmup=Scenario("warm-up", 2, 8, 2), max_attempts=1,
+    )  # fmt: skip
+    trace = record_calibration_trace(settings)
+    assert len(trace.records) == len(trace.groups) == len(trace.holdout) >= 15
+    assert {"prefill", "decode", "mixed"} <= {
+        "mixed" if r.num_prefill_tokens and r.num_decode_tokens else
+        "prefill" if r.num_prefill_tokens else "decode" for r in trace.records
+    }  # fmt: skip
+    clean_held = [h and not d for h, d in zip(trace.holdout, trace.disturbed, strict=True)]
+    if not any(clean_held):
+        pytest.skip("other processes took the CPUs during every held-out step")
+    report = fit_calibration(trace, FP32)
+    held = report.holdout_errors["all"]
+    assert held.num_steps >= 3 and held.median_abs < 4.0
+    path = tmp_path / "trace.jsonl"
+    write_trace(path, trace.records)
+    assert len(path.read_text().splitlines()) == len(trace.records)
+
+
+def test_calibration_section_is_written_beside_the_profile(tmp_path):
+    fit = fit_trace(_synthetic_trace(0.0, True, n=20), ARCH, FP32)
+    path = write_calibration(
+        profile_dict(fit, "x", FP32, {"engine": {"dtype": "float32"}}), tmp_path / "p.json"
+    )
+    assert read_calibration(path) == {"engine": {"dtype": "float32"}}
+    assert read_calibration(tmp_path / "missing.json") is None
+
+
+def test_steps_other_processes_disturbed_are_left_out():
+    records = _roofline_trace(False, n=120)
+    others = [0.0] * len(records)
+    slowed = []
+    for i in range(0, len(records), 3):  # a third of the steps: a neighbour took half a core
+        others[i] = 0.5 * records[i].wall_time_s * 10
+        slowed.append(i)
+        records[i] = StepRecord(
+            **{**records[i].__dict__, "wall_time_s": records[i].wall_time_s * 10}
+        )
+    held = [i % 4 == 1 for i in range(len(records))]
+    trace = CalibrationTrace(records, ["g"] * len(records), held, ARCH, others_cpu_s=others)
+    assert [i for i, d in enumerate(trace.disturbed) if d] == slowed
+    report = fit_calibration(trace, FP32, combine="sum")
+    assert report.num_disturbed == len(slowed)
+    assert report.fit.flops_per_s == pytest.approx(TRUE["flops_s"], rel=1e-4)
+    assert report.holdout_errors["all"].rms < 1e-5

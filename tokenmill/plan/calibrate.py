@@ -400,6 +400,7 @@ class CalibrationSettings:
         Scenario("holdout mixed 16+384", 16, 48, 10, late_prompt_len=384, holdout=True),
     )
     warmup: Scenario = Scenario("warm-up", 4, 64, 4, late_prompt_len=128)  # not recorded
+    max_attempts: int = MAX_ATTEMPTS  # runs of a scenario other processes disturbed
     seed: int = 0
 
     def scenarios(self) -> list[Scenario]:
@@ -516,7 +517,7 @@ def _run_scenario(engine, sc: Scenario, rng: random.Random, ids) -> list[float |
 def record_calibration_trace(settings: CalibrationSettings, progress=None) -> CalibrationTrace:
     """Run the real engine through `settings.scenarios()`; every step recorded and labelled
     with its scenario and the CPU time other processes took meanwhile. A scenario disturbed by
-    them is run again, up to MAX_ATTEMPTS times."""
+    them is run again, up to `settings.max_attempts` times in all."""
     engine = _engine(settings)
     rng, ids = random.Random(settings.seed), itertools.count()
     # Warm-up, not recorded: first-use allocations and kernel builds.
@@ -524,7 +525,7 @@ def record_calibration_trace(settings: CalibrationSettings, progress=None) -> Ca
     trace = CalibrationTrace([], [], [], engine.arch, loadavg_before=_loadavg())
     start = time.perf_counter()
     for sc in settings.scenarios():
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        for attempt in range(1, settings.max_attempts + 1):
             engine.step_trace.clear()
             others = _run_scenario(engine, sc, rng, ids)
             steps = list(engine.step_trace)
@@ -534,7 +535,7 @@ def record_calibration_trace(settings: CalibrationSettings, progress=None) -> Ca
             if progress is not None:
                 note = f", other processes took {taken / wall:.0%} of a core" if disturbed else ""
                 progress(f"{sc.name}: {len(steps)} steps in {wall:.1f} s{note}")
-            if not disturbed or attempt == MAX_ATTEMPTS:
+            if not disturbed or attempt == settings.max_attempts:
                 break
             trace.num_retries += 1
         trace.records += steps

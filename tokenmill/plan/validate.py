@@ -32,7 +32,13 @@ from tokenmill.config import SchedulerConfig
 from tokenmill.errors import ConfigError
 from tokenmill.models.arch_config import ArchConfig
 from tokenmill.perf.dtypes import Precision
-from tokenmill.plan.calibrate import PERF_DTYPE, read_calibration
+from tokenmill.plan.calibrate import (
+    DISTURBED_SHARE,
+    PERF_DTYPE,
+    cpu_seconds,
+    others_cpu_since,
+    read_calibration,
+)
 from tokenmill.plan.hardware import THIS_MACHINE, get_hardware
 from tokenmill.plan.metrics import summarize
 from tokenmill.plan.placement import place
@@ -49,7 +55,6 @@ TARGETS = (
 )
 _BANNER = re.compile(r"serving '.*' on http://[^:]+:(\d+)")
 _KV_ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-QUIET_LOAD = 1.2  # 1-min load average above which a 2-core measurement is not of this machine
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,8 @@ class ValidationSettings:
     model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
     dtype: str = "float32"
     workload: str = "sharegpt"
-    num_prompts: int = 64
-    rates: tuple[float, ...] = (0.25, 0.5, 1.0, math.inf)  # requests/s; inf: all at once
+    num_prompts: int = 48
+    rates: tuple[float, ...] = (0.2, 0.35, 0.5, math.inf)  # requests/s; inf: all at once
     burstiness: float = 1.0
     seed: int = 0
     max_num_seqs: int = 64
@@ -119,6 +124,8 @@ class RunMetrics:
     output_tokens: int
     num_steps: int | None = None  # engine steps (server: from /metrics)
     busy_s: float | None = None  # summed step time (server: from /metrics)
+    # Cores' worth of CPU other processes (not the server, not the client) used meanwhile.
+    others_cpu_share: float | None = None
 
 
 def predict(workload: Workload, arch: ArchConfig, settings: ValidationSettings) -> RunMetrics:
@@ -197,6 +204,15 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
 
+    def cpu_seconds(self) -> float:
+        """CPU-seconds the server process (and its waited children) has used."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, AttributeError, IndexError):
+            return 0.0
+        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
     def engine_counters(self) -> tuple[float, float]:
         """(engine steps, seconds inside LLMEngine.step()) so far, from /metrics."""
         import httpx
@@ -222,11 +238,15 @@ def measure(
         "--num-prompts", str(settings.num_prompts), "--seed", str(settings.seed),
         "--request-rate", str(rate), "--burstiness", str(settings.burstiness),
         "--num-warmup", str(settings.num_warmup), "--json", str(json_path), "--no-progress",
+        "--per-request",
     ]  # fmt: skip
     if settings.model:
         cmd += ["--tokenizer", settings.model]
     steps0, busy0 = server.engine_counters()
+    cpu0, server0, wall0 = cpu_seconds(), server.cpu_seconds(), time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
+    others = others_cpu_since(cpu0, server.cpu_seconds() - server0)
+    wall = time.perf_counter() - wall0
     steps1, busy1 = server.engine_counters()
     if not json_path.exists():
         raise ConfigError(f"bench serve failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -239,6 +259,7 @@ def measure(
         e2e_median_ms=m["e2el"]["median"], duration_s=m["duration_s"],
         num_requests=m["num_completed"], output_tokens=m["total_output_tokens"],
         num_steps=int(steps1 - steps0), busy_s=busy1 - busy0,
+        others_cpu_share=None if others is None else others / wall,
     )  # fmt: skip
 
 
@@ -369,8 +390,15 @@ def format_row(row: ValidationRow) -> str:
     busy = (
         f"{_fmt(row.predicted.busy_s)} / {_fmt(m.busy_s)} s ({_fmt(m.duration_s)} s)" if m else "-"
     )
-    load = "/".join(f"{x:.2f}" for x in (row.loadavg_before[:1] + row.loadavg_after[:1]))
-    return "| " + " | ".join([*cells, busy, load or "-"]) + " |"
+    others = m.others_cpu_share if m else None
+    load = f"{row.loadavg_before[0]:.2f}" if row.loadavg_before else "-"
+    return "| " + " | ".join([*cells, busy, _fmt_share(others), load]) + " |"
+
+
+def _fmt_share(share: float | None) -> str:
+    if share is None:
+        return "-"
+    return f"{share:.0%}" + (" DISTURBED" if share > DISTURBED_SHARE else "")
 
 
 def format_markdown(report: ValidationReport) -> str:
@@ -378,7 +406,8 @@ def format_markdown(report: ValidationReport) -> str:
     holdout = cal.get("holdout_errors", {}).get("all", {})
     head = (
         "| arrivals | TPOT p50 pred ms | meas ms | err | out tok/s pred | meas | err "
-        "| TTFT p99 pred ms | meas ms | err | engine busy pred / meas (run) | load 1-min before/after |"
+        "| TTFT p99 pred ms | meas ms | err | engine busy pred / meas (run) | others' CPU "
+        "| load before |"
     )
     lines = [
         f"Workload: {s.workload}, {s.num_prompts} requests per run, seed {s.seed}, "
@@ -387,35 +416,40 @@ def format_markdown(report: ValidationReport) -> str:
         f"KV {s.kv_cache_memory_gib:g} GiB, prefix caching off.",
         f"Calibration: {cal.get('fit', {}).get('num_steps', '?')} steps, held-out step-time error "
         f"median {holdout.get('median_abs', float('nan')):.1%}, RMS "
-        f"{holdout.get('rms', float('nan')):.1%}; load during calibration "
-        f"{cal.get('loadavg_before', ['?'])[0]} -> {cal.get('loadavg_after', ['?'])[0]}.",
+        f"{holdout.get('rms', float('nan')):.1%}; {cal.get('num_disturbed_steps', '?')} steps "
+        f"left out as disturbed, 1-min load average before {cal.get('loadavg_before', ['?'])[0]}.",
         f"Machine: {report.machine.get('cpu', '?')}, {report.machine.get('cpu_count', '?')} CPUs, "
         f"torch {report.machine.get('torch', '?')} with {report.machine.get('torch_threads', '?')}"
         f" threads; {report.machine.get('time', '')}.",
         "",
         head,
-        "|" + "---|" * 12,
+        "|" + "---|" * 13,
         *(format_row(row) for row in report.rows),
         "",
         *_load_warning(report),
         "err = (predicted - measured) / measured; targets: median TPOT and output throughput "
         "within 10%, p99 TTFT within 25%. Engine busy: summed step time, predicted vs the "
-        "server's own counter; (run) is the measured run's duration.",
+        "server's own counter; (run) is the measured run's duration. Others' CPU: the share of "
+        "a core other processes (neither the server nor the client) used during the run; above "
+        f"{DISTURBED_SHARE:.0%} the run measured a shared machine, not this one.",
     ]
     return "\n".join(lines)
 
 
 def _load_warning(report: ValidationReport) -> list[str]:
     cal = report.calibration or {}
-    loads = [*cal.get("loadavg_before", [])[:1], *cal.get("loadavg_after", [])[:1]]
-    for row in report.rows:
-        loads += [*row.loadavg_before[:1], *row.loadavg_after[:1]]
-    if not loads or max(loads) <= QUIET_LOAD:
+    num_steps = cal.get("fit", {}).get("num_steps", 0) + cal.get("num_disturbed_steps", 0)
+    cal_share = cal.get("num_disturbed_steps", 0) / max(num_steps, 1)
+    shares = [r.measured.others_cpu_share or 0.0 for r in report.rows if r.measured]
+    disturbed = [s for s in shares if s > DISTURBED_SHARE]
+    if not disturbed and cal_share <= 0.1:
         return []
     return [
-        f"**Taken under load**: the 1-minute load average reached {max(loads):.2f} (> "
-        f"{QUIET_LOAD}) during the calibration or the runs; other processes shared the CPUs, "
-        "so these numbers do not measure this machine. Rerun on a quiet machine.",
+        f"**Taken on a shared machine**: other processes used up to {max(shares, default=0):.0%}"
+        f" of a core during {len(disturbed)} of {len(shares)} runs, and {cal_share:.0%} of the "
+        "calibration's steps were disturbed; with 2 cores and torch's threads spin-waiting, "
+        "that slows steps several times. These numbers do not measure this machine alone: "
+        "rerun on a quiet machine.",
         "",
     ]
 

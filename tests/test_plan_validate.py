@@ -1,0 +1,199 @@
+"""`tokenmill plan validate`: the same workload and engine settings on both sides, the table and
+its verdicts. The measured side (a real server) runs in the command itself; here the pieces
+that decide what it compares are checked without one."""
+
+import argparse
+import json
+import math
+
+import pytest
+
+from tokenmill.cli.main import main
+from tokenmill.errors import ConfigError
+from tokenmill.perf import Precision, StepRecord, step_cost
+from tokenmill.plan.calibrate import fit_trace, profile_dict, write_calibration
+from tokenmill.plan.models import get_model
+from tokenmill.plan.validate import (
+    RunMetrics,
+    ValidationReport,
+    ValidationRow,
+    ValidationSettings,
+    build_validation_workload,
+    check_calibration,
+    format_markdown,
+    parse_engine_counters,
+    predict,
+    server_kv_blocks,
+    validation_command,
+)
+
+ARCH = get_model("smollm2-135m").arch
+FP32 = Precision(weights="fp32")
+
+
+@pytest.fixture()
+def calibrated(tmp_path, monkeypatch):
+    """A this-machine profile fitted to a synthetic CPU (4 ms per step, 50 GFLOP/s, 8 GB/s)."""
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path))
+    records = []
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        for shapes in ([(1, 100 * b, 1)] * b, [(1, 20, 1)] * b + [(256, 0, 1)]):
+            cost = step_cost(ARCH, shapes, FP32)
+            t = 0.004 + 2e-4 * len(shapes) + cost.flops / 50e9 + cost.total_bytes / 8e9
+            records.append(StepRecord(0, 0, len(shapes), 0, t, shapes=tuple(shapes)))
+    fit = fit_trace(records, ARCH, FP32)
+    write_calibration(profile_dict(fit, "synthetic", FP32, {"engine": {"dtype": "float32"}}))
+    return fit
+
+
+TINY = dict(
+    model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=256,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kv_blocks_match_what_the_engine_allocates(dtype):
+    from tokenmill import LLM
+
+    engine = LLM(
+        load_format="dummy", dummy_config=TINY, dtype=dtype, kv_cache_memory_gib=0.01
+    ).engine
+    assert server_kv_blocks(engine.arch, dtype, 16, 0.01) == engine.kv_manager.num_blocks
+
+
+@pytest.mark.parametrize("rate", [0.5, math.inf])
+def test_workload_is_the_one_bench_serve_sends(rate):
+    from tokenmill.bench.serve import open_model_info
+    from tokenmill.cli.bench_serve import build_workload_from_args
+    from tokenmill.workload import ArrivalSpec
+
+    settings = ValidationSettings(num_prompts=12, seed=3, rates=(rate,))
+    tokenizer = open_model_info(None).tokenizer
+    ours = build_validation_workload(settings, rate, tokenizer)
+    args = argparse.Namespace(workload="sharegpt", num_prompts=12, seed=3, tokenizer=None)
+    theirs = build_workload_from_args(args, ArrivalSpec(rate, 1.0, None))
+    assert ours.requests == theirs.requests
+
+
+def test_serve_arguments_carry_every_engine_setting():
+    args = ValidationSettings(
+        dtype="bfloat16", max_num_seqs=32, max_num_batched_tokens=256, block_size=8,
+        kv_cache_memory_gib=0.5,
+    ).serve_args()  # fmt: skip
+    text = " ".join(args)
+    for expected in ("--dtype bfloat16", "--max-num-seqs 32", "--max-num-batched-tokens 256",
+                     "--block-size 8", "--kv-cache-memory 0.5", "--no-prefix-caching"):  # fmt: skip
+        assert expected in text
+
+
+def test_prediction_runs_the_real_scheduler_on_the_calibrated_profile(calibrated):
+    settings = ValidationSettings(workload="fixed:in=200,out=40", num_prompts=16)
+    at_once = predict(build_validation_workload(settings, math.inf, None), ARCH, settings)
+    slow = predict(build_validation_workload(settings, 0.02, None), ARCH, settings)
+    assert at_once.num_requests == slow.num_requests == 16
+    assert at_once.output_tokens == 16 * 40
+    # All at once: the batch shares every step, so requests wait longer and decode slower...
+    assert at_once.ttft_p99_ms > slow.ttft_p99_ms and at_once.tpot_median_ms > slow.tpot_median_ms
+    # ...but the machine is busy for less time per token.
+    assert at_once.output_tok_s > slow.output_tok_s
+    # A lone request decodes one token per step: TPOT is about the one-request step time.
+    one = step_cost(ARCH, [(1, 220, 1)], FP32)
+    alone = 0.004 + 2e-4 + one.flops / 50e9 + one.total_bytes / 8e9
+    assert slow.tpot_median_ms == pytest.approx(alone * 1e3, rel=0.05)
+
+
+def test_errors_verdicts_and_table():
+    pred = RunMetrics(105.0, 40.0, 2000.0, 500.0, 9000.0, 60.0, 64, 2400)
+    meas = RunMetrics(100.0, 50.0, 1500.0, 400.0, 8000.0, 48.0, 64, 2400, 900, 45.0, 0.01)
+    row = ValidationRow(0.5, pred, meas, (0.4, 0.5, 0.6), (0.8, 0.5, 0.6))
+    errs = row.errors()
+    assert errs["tpot_median_ms"] == pytest.approx(0.05)
+    assert errs["output_tok_s"] == pytest.approx(-0.2)
+    assert errs["ttft_p99_ms"] == pytest.approx(1 / 3)
+    assert row.passes() == {"tpot_median_ms": True, "output_tok_s": False, "ttft_p99_ms": False}
+    report = ValidationReport(ValidationSettings(), [row], {"fit": {"num_steps": 10}})
+    table = format_markdown(report)
+    assert "| 0.5 req/s | 105 | 100 | +5% ok | 40.0 | 50.0 | -20% MISS |" in table
+    assert "| 1% | 0.40 |" in table and "Taken on a shared machine" not in table
+    meas.others_cpu_share = 0.3
+    table = format_markdown(report)
+    assert "| 30% DISTURBED |" in table
+    assert "other processes used up to 30% of a core during 1 of 1 runs" in table
+    data = report.as_dict()
+    assert data["rows"][0]["passes"]["tpot_median_ms"] is True
+    assert data["settings"]["rates"] == [0.2, 0.35, 0.5, "inf"]
+    json.dumps(data)
+
+
+def test_cpu_taken_by_other_processes_is_seen():
+    import subprocess
+    import sys
+
+    from tokenmill.plan.calibrate import cpu_seconds, others_cpu_since
+
+    before = cpu_seconds()
+    busy = (
+        "import sys, time\nt = time.process_time()\n"
+        "while time.process_time() - t < 0.5: pass\nprint('done', flush=True)\nsys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", busy], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "done"
+    # Still running, not waited for: its CPU time is another process's, not ours.
+    assert others_cpu_since(before) >= 0.3
+    proc.communicate("")
+
+
+def test_metrics_counters_are_parsed():
+    text = (
+        "# TYPE tokenmill:engine_steps_total counter\n"
+        'tokenmill:engine_steps_total{model_name="m"} 123.0\n'
+        'tokenmill:engine_step_seconds_total{model_name="m"} 4.5\n'
+    )
+    assert parse_engine_counters(text) == (123.0, 4.5)
+    assert all(math.isnan(x) for x in parse_engine_counters(""))
+
+
+def test_an_uncalibrated_or_mismatched_machine_is_refused(tmp_path, monkeypatch, calibrated):
+    with pytest.raises(ConfigError, match="calibrated with --dtype float32, not bfloat16"):
+        check_calibration(ValidationSettings(dtype="bfloat16"))
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="not calibrated"):
+        check_calibration(ValidationSettings())
+
+
+def test_cli_predict_only_writes_the_table(calibrated, tmp_path, capsys):
+    md, js = tmp_path / "v.md", tmp_path / "v.json"
+    code = main([
+        "plan", "validate", "--predict-only", "--workload", "fixed:in=100,out=20",
+        "--num-prompts", "8", "--rates", "1,inf", "--out-md", str(md), "--out-json", str(js),
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "| all at once |" in out and "| 1 req/s |" in out
+    assert "tokenmill plan validate --calibrate" in md.read_text()
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["rate"] for r in rows] == [1.0, "inf"] and rows[0]["measured"] is None
+
+
+def test_regenerating_command_holds_every_setting():
+    cmd = validation_command(ValidationSettings(num_prompts=96, rates=(0.3, math.inf)))
+    assert "--num-prompts 96" in cmd and "--rates 0.3,inf" in cmd and "--dtype float32" in cmd
+
+
+@pytest.mark.parametrize("bad", [["--rates", "0"], ["--rates", "fast"], ["--num-prompts", "0"]])
+def test_bad_validate_arguments_are_refused(bad, capsys, calibrated):
+    try:
+        code = main(["plan", "validate", "--predict-only", "--out-md", "none",
+                     "--out-json", "none", *bad])  # fmt: skip
+    except SystemExit as exc:  # argparse's own refusal
+        code = exc.code
+    assert code == 2
+
+
+def test_existing_plan_interface_still_works(capsys):
+    code = main(["plan", "--model", "smollm2-135m", "--hardware", "h100", "--workload",
+                 "fixed:in=100,out=10", "--concurrency", "2", "--num-prompts", "4", "--json"])  # fmt: skip
+    assert code == 0 and "ttft_s" in json.loads(capsys.readouterr().out)
