@@ -43,8 +43,25 @@ def test_linear_dispatch_uses_packed_weights_and_bias(kernels):
     # Shapes the kernel cannot take, and other dtypes, go to PyTorch.
     odd = torch.randn(10, 96).bfloat16()
     torch.testing.assert_close(linear_ops.linear(x, odd), F.linear(x, odd))
-    xf, wf = torch.randn(3, 96), torch.randn(64, 96)
-    assert torch.equal(linear_ops.linear(xf, wf), F.linear(xf, wf))
+    xh, wh = torch.randn(3, 96).half(), torch.randn(64, 96).half()
+    assert torch.equal(linear_ops.linear(xh, wh), F.linear(xh, wh))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 64, 129])
+@pytest.mark.parametrize("shape", [(960, 576), (48, 1536), (16, 3)])
+def test_packed_fp32_gemm_matches_the_library(rows, shape):
+    k = cpu_kernels()
+    if k is None or not k.has_avx512f():
+        pytest.skip("this CPU has no AVX-512")
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(shape, generator=gen)
+    x = torch.randn(rows, shape[1], generator=gen)
+    got = k.gemm_f32_packed(x, k.pack_f32_weight(w))
+    # Only the fp32 summation order differs from the float64 product.
+    torch.testing.assert_close(got.double(), x.double() @ w.double().T, atol=1e-4, rtol=1e-5)
+    wp = torch.nn.Parameter(w)
+    torch.testing.assert_close(linear_ops.linear(x, wp), F.linear(x, w), atol=1e-4, rtol=1e-5)
+    assert getattr(wp, linear_ops._PACKED_ATTR) is not None
 
 
 def test_bfloat16_model_is_as_accurate_as_with_library_matmuls(
@@ -65,7 +82,7 @@ def test_bfloat16_model_is_as_accurate_as_with_library_matmuls(
 
     reference = prompt_logprobs(llm_fp32)
     native = prompt_logprobs(llm)
-    monkeypatch.setattr(linear_ops, "_native_kernels", lambda: None)
+    monkeypatch.setattr(linear_ops, "_native_gemm", lambda dtype: None)
     library = prompt_logprobs(llm)
 
     def mean_error(entries):

@@ -1,14 +1,22 @@
 // Python bindings of the native CPU kernels (one extension module for all of them).
 #include "kernels.h"
 
+// The compute functions release the GIL, as PyTorch's own operators do: a server's event-loop
+// thread then streams tokens while the engine thread is inside a kernel.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &tokenmill::paged_decode_attention,
+  using no_gil = py::call_guard<py::gil_scoped_release>;
+  m.def("paged_decode_attention", &tokenmill::paged_decode_attention, no_gil(),
         "decode attention over a paged KV cache (CPU)");
-  m.def("pack_bf16_weight", &tokenmill::pack_bf16_weight,
+  m.def("pack_bf16_weight", &tokenmill::pack_bf16_weight, no_gil(),
         "repack a bf16 [N, K] weight into gemm_bf16_packed's panels");
-  m.def("gemm_bf16_packed", &tokenmill::gemm_bf16_packed,
+  m.def("gemm_bf16_packed", &tokenmill::gemm_bf16_packed, no_gil(),
         "x [M, K] @ W^T for a packed bf16 weight (CPU, AVX512-BF16)");
-  m.def("llama_decode_layer", &tokenmill::llama_decode_layer,
+  m.def("pack_f32_weight", &tokenmill::pack_f32_weight, no_gil(),
+        "repack an fp32 [N, K] weight into gemm_f32_packed's panels");
+  m.def("gemm_f32_packed", &tokenmill::gemm_f32_packed, no_gil(),
+        "x [M, K] @ W^T for a packed fp32 weight (CPU, AVX-512), for few rows");
+  m.def("llama_decode_layer", &tokenmill::llama_decode_layer, no_gil(),
         "one Llama decoder layer of a pure-decode step, bf16, in place on x (CPU)");
+  m.def("has_avx512f", &tokenmill::has_avx512f, "whether the fp32 GEMM is compiled in");
   m.def("has_avx512_bf16", &tokenmill::has_avx512_bf16, "whether the bf16 GEMM is compiled in");
 }

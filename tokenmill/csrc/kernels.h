@@ -14,6 +14,10 @@ bool has_avx512_bf16();
 at::Tensor pack_bf16_weight(const at::Tensor& w);
 at::Tensor gemm_bf16_packed(const at::Tensor& x, const at::Tensor& packed);
 
+bool has_avx512f();
+at::Tensor pack_f32_weight(const at::Tensor& w);
+at::Tensor gemm_f32_packed(const at::Tensor& x, const at::Tensor& packed);
+
 void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm,
                         double eps, const at::Tensor& qkv_packed, const at::Tensor& o_packed,
                         const at::Tensor& gate_up_packed, const at::Tensor& down_packed,

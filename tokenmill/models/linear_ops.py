@@ -1,8 +1,8 @@
-"""The matmul every linear layer calls: PyTorch's, except for bfloat16 on CPUs with
-AVX512-BF16, where tokenmill's native GEMM (tokenmill/csrc/gemm_bf16_cpu.cpp) runs on a copy of
-the weight packed once into its panel layout. It beats the library GEMM at every batch size
-measured here (BENCHMARKS.md), most at decode sizes, where it streams weights about twice as
-fast."""
+"""The matmul every linear layer calls: PyTorch's, except on CPUs with AVX-512, where
+tokenmill's native GEMMs run on a copy of the weight packed once into their panel layout:
+bfloat16 with AVX512-BF16 (tokenmill/csrc/gemm_bf16_cpu.cpp) and float32
+(tokenmill/csrc/gemm_f32_cpu.cpp). Both beat the library GEMM at every batch size measured here
+(BENCHMARKS.md), most at decode sizes, where the library repacks the weight on every call."""
 
 from __future__ import annotations
 
@@ -11,22 +11,29 @@ import functools
 import torch
 import torch.nn.functional as F
 
-_PACKED_ATTR = "_tokenmill_packed_bf16"
+_PACKED_ATTR = "_tokenmill_packed"
 
 
 @functools.cache
-def _native_kernels():
+def _native_gemm(dtype: torch.dtype):
+    """(pack, gemm) of the native kernel for this dtype, or None where it is not built."""
     from tokenmill.attention.backends.cpu_kernels import cpu_kernels
 
     kernels = cpu_kernels()
-    return kernels if kernels is not None and kernels.has_avx512_bf16() else None
+    if kernels is None:
+        return None
+    if dtype == torch.bfloat16 and kernels.has_avx512_bf16():
+        return kernels.pack_bf16_weight, kernels.gemm_bf16_packed
+    if dtype == torch.float32 and kernels.has_avx512f():
+        return kernels.pack_f32_weight, kernels.gemm_f32_packed
+    return None
 
 
-def packed_weight(kernels, weight: torch.Tensor) -> torch.Tensor:
+def packed_weight(pack, weight: torch.Tensor) -> torch.Tensor:
     # Packed once per weight, kept beside it (the original stays for other callers).
     packed = getattr(weight, _PACKED_ATTR, None)
     if packed is None:
-        packed = kernels.pack_bf16_weight(weight.detach())
+        packed = pack(weight.detach())
         setattr(weight, _PACKED_ATTR, packed)
     return packed
 
@@ -34,15 +41,16 @@ def packed_weight(kernels, weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ weight[out, in]^T (+ bias)."""
     if (
-        x.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
+        x.dtype == weight.dtype
+        and x.dtype in (torch.bfloat16, torch.float32)
         and x.device.type == "cpu"
         and x.dim() == 2
         and weight.shape[0] % 16 == 0
-        and weight.shape[1] % 2 == 0
+        and (x.dtype == torch.float32 or weight.shape[1] % 2 == 0)
     ):
-        kernels = _native_kernels()
-        if kernels is not None:
-            y = kernels.gemm_bf16_packed(x.contiguous(), packed_weight(kernels, weight))
+        native = _native_gemm(x.dtype)
+        if native is not None:
+            pack, gemm = native
+            y = gemm(x.contiguous(), packed_weight(pack, weight))
             return y if bias is None else y + bias
     return F.linear(x, weight, bias)

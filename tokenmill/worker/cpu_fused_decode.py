@@ -45,10 +45,10 @@ class FusedCpuDecode:
                 (
                     layer.input_layernorm.weight,
                     layer.post_attention_layernorm.weight,
-                    packed_weight(kernels, attn.qkv_proj.weight),
-                    packed_weight(kernels, attn.o_proj.weight),
-                    packed_weight(kernels, mlp.gate_up_proj.weight),
-                    packed_weight(kernels, mlp.down_proj.weight),
+                    packed_weight(kernels.pack_bf16_weight, attn.qkv_proj.weight),
+                    packed_weight(kernels.pack_bf16_weight, attn.o_proj.weight),
+                    packed_weight(kernels.pack_bf16_weight, mlp.gate_up_proj.weight),
+                    packed_weight(kernels.pack_bf16_weight, mlp.down_proj.weight),
                     attn.attn.spec.scale,
                 )
             )

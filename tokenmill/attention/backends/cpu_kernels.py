@@ -22,6 +22,7 @@ _SOURCES = (
     "bindings.cpp",
     "paged_attention_cpu.cpp",
     "gemm_bf16_cpu.cpp",
+    "gemm_f32_cpu.cpp",
     "llama_decode_cpu.cpp",
 )
 _HEADERS = ("kernels.h", "simd.h")

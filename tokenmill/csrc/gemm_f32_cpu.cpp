@@ -1,0 +1,118 @@
+// fp32 matmul for few rows on CPUs with AVX-512: y[M, N] = x[M, K] @ W[N, K]^T.
+//
+// Library SGEMM repacks the weight on every call; at decode sizes (a handful of rows against a
+// weight that is streamed from memory once) that copy costs more than the arithmetic, and a
+// 4-row product takes three times as long as a 1-row one. Here the weight is packed once into
+// 16-column panels, each k-major:
+//
+//     packed[nb, k, c] = W[nb * 16 + c, k]      nb < N/16, k < K, c < 16
+//
+// so one 512-bit load holds 16 output columns at one k, multiplied against a broadcast
+// activation. The micro-kernel keeps a 6 x 4-panel tile of accumulators (24 zmm) and streams K
+// once per tile; threads split the column panels, so each streams its share of the weight once.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define TOKENMILL_GEMM_F32 1
+#else
+#define TOKENMILL_GEMM_F32 0
+#endif
+
+namespace {
+
+constexpr int64_t kPanel = 16;  // output columns per panel
+constexpr int64_t kNR = 4;      // panels per tile
+constexpr int64_t kMR = 6;      // rows per tile
+
+#if TOKENMILL_GEMM_F32
+template <int MR, int NR>
+inline void tile(const float* x, int64_t k_dim, const float* panels, int64_t panel_stride,
+                 float* y, int64_t n_dim) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_dim; ++k) {
+    __m512 w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = _mm512_loadu_ps(panels + j * panel_stride + k * kPanel);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xb = _mm512_set1_ps(x[m * k_dim + k]);
+      for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_fmadd_ps(xb, w[j], acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) _mm512_storeu_ps(y + m * n_dim + j * kPanel, acc[m][j]);
+}
+
+template <int NR>
+void rows_tile(int64_t rows, const float* x, int64_t k_dim, const float* panels,
+               int64_t panel_stride, float* y, int64_t n_dim) {
+  switch (rows) {
+    case 1: tile<1, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
+    case 2: tile<2, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
+    case 3: tile<3, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
+    case 4: tile<4, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
+    case 5: tile<5, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
+    default: tile<6, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
+  }
+}
+#endif
+
+}  // namespace
+
+namespace tokenmill {
+
+bool has_avx512f() { return TOKENMILL_GEMM_F32 == 1; }
+
+at::Tensor pack_f32_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2, "fp32 [N, K] weight expected");
+  const int64_t n_dim = w.size(0), k_dim = w.size(1);
+  TORCH_CHECK(n_dim % kPanel == 0, "N % 16 == 0 required");
+  // [N, K] -> [N/16, 16, K] -> [N/16, K, 16]
+  return w.contiguous().view({n_dim / kPanel, kPanel, k_dim}).permute({0, 2, 1}).contiguous();
+}
+
+at::Tensor gemm_f32_packed(const at::Tensor& x, const at::Tensor& packed) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "contiguous fp32 x [M, K] expected");
+  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.dim() == 3 &&
+                  packed.size(2) == kPanel && packed.is_contiguous(),
+              "weight from pack_f32_weight expected");
+  const int64_t m_dim = x.size(0), k_dim = x.size(1);
+  const int64_t num_panels = packed.size(0), n_dim = num_panels * kPanel;
+  TORCH_CHECK(packed.size(1) == k_dim, "x and weight disagree on K");
+  at::Tensor y = at::empty({m_dim, n_dim}, x.options());
+#if TOKENMILL_GEMM_F32
+  const float* xp = x.data_ptr<float>();
+  const float* wp = packed.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t panel_stride = k_dim * kPanel;
+  const int64_t num_tiles = (num_panels + kNR - 1) / kNR;
+  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p0 = t * kNR, np = std::min<int64_t>(kNR, num_panels - p0);
+      const float* panels = wp + p0 * panel_stride;
+      for (int64_t m0 = 0; m0 < m_dim; m0 += kMR) {
+        const int64_t rows = std::min<int64_t>(kMR, m_dim - m0);
+        const float* xr = xp + m0 * k_dim;
+        float* yr = yp + m0 * n_dim + p0 * kPanel;
+        switch (np) {
+          case 1: rows_tile<1>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
+          case 2: rows_tile<2>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
+          case 3: rows_tile<3>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
+          default: rows_tile<4>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
+        }
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "built without AVX-512");
+#endif
+  return y;
+}
+
+}  // namespace tokenmill
