@@ -220,3 +220,27 @@ def test_shutdown_aborts_what_is_left_at_the_deadline(engine):
     asyncio.run(main())
     assert not engine.is_running and engine.stats().num_streams == 0
     assert engine.engine.kv_manager.usage == 0
+
+
+def test_engine_built_on_its_own_thread_serves_and_load_errors_raise_in_the_caller(llm_fp32):
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread().name)
+        return make_engine(llm_fp32)
+
+    engine = AsyncEngine(build=build)
+    try:
+        assert built_on == ["tokenmill-engine"]
+        outs = asyncio.run(collect(engine, "built", [1, 2, 3]))
+        assert len(outs[-1].outputs[0].token_ids) == GREEDY.max_tokens
+    finally:
+        engine.close()
+
+    def broken():
+        raise FileNotFoundError("no such model: /nonexistent.gguf")
+
+    with pytest.raises(FileNotFoundError, match="nonexistent.gguf"):
+        AsyncEngine(build=broken)
+    with pytest.raises(ValueError, match="not both"):
+        AsyncEngine()

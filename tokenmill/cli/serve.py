@@ -43,13 +43,12 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tokenmill.engine.async_engine import AsyncEngine
-    from tokenmill.engine.llm_engine import LLMEngine
     from tokenmill.server import ServerConfig, create_app
     from tokenmill.server.launch import run_server
 
     _check_args(args)
     sock = _bind(args.host, args.port)  # before the slow model load: a busy port fails fast
-    engine = AsyncEngine(LLMEngine(engine_config_from_args(args, max_waiting=args.max_queue)))
+    engine = AsyncEngine.from_config(engine_config_from_args(args, max_waiting=args.max_queue))
     config = ServerConfig(
         model_name=args.served_model_name or served_model_name(args.model),
         api_key=args.api_key,

@@ -158,7 +158,16 @@ class AsyncEngine:
     length, overloaded queue) raise in the caller.
     """
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine | None = None, *, build=None) -> None:
+        """Either an engine built already, or `build()`, called on the engine thread: then every
+        torch operation of the process (loading, warm-up, steps) runs on that one thread.
+
+        That matters on a CPU: each thread that runs an OpenMP parallel region gets its own team
+        of worker threads, and once the teams together outnumber the cores, libgomp stops
+        spin-waiting between regions; a 135M-model decode step then takes 2x as long (12-14 ms
+        instead of 6; BENCHMARKS.md)."""
+        if (engine is None) == (build is None):
+            raise ValueError("give an engine or a build function, not both")
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -170,12 +179,19 @@ class AsyncEngine:
         self._step_time_total_s = 0.0
         # Streams whose consumer has not seen the end yet (any thread; set ops are atomic).
         self._open_streams: set[RequestStream] = set()
-        self._thread = threading.Thread(target=self._run_loop, name="tokenmill-engine", daemon=True)
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run_loop, args=(build,), name="tokenmill-engine", daemon=True
+        )
         self._thread.start()
+        self._built.wait()
+        if self._build_error is not None:
+            raise self._build_error
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
-        return cls(LLMEngine(config))
+        return cls(build=lambda: LLMEngine(config))
 
     # ---- asyncio side ------------------------------------------------------------------
 
@@ -253,7 +269,17 @@ class AsyncEngine:
 
     # ---- loop thread -------------------------------------------------------------------
 
-    def _run_loop(self) -> None:
+    def _run_loop(self, build) -> None:
+        if build is not None:
+            try:
+                self.engine = build()
+            except BaseException as exc:
+                self._build_error = exc
+                self._accepting = False
+                return
+            finally:
+                self._built.set()
+        self._built.set()
         try:
             while True:
                 self._wakeup.clear()
