@@ -90,14 +90,14 @@ def main() -> int:
     engine_flags = engine_flags or ["--kv-cache-memory", "0.25"]
     serve_args = build_parser().parse_args(["serve", *engine_flags])
 
-    engine = LLMEngine(engine_config_from_args(serve_args))
+    # The server builds and steps its engine on one background thread; so does this measurement
+    # (one thread for all torch work keeps a CPU's OpenMP workers spin-waiting: AsyncEngine).
+    thread = concurrent.futures.ThreadPoolExecutor(1)
+    engine = thread.submit(LLMEngine, engine_config_from_args(serve_args)).result()
     server = ServerProcess(*engine_flags)
     server.start()
     url = server.url("/v1/completions")
     try:
-        # The server steps its engine on a background thread; so does this measurement (on a
-        # loaded 2-core machine the main thread steps at a very different speed).
-        thread = concurrent.futures.ThreadPoolExecutor(1)
         thread.submit(engine_step_times, engine, 8).result()  # warm-up, both sides
         client_itls(url, 8)
         steps, itls, in_server = [], [], []

@@ -123,7 +123,7 @@ def test_errors_verdicts_and_table():
     assert "other processes used up to 30% of a core during 1 of 1 runs" in table
     data = report.as_dict()
     assert data["rows"][0]["passes"]["tpot_median_ms"] is True
-    assert data["settings"]["rates"] == [0.2, 0.35, 0.5, "inf"]
+    assert data["settings"]["rates"] == [0.5, 1.0, 2.0, "inf"]
     json.dumps(data)
 
 

@@ -6,7 +6,7 @@
     tokenmill plan --list
     tokenmill plan --model smollm2-135m --calibrate-from trace.jsonl
     tokenmill plan calibrate [--dtype float32]          # run the engine here, fit this-machine
-    tokenmill plan validate [--calibrate] [--rates 0.2,0.35,0.5,inf] [--num-prompts 48]
+    tokenmill plan validate [--calibrate] [--rates 0.5,1,2,inf] [--num-prompts 48]
 """
 
 from __future__ import annotations
@@ -377,7 +377,7 @@ def _register_validate(modes) -> None:
     group = p.add_argument_group("workload (as `tokenmill bench serve` takes it)")
     group.add_argument("--workload", default="sharegpt")
     group.add_argument("--num-prompts", type=int, default=48, help="requests per rate")
-    group.add_argument("--rates", type=_rates, default=(0.2, 0.35, 0.5, math.inf),
+    group.add_argument("--rates", type=_rates, default=(0.5, 1.0, 2.0, math.inf),
                        help="requests/s, comma-separated; inf: all at once")  # fmt: skip
     group.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1: Poisson")
     group.add_argument("--seed", type=int, default=0)

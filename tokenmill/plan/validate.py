@@ -63,7 +63,7 @@ class ValidationSettings:
     dtype: str = "float32"
     workload: str = "sharegpt"
     num_prompts: int = 48
-    rates: tuple[float, ...] = (0.2, 0.35, 0.5, math.inf)  # requests/s; inf: all at once
+    rates: tuple[float, ...] = (0.5, 1.0, 2.0, math.inf)  # requests/s; inf: all at once
     burstiness: float = 1.0
     seed: int = 0
     max_num_seqs: int = 64
