@@ -242,5 +242,7 @@ def test_engine_built_on_its_own_thread_serves_and_load_errors_raise_in_the_call
 
     with pytest.raises(FileNotFoundError, match="nonexistent.gguf"):
         AsyncEngine(build=broken)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="exactly one"):
         AsyncEngine()
+    with pytest.raises(ValueError, match="exactly one"):
+        AsyncEngine(make_engine(llm_fp32), build=build)

@@ -20,12 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,12 +29,12 @@ from pathlib import Path
 from tokenmill.bench import report
 from tokenmill.bench.llamacpp import LlamaCppBuild, LlamaServer, llama_bench
 from tokenmill.bench.serve import ServeTarget, first_model, run_load
+from tokenmill.bench.serve_process import ServeProcess
 from tokenmill.workload import ArrivalSpec, Workload, build_workload
 
 log = logging.getLogger(__name__)
 SCENARIOS = ("offline", "serve", "tpot", "engine", "sweep")
 ENGINES = ("tokenmill", "llama.cpp", "transformers")
-_BANNER = re.compile(r"on http://[^:]+:(\d+)")
 
 
 @dataclass(frozen=True)
@@ -83,48 +79,14 @@ class Record:
     machine: dict = field(default_factory=dict)
 
 
-class TokenmillServer:
-    """`tokenmill serve` in a subprocess on a free port (it prints the port it bound)."""
-
-    def __init__(self, model: str, dtype: str, max_num_seqs: int, cfg: CompareConfig) -> None:
-        self.cmd = [
-            sys.executable, "-m", "tokenmill.cli.main", "serve", model, "--port", "0",
-            "--dtype", dtype, "--max-num-seqs", str(max_num_seqs), "--max-queue", "4096",
-            "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
-            "--kv-cache-memory", str(cfg.kv_cache_memory_gib),
-        ]  # fmt: skip
-        self.log = tempfile.NamedTemporaryFile(prefix="tokenmill-serve-", suffix=".log")  # noqa: SIM115
-        self.proc: subprocess.Popen | None = None
-        self.base_url = ""
-
-    def __enter__(self) -> TokenmillServer:
-        import httpx
-
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tokenmill serve exited:\n{Path(self.log.name).read_text()}")
-            match = _BANNER.search(Path(self.log.name).read_text(errors="replace"))
-            if match:
-                self.base_url = f"http://127.0.0.1:{match.group(1)}"
-                try:
-                    if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                        return self
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.25)
-        raise RuntimeError("tokenmill serve did not become healthy in 600 s")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+def tokenmill_server(model: str, dtype: str, max_num_seqs: int, cfg: CompareConfig) -> ServeProcess:
+    """`tokenmill serve` with the comparison's engine settings; its log goes to the results."""
+    args = [
+        model, "--dtype", dtype, "--max-num-seqs", str(max_num_seqs), "--max-queue", "4096",
+        "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
+        "--kv-cache-memory", str(cfg.kv_cache_memory_gib),
+    ]  # fmt: skip
+    return ServeProcess(args, cfg.results_dir / "tokenmill-serve.log")
 
 
 class Comparison:
@@ -147,7 +109,7 @@ class Comparison:
 
     def server(self, engine: str, parallel: int):
         if engine == "tokenmill":
-            return TokenmillServer(self.cfg.model, self.cfg.dtype, parallel, self.cfg)
+            return tokenmill_server(self.cfg.model, self.cfg.dtype, parallel, self.cfg)
         if self.build is None:
             raise RuntimeError("llama.cpp is not built")
         # One KV stream per slot (llama-server's default with --parallel): with a unified cache

@@ -11,9 +11,9 @@
 // bf16. Work is split over column panels on ATen's thread pool, so at one row (decode) each
 // thread streams its share of the weight exactly once.
 
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "gemm_tiles.h"
 #include "kernels.h"
 
 #include <cstdint>
@@ -26,54 +26,40 @@
 #define TOKENMILL_GEMM 0
 #endif
 
+namespace tokenmill {
 namespace {
 
-constexpr int64_t kPanel = 16;  // output columns per panel (one zmm of fp32 accumulators)
-constexpr int64_t kNR = 4;      // panels per tile
-constexpr int64_t kMR = 6;      // rows per tile
+using gemm::kPanel;
 
 #if TOKENMILL_GEMM
-template <int MR, int NR>
-inline void tile(const uint16_t* x, int64_t k_dim, const uint16_t* panels, int64_t panel_stride,
-                 uint16_t* y, int64_t n_dim) {
-  __m512 acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_setzero_ps();
-  const int64_t num_pairs = k_dim / 2;
-  for (int64_t kp = 0; kp < num_pairs; ++kp) {
-    __m512bh w[NR];
-    for (int j = 0; j < NR; ++j)
-      w[j] = (__m512bh)_mm512_loadu_si512(panels + j * panel_stride + kp * 2 * kPanel);
-    for (int m = 0; m < MR; ++m) {
-      int32_t pair;
-      std::memcpy(&pair, x + m * k_dim + 2 * kp, sizeof(pair));
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-      for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xb, w[j]);
+struct Kernel {
+  template <int MR, int NR>
+  static void tile(const uint16_t* x, int64_t k_dim, const uint16_t* panels, int64_t panel_stride,
+                   uint16_t* y, int64_t n_dim) {
+    __m512 acc[MR][NR];
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_setzero_ps();
+    const int64_t num_pairs = k_dim / 2;
+    for (int64_t kp = 0; kp < num_pairs; ++kp) {
+      __m512bh w[NR];
+      for (int j = 0; j < NR; ++j)
+        w[j] = (__m512bh)_mm512_loadu_si512(panels + j * panel_stride + kp * 2 * kPanel);
+      for (int m = 0; m < MR; ++m) {
+        int32_t pair;
+        std::memcpy(&pair, x + m * k_dim + 2 * kp, sizeof(pair));
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+        for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xb, w[j]);
+      }
     }
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NR; ++j)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * n_dim + j * kPanel),
+                            (__m256i)_mm512_cvtneps_pbh(acc[m][j]));
   }
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NR; ++j)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * n_dim + j * kPanel),
-                          (__m256i)_mm512_cvtneps_pbh(acc[m][j]));
-}
-
-template <int NR>
-void rows_tile(int64_t rows, const uint16_t* x, int64_t k_dim, const uint16_t* panels,
-               int64_t panel_stride, uint16_t* y, int64_t n_dim) {
-  switch (rows) {
-    case 1: tile<1, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
-    case 2: tile<2, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
-    case 3: tile<3, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
-    case 4: tile<4, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
-    case 5: tile<5, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
-    default: tile<6, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
-  }
-}
+};
 #endif
 
 }  // namespace
-
-namespace tokenmill {
 
 bool has_avx512_bf16() { return TOKENMILL_GEMM == 1; }
 
@@ -100,24 +86,7 @@ at::Tensor gemm_bf16_packed(const at::Tensor& x, const at::Tensor& packed) {
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const int64_t panel_stride = k_dim * kPanel;  // elements per panel
-  const int64_t num_tiles = (num_panels + kNR - 1) / kNR;
-  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t p0 = t * kNR, np = std::min<int64_t>(kNR, num_panels - p0);
-      const uint16_t* panels = wp + p0 * panel_stride;
-      for (int64_t m0 = 0; m0 < m_dim; m0 += kMR) {
-        const int64_t rows = std::min<int64_t>(kMR, m_dim - m0);
-        const uint16_t* xr = xp + m0 * k_dim;
-        uint16_t* yr = yp + m0 * n_dim + p0 * kPanel;
-        switch (np) {
-          case 1: rows_tile<1>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
-          case 2: rows_tile<2>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
-          case 3: rows_tile<3>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
-          default: rows_tile<4>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
-        }
-      }
-    }
-  });
+  gemm::packed_gemm<Kernel>(xp, m_dim, k_dim, wp, num_panels, panel_stride, yp);
 #else
   TORCH_CHECK(false, "built without AVX512-BF16");
 #endif

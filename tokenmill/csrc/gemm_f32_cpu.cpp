@@ -11,9 +11,9 @@
 // activation. The micro-kernel keeps a 6 x 4-panel tile of accumulators (24 zmm) and streams K
 // once per tile; threads split the column panels, so each streams its share of the weight once.
 
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "gemm_tiles.h"
 #include "kernels.h"
 
 #if defined(__AVX512F__)
@@ -23,48 +23,34 @@
 #define TOKENMILL_GEMM_F32 0
 #endif
 
+namespace tokenmill {
 namespace {
 
-constexpr int64_t kPanel = 16;  // output columns per panel
-constexpr int64_t kNR = 4;      // panels per tile
-constexpr int64_t kMR = 6;      // rows per tile
+using gemm::kPanel;
 
 #if TOKENMILL_GEMM_F32
-template <int MR, int NR>
-inline void tile(const float* x, int64_t k_dim, const float* panels, int64_t panel_stride,
-                 float* y, int64_t n_dim) {
-  __m512 acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < k_dim; ++k) {
-    __m512 w[NR];
-    for (int j = 0; j < NR; ++j) w[j] = _mm512_loadu_ps(panels + j * panel_stride + k * kPanel);
-    for (int m = 0; m < MR; ++m) {
-      const __m512 xb = _mm512_set1_ps(x[m * k_dim + k]);
-      for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_fmadd_ps(xb, w[j], acc[m][j]);
+struct Kernel {
+  template <int MR, int NR>
+  static void tile(const float* x, int64_t k_dim, const float* panels, int64_t panel_stride,
+                   float* y, int64_t n_dim) {
+    __m512 acc[MR][NR];
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < k_dim; ++k) {
+      __m512 w[NR];
+      for (int j = 0; j < NR; ++j) w[j] = _mm512_loadu_ps(panels + j * panel_stride + k * kPanel);
+      for (int m = 0; m < MR; ++m) {
+        const __m512 xb = _mm512_set1_ps(x[m * k_dim + k]);
+        for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_fmadd_ps(xb, w[j], acc[m][j]);
+      }
     }
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NR; ++j) _mm512_storeu_ps(y + m * n_dim + j * kPanel, acc[m][j]);
   }
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NR; ++j) _mm512_storeu_ps(y + m * n_dim + j * kPanel, acc[m][j]);
-}
-
-template <int NR>
-void rows_tile(int64_t rows, const float* x, int64_t k_dim, const float* panels,
-               int64_t panel_stride, float* y, int64_t n_dim) {
-  switch (rows) {
-    case 1: tile<1, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
-    case 2: tile<2, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
-    case 3: tile<3, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
-    case 4: tile<4, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
-    case 5: tile<5, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
-    default: tile<6, NR>(x, k_dim, panels, panel_stride, y, n_dim); break;
-  }
-}
+};
 #endif
 
 }  // namespace
-
-namespace tokenmill {
 
 bool has_avx512f() { return TOKENMILL_GEMM_F32 == 1; }
 
@@ -91,24 +77,7 @@ at::Tensor gemm_f32_packed(const at::Tensor& x, const at::Tensor& packed) {
   const float* wp = packed.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t panel_stride = k_dim * kPanel;
-  const int64_t num_tiles = (num_panels + kNR - 1) / kNR;
-  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t p0 = t * kNR, np = std::min<int64_t>(kNR, num_panels - p0);
-      const float* panels = wp + p0 * panel_stride;
-      for (int64_t m0 = 0; m0 < m_dim; m0 += kMR) {
-        const int64_t rows = std::min<int64_t>(kMR, m_dim - m0);
-        const float* xr = xp + m0 * k_dim;
-        float* yr = yp + m0 * n_dim + p0 * kPanel;
-        switch (np) {
-          case 1: rows_tile<1>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
-          case 2: rows_tile<2>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
-          case 3: rows_tile<3>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
-          default: rows_tile<4>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
-        }
-      }
-    }
-  });
+  gemm::packed_gemm<Kernel>(xp, m_dim, k_dim, wp, num_panels, panel_stride, yp);
 #else
   TORCH_CHECK(false, "built without AVX-512");
 #endif

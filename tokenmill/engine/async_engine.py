@@ -167,7 +167,7 @@ class AsyncEngine:
         spin-waiting between regions; a 135M-model decode step then takes 2x as long (12-14 ms
         instead of 6; BENCHMARKS.md)."""
         if (engine is None) == (build is None):
-            raise ValueError("give an engine or a build function, not both")
+            raise ValueError("give either an engine or a build function (exactly one)")
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -276,9 +276,8 @@ class AsyncEngine:
             except BaseException as exc:
                 self._build_error = exc
                 self._accepting = False
-                return
-            finally:
                 self._built.set()
+                return
         self._built.set()
         try:
             while True:

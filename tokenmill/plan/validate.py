@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tokenmill.bench.serve_process import ServeProcess
 from tokenmill.config import SchedulerConfig
 from tokenmill.errors import ConfigError
 from tokenmill.models.arch_config import ArchConfig
@@ -53,7 +53,6 @@ TARGETS = (
     ("output_tok_s", "output throughput", 0.10),
     ("ttft_p99_ms", "p99 TTFT", 0.25),
 )
-_BANNER = re.compile(r"serving '.*' on http://[^:]+:(\d+)")
 _KV_ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -163,56 +162,6 @@ def predict(workload: Workload, arch: ArchConfig, settings: ValidationSettings) 
         busy_s=result.prefill_time_s + result.decode_time_s,
     )  # fmt: skip
 
-
-class ServerProcess:
-    """`tokenmill serve` in a subprocess on a free port (it prints the port it bound)."""
-
-    def __init__(self, serve_args: list[str], log_path: Path) -> None:
-        self.cmd = [sys.executable, "-m", "tokenmill.cli.main", "serve", "--port", "0", *serve_args]
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.base_url = ""
-
-    def __enter__(self) -> ServerProcess:
-        import httpx
-
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            text = self.log_path.read_text(errors="replace")
-            if self.proc.poll() is not None:
-                raise ConfigError(f"tokenmill serve exited:\n{text[-2000:]}")
-            match = _BANNER.search(text)
-            if match:
-                self.base_url = f"http://127.0.0.1:{match.group(1)}"
-                try:
-                    if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                        return self
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.25)
-        self.__exit__()
-        raise ConfigError("tokenmill serve did not become healthy in 600 s")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def cpu_seconds(self) -> float:
-        """CPU-seconds the server process (and its waited children) has used."""
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, AttributeError, IndexError):
-            return 0.0
-        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
     def engine_counters(self) -> tuple[float, float]:
         """(engine steps, seconds inside LLMEngine.step()) so far, from /metrics."""
         import httpx
@@ -229,7 +178,7 @@ def parse_engine_counters(text: str) -> tuple[float, float]:
 
 
 def measure(
-    server: ServerProcess, settings: ValidationSettings, rate: float, json_path: Path
+    server: ServeProcess, settings: ValidationSettings, rate: float, json_path: Path
 ) -> RunMetrics:
     """One `tokenmill bench serve` run against `server` (a subprocess, as a user runs it)."""
     cmd = [
@@ -356,7 +305,7 @@ def run_validation(
     if not do_measure:
         report.elapsed_s = time.perf_counter() - start
         return report
-    with ServerProcess(settings.serve_args(), work_dir / "serve.log") as server:
+    with ServeProcess(settings.serve_args(), work_dir / "serve.log") as server:
         log(f"tokenmill serve up at {server.base_url} (log: {work_dir / 'serve.log'})")
         for row in rows:
             row.loadavg_before = _loadavg()

@@ -25,7 +25,7 @@ _SOURCES = (
     "gemm_f32_cpu.cpp",
     "llama_decode_cpu.cpp",
 )
-_HEADERS = ("kernels.h", "simd.h")
+_HEADERS = ("kernels.h", "simd.h", "gemm_tiles.h")
 
 
 def _cpu_signature() -> str:

@@ -1,0 +1,68 @@
+"""`tokenmill serve` in a subprocess on a free port: started, waited for until /health answers,
+stopped with SIGTERM. Shared by `tokenmill bench compare` and `tokenmill plan validate`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tokenmill.errors import ConfigError
+
+_BANNER = re.compile(r"serving '.*' on http://[^:]+:(\d+)")
+START_TIMEOUT_S = 600
+
+
+class ServeProcess:
+    """`with ServeProcess(args, log_path) as server:` ... `server.base_url`. The server binds
+    port 0 and prints the port it got; its output goes to `log_path`."""
+
+    def __init__(self, serve_args: list[str], log_path: Path) -> None:
+        self.cmd = [sys.executable, "-m", "tokenmill.cli.main", "serve", "--port", "0", *serve_args]
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen | None = None
+        self.base_url = ""
+
+    def __enter__(self) -> ServeProcess:
+        import httpx
+
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            if self.proc.poll() is not None:
+                raise ConfigError(f"tokenmill serve exited:\n{text[-2000:]}")
+            match = _BANNER.search(text)
+            if match:
+                self.base_url = f"http://127.0.0.1:{match.group(1)}"
+                try:
+                    if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.25)
+        self.__exit__()
+        raise ConfigError(f"tokenmill serve did not become healthy in {START_TIMEOUT_S} s")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def cpu_seconds(self) -> float:
+        """CPU-seconds the server process (and its waited children) has used."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, AttributeError, IndexError):
+            return 0.0
+        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
