@@ -127,3 +127,84 @@ def test_fused_decode_layer_is_as_accurate_as_eager_bfloat16(kernels, llm_fp32, 
     mean = {name: sum(v) / len(v) for name, v in errors.items()}
     print("mean |dlogprob| vs float32:", mean)
     assert mean["fused"] <= 1.25 * mean["eager"] + 1e-3, mean
+
+
+def _dense_decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale, window):
+    """Each request's keys gathered densely, softmax in float64."""
+    heads, kv_heads = q.shape[1], k_cache.shape[2]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b, length in enumerate(seq_lens.tolist()):
+        keys = k_cache[block_table[b]].flatten(0, 1)[:length].double()  # (L, Hkv, D)
+        values = v_cache[block_table[b]].flatten(0, 1)[:length].double()
+        lo = max(0, length - window) if window else 0
+        for h in range(heads):
+            kh = h // (heads // kv_heads)
+            weights = torch.softmax(keys[lo:, kh] @ q[b, h].double() * scale, dim=0)
+            out[b, h] = weights @ values[lo:, kh]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "heads, kv_heads, dim, block, lengths, window",
+    [
+        (9, 3, 64, 16, [1, 15, 16, 17, 160, 37], 0),  # SmolLM2's shape, chunk edges
+        (4, 4, 32, 8, [3, 8, 9, 70], 0),  # chunks shorter than 16 (small blocks)
+        (8, 2, 128, 32, [33, 64, 5], 20),  # blocks split into chunks; sliding window
+        (4, 1, 256, 16, [40, 2], 0),  # one register of accumulators per head
+        (6, 2, 80, 16, [21, 50], 0),  # head_dim not a multiple of 32
+        (3, 1, 64, 16, [3000], 0),  # one long request: context split into partitions
+        (4, 2, 64, 16, [700, 5, 1300], 600),  # partitions, some empty, with a window
+    ],
+)
+def test_paged_decode_attention_matches_dense_reference(
+    heads, kv_heads, dim, block, lengths, window, dtype
+):
+    k = cpu_kernels()
+    if k is None:
+        pytest.skip("native CPU kernels unavailable")
+    gen = torch.Generator().manual_seed(len(lengths) * dim)
+    max_blocks = -(-max(lengths) // block)
+    num_blocks = len(lengths) * max_blocks + 3
+    # Blocks handed out shuffled, as a real pool would.
+    table = torch.randperm(num_blocks, generator=gen)[: len(lengths) * max_blocks]
+    table = table.view(len(lengths), max_blocks).to(torch.int64)
+    k_cache = torch.randn(num_blocks, block, kv_heads, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block, kv_heads, dim, generator=gen).to(dtype)
+    q = torch.randn(len(lengths), heads, dim, generator=gen).to(dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int64)
+    scale = dim**-0.5
+    got = k.paged_decode_attention(q, k_cache, v_cache, table, seq_lens, scale, window)
+    expected = _dense_decode_reference(q, k_cache, v_cache, table, seq_lens, scale, window)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
+    torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
+
+
+def test_native_argmax_is_the_first_largest_and_skips_nans():
+    from tokenmill.worker.sampler import greedy_tokens
+
+    if cpu_kernels() is None:
+        pytest.skip("native CPU kernels unavailable")
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        for vocab in (1, 15, 16, 49152, 50001):
+            x = torch.randn(5, vocab, generator=gen).to(dtype)
+            x[0, vocab // 2] = 40.0
+            x[0, vocab - 1] = 40.0  # a tie: the first one wins, as in torch.argmax
+            x[1, 0] = float("nan")  # a NaN never wins
+            expected = torch.nan_to_num(x.float(), nan=-1e30).argmax(dim=-1)
+            assert torch.equal(greedy_tokens(x), expected), (dtype, vocab)
+
+
+def test_native_rms_norm_matches_float32_math():
+    from tokenmill.models.linear_ops import rms_norm
+
+    gen = torch.Generator().manual_seed(4)
+    for width in (576, 24, 1000):
+        x = (torch.randn(2, 7, width, generator=gen) * 3).bfloat16()
+        w = torch.randn(width, generator=gen).bfloat16()
+        ref = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
+        got = rms_norm(x, w, 1e-5)
+        assert got.shape == x.shape and got.dtype == torch.bfloat16
+        # Computed in float32 and rounded once to bf16.
+        torch.testing.assert_close(got.float(), ref, atol=1e-2, rtol=8e-3)

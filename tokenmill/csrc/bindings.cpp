@@ -15,6 +15,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "repack an fp32 [N, K] weight into gemm_f32_packed's panels");
   m.def("gemm_f32_packed", &tokenmill::gemm_f32_packed, no_gil(),
         "x [M, K] @ W^T for a packed fp32 weight (CPU, AVX-512), for few rows");
+  m.def("argmax_last_dim", &tokenmill::argmax_last_dim, no_gil(),
+        "first position of each row's largest value, [N, V] -> [N] (CPU)");
+  m.def("rms_norm_bf16", &tokenmill::rms_norm_bf16, no_gil(),
+        "RMSNorm of bf16 rows, computed in fp32 (CPU)");
   m.def("llama_decode_layer", &tokenmill::llama_decode_layer, no_gil(),
         "one Llama decoder layer of a pure-decode step, bf16, in place on x (CPU)");
   m.def("has_avx512f", &tokenmill::has_avx512f, "whether the fp32 GEMM is compiled in");

@@ -1,11 +1,14 @@
 // The loop both packed GEMMs share (gemm_bf16_cpu.cpp, gemm_f32_cpu.cpp): the weight is packed
 // into panels of kPanel output columns; each tile is up to kMR rows x kNR panels, and a
 // kernel's `Kernel::template tile<MR, NR>(x, k_dim, panels, panel_stride, y, n_dim)` computes
-// one with its accumulators in registers. Threads split the column panels, so at one row
-// (decode) each thread streams its share of the weight exactly once.
+// one with its accumulators in registers. Threads split the column panels (and, for many rows,
+// the rows too), so at one row (decode) each thread streams its share of the weight once.
 #pragma once
 
 #include <ATen/Parallel.h>
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -30,17 +33,37 @@ void rows_tile(int64_t rows, const T* x, int64_t k_dim, const T* panels, int64_t
 }
 
 // y[m_dim, num_panels * kPanel] = x[m_dim, k_dim] @ W^T; panel p of W starts at
-// w + p * panel_stride (elements of T).
+// w + p * panel_stride (elements of T). Work items are (column tile, row chunk): a matrix with
+// few column tiles (576 outputs are 9 tiles) is also split by rows when there are many, so two
+// threads never wait on an odd tile; a thread's items are consecutive row chunks of the same
+// tile, so its weight strip stays in cache.
 template <class Kernel, typename T>
 void packed_gemm(const T* x, int64_t m_dim, int64_t k_dim, const T* w, int64_t num_panels,
                  int64_t panel_stride, T* y) {
   const int64_t n_dim = num_panels * kPanel;
   const int64_t num_tiles = (num_panels + kNR - 1) / kNR;
-  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
+  const int64_t wanted = (8 * at::get_num_threads() + num_tiles - 1) / num_tiles;
+  const int64_t row_chunks = std::max<int64_t>(1, std::min(wanted, m_dim / (4 * kMR)));
+  const int64_t chunk_rows = ((m_dim + row_chunks - 1) / row_chunks + kMR - 1) / kMR * kMR;
+  at::parallel_for(0, num_tiles * row_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / row_chunks, rc = item % row_chunks;
       const int64_t p0 = t * kNR, np = std::min<int64_t>(kNR, num_panels - p0);
       const T* panels = w + p0 * panel_stride;
-      for (int64_t m0 = 0; m0 < m_dim; m0 += kMR) {
+      const int64_t m_begin = rc * chunk_rows, m_end = std::min(m_dim, (rc + 1) * chunk_rows);
+      // With three or more row blocks per item, each also prefetches its share of the next tile's
+      // weight strip, so the next item does not start by waiting on memory.
+      const int64_t blocks = (m_end - m_begin + kMR - 1) / kMR;
+      const char* next = reinterpret_cast<const char*>(panels + kNR * panel_stride);
+      const int64_t next_bytes = (t + 1 < num_tiles && blocks > 2)
+          ? std::min<int64_t>(kNR, num_panels - p0 - kNR) * panel_stride * sizeof(T) : 0;
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += kMR) {
+#if defined(__SSE__)
+        const int64_t blk = (m0 - m_begin) / kMR;
+        for (int64_t b = next_bytes * blk / blocks / 64 * 64; b < next_bytes * (blk + 1) / blocks;
+             b += 64)
+          _mm_prefetch(next + b, _MM_HINT_T0);
+#endif
         const int64_t rows = std::min<int64_t>(kMR, m_dim - m0);
         const T* xr = x + m0 * k_dim;
         T* yr = y + m0 * n_dim + p0 * kPanel;

@@ -18,6 +18,10 @@ bool has_avx512f();
 at::Tensor pack_f32_weight(const at::Tensor& w);
 at::Tensor gemm_f32_packed(const at::Tensor& x, const at::Tensor& packed);
 
+at::Tensor argmax_last_dim(const at::Tensor& logits);
+
+at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps);
+
 void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm,
                         double eps, const at::Tensor& qkv_packed, const at::Tensor& o_packed,
                         const at::Tensor& gate_up_packed, const at::Tensor& down_packed,

@@ -2,9 +2,9 @@
 //
 // At batch 1 the layer's math is a few GEMVs; in eager PyTorch it is ~25 operator calls whose
 // dispatch costs add up to a third of the step. Here the small element-wise work (RMSNorm,
-// rotary, K/V write, SiLU*up, residual adds) runs as plain loops in fp32 and the products go
-// to the packed GEMM and the paged decode kernel, so the layer costs little beyond streaming
-// its weights once.
+// rotary, K/V write, SiLU*up, residual adds) runs as vectorised fp32 loops over the rows in
+// parallel, and the products go to the packed GEMM and the paged decode kernel, so the layer
+// costs little beyond its GEMMs.
 //
 //   x            [T, E] bf16, updated in place (the residual stream); T = number of requests,
 //                one new token each
@@ -22,37 +22,87 @@
 
 namespace {
 
-inline float bf16_to_float(at::BFloat16 v) { return static_cast<float>(v); }
+#if TOKENMILL_AVX512
+using tokenmill::load16;
+using tokenmill::store16;
+#endif
+using bf16 = at::BFloat16;
 
-// out[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * w, computed in fp32, rounded once.
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  const int64_t rows = x.size(0), dim = x.size(1);
+inline float to_float(bf16 v) { return static_cast<float>(v); }
+
+// Row-wise element work, vectorised 16 lanes at a time with a scalar tail, rows in parallel.
+template <typename F>
+void for_rows(int64_t rows, F&& f) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) f(t);
+  });
+}
+
+// x[:] += y[:] in bf16 (the sum rounded once).
+void add_row(bf16* x, const bf16* y, int64_t dim) {
+  int64_t d = 0;
+#if TOKENMILL_AVX512
+  for (; d + 16 <= dim; d += 16) store16(x + d, _mm512_add_ps(load16(x + d), load16(y + d)));
+#endif
+  for (; d < dim; ++d) x[d] = to_float(x[d]) + to_float(y[d]);
+}
+
+// out[:] = x * rsqrt(mean(x^2) + eps) * w, in fp32, rounded once.
+void norm_row(const bf16* x, const bf16* w, int64_t dim, float eps, bf16* out) {
+  int64_t d = 0;
+  float sum = 0.f;
+#if TOKENMILL_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  for (; d + 16 <= dim; d += 16) {
+    const __m512 v = load16(x + d);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; d < dim; ++d) sum += to_float(x[d]) * to_float(x[d]);
+  const float inv = 1.f / std::sqrt(sum / dim + eps);
+  d = 0;
+#if TOKENMILL_AVX512
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (; d + 16 <= dim; d += 16)
+    store16(out + d, _mm512_mul_ps(_mm512_mul_ps(load16(x + d), vinv), load16(w + d)));
+#endif
+  for (; d < dim; ++d) out[d] = to_float(x[d]) * inv * to_float(w[d]);
+}
+
+// RMSNorm of each row of x; with `residual`, first x += residual (in place).
+at::Tensor rms_norm(at::Tensor& x, const at::Tensor& w, double eps,
+                    const at::Tensor* residual = nullptr) {
+  const int64_t dim = x.size(1);
   at::Tensor out = at::empty_like(x);
-  const auto* xp = x.data_ptr<at::BFloat16>();
-  const auto* wp = w.data_ptr<at::BFloat16>();
-  auto* op = out.data_ptr<at::BFloat16>();
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      float sum = 0.f;
-      for (int64_t d = 0; d < dim; ++d) {
-        const float v = bf16_to_float(xp[t * dim + d]);
-        sum += v * v;
-      }
-      const float inv = 1.f / std::sqrt(sum / dim + static_cast<float>(eps));
-      for (int64_t d = 0; d < dim; ++d)
-        op[t * dim + d] = bf16_to_float(xp[t * dim + d]) * inv * bf16_to_float(wp[d]);
-    }
+  bf16* xp = x.data_ptr<bf16>();
+  const bf16* wp = w.data_ptr<bf16>();
+  const bf16* rp = residual ? residual->data_ptr<bf16>() : nullptr;
+  bf16* op = out.data_ptr<bf16>();
+  for_rows(x.size(0), [&](int64_t t) {
+    if (rp) add_row(xp + t * dim, rp + t * dim, dim);
+    norm_row(xp + t * dim, wp, dim, static_cast<float>(eps), op + t * dim);
   });
   return out;
 }
 
 // Rotate-half rotary of `heads` vectors of size dim, in place.
-void rotate(at::BFloat16* v, int64_t heads, int64_t dim, const float* cos, const float* sin) {
+void rotate(bf16* v, int64_t heads, int64_t dim, const float* cos, const float* sin) {
   const int64_t half = dim / 2;
   for (int64_t h = 0; h < heads; ++h) {
-    at::BFloat16* p = v + h * dim;
-    for (int64_t d = 0; d < half; ++d) {
-      const float a = bf16_to_float(p[d]), b = bf16_to_float(p[d + half]);
+    bf16* p = v + h * dim;
+    int64_t d = 0;
+#if TOKENMILL_AVX512
+    for (; d + 16 <= half; d += 16) {
+      const __m512 a = load16(p + d), b = load16(p + d + half);
+      const __m512 c0 = _mm512_loadu_ps(cos + d), c1 = _mm512_loadu_ps(cos + d + half);
+      const __m512 s0 = _mm512_loadu_ps(sin + d), s1 = _mm512_loadu_ps(sin + d + half);
+      store16(p + d, _mm512_fmsub_ps(a, c0, _mm512_mul_ps(b, s0)));
+      store16(p + d + half, _mm512_fmadd_ps(b, c1, _mm512_mul_ps(a, s1)));
+    }
+#endif
+    for (; d < half; ++d) {
+      const float a = to_float(p[d]), b = to_float(p[d + half]);
       p[d] = a * cos[d] - b * sin[d];
       p[d + half] = b * cos[d + half] + a * sin[d + half];
     }
@@ -60,33 +110,33 @@ void rotate(at::BFloat16* v, int64_t heads, int64_t dim, const float* cos, const
 }
 
 // out[i] = silu(gate[i]) * up[i], gate = gu[0:n], up = gu[n:2n].
-void silu_mul(const at::BFloat16* gu, int64_t n, at::BFloat16* out) {
+void silu_mul(const bf16* gu, int64_t n, bf16* out) {
   int64_t i = 0;
-#if TOKENMILL_AVX512 && defined(__AVX512BF16__)
+#if TOKENMILL_AVX512
   const __m512 one = _mm512_set1_ps(1.f);
   for (; i + 16 <= n; i += 16) {
-    const __m512 g = tokenmill::load16(gu + i), u = tokenmill::load16(gu + n + i);
+    const __m512 g = load16(gu + i), u = load16(gu + n + i);
     const __m512 e = tokenmill::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-    const __m512 y = _mm512_div_ps(_mm512_mul_ps(g, u), _mm512_add_ps(one, e));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(y));
+    store16(out + i, _mm512_div_ps(_mm512_mul_ps(g, u), _mm512_add_ps(one, e)));
   }
 #endif
   for (; i < n; ++i) {
-    const float g = bf16_to_float(gu[i]), u = bf16_to_float(gu[n + i]);
+    const float g = to_float(gu[i]), u = to_float(gu[n + i]);
     out[i] = g / (1.f + std::exp(-g)) * u;
   }
-}
-
-void add_into(at::Tensor& x, const at::Tensor& y) {
-  auto* xp = x.data_ptr<at::BFloat16>();
-  const auto* yp = y.data_ptr<at::BFloat16>();
-  for (int64_t i = 0, n = x.numel(); i < n; ++i)
-    xp[i] = bf16_to_float(xp[i]) + bf16_to_float(yp[i]);
 }
 
 }  // namespace
 
 namespace tokenmill {
+
+at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
+              "bf16 x and weight expected");
+  TORCH_CHECK(w.dim() == 1 && x.size(-1) == w.size(0), "weight must match x's last dimension");
+  at::Tensor rows = x.contiguous().view({-1, w.size(0)});
+  return rms_norm(rows, w.contiguous(), eps).view(x.sizes());
+}
 
 void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm,
                         double eps, const at::Tensor& qkv_packed, const at::Tensor& o_packed,
@@ -102,36 +152,38 @@ void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::T
 
   at::Tensor qkv = gemm_bf16_packed(rms_norm(x, input_norm, eps), qkv_packed);  // [T, q+2kv]
   at::Tensor q = at::empty({tokens, num_heads, dim}, x.options());
-  auto* qkv_p = qkv.data_ptr<at::BFloat16>();
-  auto* q_p = q.data_ptr<at::BFloat16>();
-  auto* k_cache = kv_cache[0].data_ptr<at::BFloat16>();
-  auto* v_cache = kv_cache[1].data_ptr<at::BFloat16>();
+  bf16* qkv_p = qkv.data_ptr<bf16>();
+  bf16* q_p = q.data_ptr<bf16>();
+  bf16* k_cache = kv_cache[0].data_ptr<bf16>();
+  bf16* v_cache = kv_cache[1].data_ptr<bf16>();
   const auto* slots = slot_mapping.data_ptr<int64_t>();
   const float* cos_p = cos.data_ptr<float>();
   const float* sin_p = sin.data_ptr<float>();
   const int64_t row = q_size + 2 * kv_size;
-  for (int64_t t = 0; t < tokens; ++t) {
-    at::BFloat16* r = qkv_p + t * row;
+  for_rows(tokens, [&](int64_t t) {
+    bf16* r = qkv_p + t * row;
     rotate(r, num_heads + num_kv_heads, dim, cos_p + t * dim, sin_p + t * dim);
-    std::memcpy(q_p + t * q_size, r, q_size * sizeof(at::BFloat16));
+    std::memcpy(q_p + t * q_size, r, q_size * sizeof(bf16));
     // The cache slot of this token holds all KV heads contiguously: [Hkv, D].
-    std::memcpy(k_cache + slots[t] * kv_size, r + q_size, kv_size * sizeof(at::BFloat16));
-    std::memcpy(v_cache + slots[t] * kv_size, r + q_size + kv_size,
-                kv_size * sizeof(at::BFloat16));
-  }
+    std::memcpy(k_cache + slots[t] * kv_size, r + q_size, kv_size * sizeof(bf16));
+    std::memcpy(v_cache + slots[t] * kv_size, r + q_size + kv_size, kv_size * sizeof(bf16));
+  });
   at::Tensor attn = paged_decode_attention(q, kv_cache[0], kv_cache[1], block_table, seq_lens,
                                            scale, 0);
-  add_into(x, gemm_bf16_packed(attn.view({tokens, q_size}), o_packed));
+  const at::Tensor attn_out = gemm_bf16_packed(attn.view({tokens, q_size}), o_packed);
 
-  at::Tensor gate_up = gemm_bf16_packed(rms_norm(x, post_norm, eps), gate_up_packed);  // [T, 2I]
+  // x += attn_out, then the MLP's norm of it, in one pass over x.
+  at::Tensor gate_up = gemm_bf16_packed(rms_norm(x, post_norm, eps, &attn_out), gate_up_packed);
   const int64_t inter = gate_up.size(1) / 2;
   at::Tensor act = at::empty({tokens, inter}, x.options());
-  const auto* gu = gate_up.data_ptr<at::BFloat16>();
-  auto* ap = act.data_ptr<at::BFloat16>();
-  at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) silu_mul(gu + t * 2 * inter, inter, ap + t * inter);
-  });
-  add_into(x, gemm_bf16_packed(act, down_packed));
+  const bf16* gu = gate_up.data_ptr<bf16>();
+  bf16* ap = act.data_ptr<bf16>();
+  for_rows(tokens, [&](int64_t t) { silu_mul(gu + t * 2 * inter, inter, ap + t * inter); });
+  const at::Tensor down = gemm_bf16_packed(act, down_packed);
+  bf16* xp = x.data_ptr<bf16>();
+  const bf16* dp = down.data_ptr<bf16>();
+  const int64_t width = x.size(1);
+  for_rows(tokens, [&](int64_t t) { add_row(xp + t * width, dp + t * width, width); });
 }
 
 }  // namespace tokenmill

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.errors import UnsupportedModelError
-from tokenmill.models.linear_ops import linear
+from tokenmill.models.linear_ops import linear, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -28,7 +27,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.offset == 0:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * (self.offset + self.weight.float())).to(x.dtype)

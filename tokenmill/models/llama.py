@@ -112,8 +112,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, E] -> float32 logits [N, V]."""
+        """hidden [N, E] -> logits [N, V] in the model's dtype (the sampler widens them when
+        it has more to do than an argmax)."""
         head = (
             self.model.embed_tokens.weight if self.arch.tie_word_embeddings else self.lm_head.weight
         )
-        return linear(hidden, head).float()
+        return linear(hidden, head)

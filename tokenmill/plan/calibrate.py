@@ -411,7 +411,12 @@ class CalibrationSettings:
             for b in self.long_batch_sizes
         ]
         out += [Scenario(f"mixed {b}+{n}", b, 32, self.decode_steps, n) for b, n in self.mixed]
-        return out + list(self.holdout)
+        # The held-out scenarios are spread among the fitted ones: the speed of a shared machine
+        # drifts over a run, and held-out steps all recorded last would measure the drift too.
+        fitted, held = len(out), len(self.holdout)
+        for i, sc in enumerate(self.holdout):
+            out.insert(fitted * (i + 1) // (held + 1) + i, sc)
+        return out
 
     def engine_settings(self) -> dict:
         keys = ("dtype", "max_num_seqs", "max_num_batched_tokens", "block_size")

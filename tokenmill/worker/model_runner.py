@@ -168,8 +168,10 @@ class ModelRunner(BaseRunner):
             short = len(sched.output_token_ids) < state.params.min_tokens
             banned = (*self.eos_token_ids, *state.params.stop_token_ids) if short else ()
             forbidden.append([t for t in banned if t < logits.shape[1]])
-        row_idx = torch.tensor([row for _, row in inputs.sample_rows], device=logits.device)
-        tokens, logprobs = sample(logits[row_idx].clone(), rows, forbidden)
+        row_idx = [row for _, row in inputs.sample_rows]
+        if row_idx != list(range(logits.shape[0])):  # indexing copies: `sample` may write
+            logits = logits[torch.tensor(row_idx, device=logits.device)]
+        tokens, logprobs = sample(logits, rows, forbidden)
         for (b, _), token, lp in zip(inputs.sample_rows, tokens, logprobs, strict=True):
             req_id = sched_out.scheduled[b].req_id
             out.sampled[req_id] = [token]

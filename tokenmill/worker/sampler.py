@@ -26,11 +26,16 @@ class SamplingRow:
 def sample(
     logits: torch.Tensor, rows: list[SamplingRow], stop_ids_before_min: list[list[int]]
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """logits [N, V] float32 (modified in place) -> one token per row, and logprobs if asked.
+    """logits [N, V] (float32 ones are modified in place) -> one token per row, and logprobs
+    if asked.
 
     `stop_ids_before_min[i]` are the ids forbidden in row i (EOS and stop tokens while the
     request is still short of min_tokens).
     """
+    if all(_plain_greedy(r, ids) for r, ids in zip(rows, stop_ids_before_min, strict=True)):
+        # Nothing to mask, penalise or report: the argmax is the whole answer.
+        return greedy_tokens(logits).tolist(), [None] * len(rows)
+    logits = logits.float()
     want_logprobs = [r.params.logprobs is not None for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
     for i, ids in enumerate(stop_ids_before_min):
@@ -56,6 +61,22 @@ def sample(
             if want_logprobs[i]:
                 logprobs[i] = token_logprobs(raw_logprobs[i], token_list[i], row.params.logprobs)
     return token_list, logprobs
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax of each row [N, V] -> [N]; natively on CPUs (PyTorch's bf16 argmax is slow)."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float32):
+        from tokenmill.attention.backends.cpu_kernels import cpu_kernels
+
+        kernels = cpu_kernels()
+        if kernels is not None:
+            return kernels.argmax_last_dim(logits.contiguous())
+    return logits.argmax(dim=-1)
+
+
+def _plain_greedy(row: SamplingRow, forbidden: list[int]) -> bool:
+    p = row.params
+    return p.is_greedy and p.logprobs is None and not p.has_penalties and not forbidden
 
 
 def token_logprobs(logprobs: torch.Tensor, token_id: int, num_top: int) -> TokenLogprobs:

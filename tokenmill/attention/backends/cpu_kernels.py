@@ -24,6 +24,7 @@ _SOURCES = (
     "gemm_bf16_cpu.cpp",
     "gemm_f32_cpu.cpp",
     "llama_decode_cpu.cpp",
+    "argmax_cpu.cpp",
 )
 _HEADERS = ("kernels.h", "simd.h", "gemm_tiles.h")
 
