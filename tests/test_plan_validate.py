@@ -1,6 +1,5 @@
 """`tokenmill plan validate`: the same workload and engine settings on both sides, the table and
-its verdicts. The measured side (a real server) runs in the command itself; here the pieces
-that decide what it compares are checked without one."""
+its verdicts, and one measured run against a real `tokenmill serve` subprocess."""
 
 import argparse
 import json
@@ -21,6 +20,7 @@ from tokenmill.plan.validate import (
     build_validation_workload,
     check_calibration,
     format_markdown,
+    measure,
     parse_engine_counters,
     predict,
     server_kv_blocks,
@@ -197,3 +197,19 @@ def test_existing_plan_interface_still_works(capsys):
     code = main(["plan", "--model", "smollm2-135m", "--hardware", "h100", "--workload",
                  "fixed:in=100,out=10", "--concurrency", "2", "--num-prompts", "4", "--json"])  # fmt: skip
     assert code == 0 and "ttft_s" in json.loads(capsys.readouterr().out)
+
+
+def test_measure_loads_a_real_server_and_reads_its_engine_counters(tmp_path):
+    from tokenmill.bench.serve_process import ServeProcess
+
+    settings = ValidationSettings(
+        workload="fixed:in=24,out=6", num_prompts=3, num_warmup=0, kv_cache_memory_gib=0.25
+    )
+    with ServeProcess(settings.serve_args(), tmp_path / "serve.log") as server:
+        got = measure(server, settings, math.inf, tmp_path / "run.json")
+    assert got.num_requests == 3 and got.output_tokens == 18
+    # The engine's own counters: at least one prefill step and five decode steps ran, and
+    # they took time, though no more than the whole run.
+    assert got.num_steps >= 6
+    assert 0 < got.busy_s <= got.duration_s + 0.5
+    assert got.tpot_median_ms > 0 and got.output_tok_s > 0

@@ -162,11 +162,12 @@ def predict(workload: Workload, arch: ArchConfig, settings: ValidationSettings) 
         busy_s=result.prefill_time_s + result.decode_time_s,
     )  # fmt: skip
 
-    def engine_counters(self) -> tuple[float, float]:
-        """(engine steps, seconds inside LLMEngine.step()) so far, from /metrics."""
-        import httpx
 
-        return parse_engine_counters(httpx.get(self.base_url + "/metrics", timeout=10).text)
+def engine_counters(server: ServeProcess) -> tuple[float, float]:
+    """(engine steps, seconds inside LLMEngine.step()) so far, from the server's /metrics."""
+    import httpx
+
+    return parse_engine_counters(httpx.get(server.base_url + "/metrics", timeout=10).text)
 
 
 def parse_engine_counters(text: str) -> tuple[float, float]:
@@ -191,12 +192,12 @@ def measure(
     ]  # fmt: skip
     if settings.model:
         cmd += ["--tokenizer", settings.model]
-    steps0, busy0 = server.engine_counters()
+    steps0, busy0 = engine_counters(server)
     cpu0, server0, wall0 = cpu_seconds(), server.cpu_seconds(), time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     others = others_cpu_since(cpu0, server.cpu_seconds() - server0)
     wall = time.perf_counter() - wall0
-    steps1, busy1 = server.engine_counters()
+    steps1, busy1 = engine_counters(server)
     if not json_path.exists():
         raise ConfigError(f"bench serve failed ({done.returncode}):\n{done.stderr[-2000:]}")
     m = json.loads(json_path.read_text())["metrics"]
