@@ -10,6 +10,7 @@ import pytest
 from tokenmill.cli.main import main
 from tokenmill.errors import ConfigError
 from tokenmill.perf import Precision, StepRecord, step_cost
+from tokenmill.perf.trace import read_trace
 from tokenmill.plan.calibrate import fit_trace, profile_dict, write_calibration
 from tokenmill.plan.models import get_model
 from tokenmill.plan.validate import (
@@ -205,11 +206,40 @@ def test_measure_loads_a_real_server_and_reads_its_engine_counters(tmp_path):
     settings = ValidationSettings(
         workload="fixed:in=24,out=6", num_prompts=3, num_warmup=0, kv_cache_memory_gib=0.25
     )
-    with ServeProcess(settings.serve_args(), tmp_path / "serve.log") as server:
+    trace = tmp_path / "steps.jsonl"
+    args = [*settings.serve_args(), "--step-trace", str(trace)]
+    with ServeProcess(args, tmp_path / "serve.log") as server:
         got = measure(server, settings, math.inf, tmp_path / "run.json")
     assert got.num_requests == 3 and got.output_tokens == 18
+    # The server wrote every step it took when it stopped: the counters index into it.
+    records = read_trace(trace)
+    assert got.first_step + got.num_steps == len(records)
+    assert sum(r.num_decode_tokens + r.num_prefill_tokens for r in records) >= 3 * (24 + 5)
     # The engine's own counters: at least one prefill step and five decode steps ran, and
     # they took time, though no more than the whole run.
     assert got.num_steps >= 6
     assert 0 < got.busy_s <= got.duration_s + 0.5
     assert got.tpot_median_ms > 0 and got.output_tok_s > 0
+
+
+def test_served_steps_are_scored_by_the_calibrated_fit(calibrated):
+    from dataclasses import asdict, replace
+
+    from tokenmill.plan.served_steps import format_served_steps, served_step_errors
+
+    records = []
+    for b in (1, 3, 9, 27):
+        shapes = [(1, 50 * b, 1)] * b
+        cost = step_cost(ARCH, shapes, FP32)
+        t = 0.004 + 2e-4 * b + cost.flops / 50e9 + cost.total_bytes / 8e9
+        records.append(StepRecord(0, b, b, 0, t, shapes=tuple(shapes)))
+    calibration = {"fit": asdict(calibrated)}
+    exact = served_step_errors(records, 1, 2, calibration, ARCH, FP32)
+    assert exact["all"]["num_steps"] == exact["decode"]["num_steps"] == 2
+    assert abs(exact["all"]["mean"]) < 0.01  # the synthetic machine is the fitted one
+    slower = [replace(r, wall_time_s=r.wall_time_s * 1.25) for r in records]
+    biased = served_step_errors(slower, 0, 4, calibration, ARCH, FP32)
+    assert biased["decode"]["mean"] == pytest.approx(1 / 1.25 - 1, abs=0.01)
+    text = "\n".join(format_served_steps([("1 req/s", biased), ("2 req/s", {})]))
+    assert "| 1 req/s | -20.0% / 20.0% (4) | -20.0% / 20.0% (4) | - | - |" in text
+    assert "2 req/s" not in text

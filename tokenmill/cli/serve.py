@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
@@ -38,6 +39,11 @@ def register(subparsers) -> None:
         help="seconds in-flight requests may finish after SIGTERM before they are aborted",
     )  # fmt: skip
     group.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    group.add_argument(
+        "--step-trace", default=None, metavar="PATH",
+        help="record every engine step (batch shape, wall time) and write them to PATH as "
+        "JSON lines when the server stops (for `tokenmill plan`: memory grows with the steps)",
+    )  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -48,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     sock = _bind(args.host, args.port)  # before the slow model load: a busy port fails fast
-    engine = AsyncEngine.from_config(engine_config_from_args(args, max_waiting=args.max_queue))
+    engine_config = engine_config_from_args(args, max_waiting=args.max_queue)
+    if args.step_trace:
+        engine_config = dataclasses.replace(engine_config, record_step_trace=True)
+    engine = AsyncEngine.from_config(engine_config)
     config = ServerConfig(
         model_name=args.served_model_name or served_model_name(args.model),
         api_key=args.api_key,
@@ -57,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     )
     app = create_app(engine, config, model_root=args.model)
     _print_banner(args.host, sock.getsockname()[1], config)
-    return run_server(
+    code = run_server(
         app,
         engine,
         sock,
@@ -65,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         shutdown_timeout_s=args.shutdown_timeout,
     )
+    if args.step_trace:
+        from tokenmill.perf.trace import write_trace
+
+        write_trace(args.step_trace, engine.engine.step_trace)
+    return code
 
 
 def served_model_name(model: str | None) -> str:
@@ -78,6 +92,9 @@ def served_model_name(model: str | None) -> str:
 def _check_args(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
+    folder = os.path.dirname(os.path.abspath(args.step_trace)) if args.step_trace else None
+    if folder is not None and not os.path.isdir(folder):
+        raise ConfigError(f"--step-trace: folder {folder} does not exist")
     if args.max_queue < 1:
         raise ConfigError(f"--max-queue must be >= 1, got {args.max_queue}")
     if args.max_body_bytes < 1024:

@@ -32,6 +32,7 @@ from tokenmill.config import SchedulerConfig
 from tokenmill.errors import ConfigError
 from tokenmill.models.arch_config import ArchConfig
 from tokenmill.perf.dtypes import Precision
+from tokenmill.perf.trace import read_trace
 from tokenmill.plan.calibrate import (
     DISTURBED_SHARE,
     PERF_DTYPE,
@@ -42,6 +43,7 @@ from tokenmill.plan.calibrate import (
 from tokenmill.plan.hardware import THIS_MACHINE, get_hardware
 from tokenmill.plan.metrics import summarize
 from tokenmill.plan.placement import place
+from tokenmill.plan.served_steps import format_served_steps, served_step_errors
 from tokenmill.plan.sim_runner import CostModelStepTime, SimRunner
 from tokenmill.plan.simulate import SimConfig, simulate
 from tokenmill.plan.step_time import LayoutStepTime
@@ -125,6 +127,7 @@ class RunMetrics:
     busy_s: float | None = None  # summed step time (server: from /metrics)
     # Cores' worth of CPU other processes (not the server, not the client) used meanwhile.
     others_cpu_share: float | None = None
+    first_step: int | None = None  # the server's step count when the run began
 
 
 def predict(workload: Workload, arch: ArchConfig, settings: ValidationSettings) -> RunMetrics:
@@ -209,7 +212,7 @@ def measure(
         e2e_median_ms=m["e2el"]["median"], duration_s=m["duration_s"],
         num_requests=m["num_completed"], output_tokens=m["total_output_tokens"],
         num_steps=int(steps1 - steps0), busy_s=busy1 - busy0,
-        others_cpu_share=None if others is None else others / wall,
+        others_cpu_share=None if others is None else others / wall, first_step=int(steps0),
     )  # fmt: skip
 
 
@@ -220,6 +223,7 @@ class ValidationRow:
     measured: RunMetrics | None
     loadavg_before: tuple[float, ...] = ()
     loadavg_after: tuple[float, ...] = ()
+    served_steps: dict = field(default_factory=dict)  # step kind -> the fit's errors on them
 
     def errors(self) -> dict[str, float]:
         """(predicted - measured) / measured per compared metric."""
@@ -306,7 +310,9 @@ def run_validation(
     if not do_measure:
         report.elapsed_s = time.perf_counter() - start
         return report
-    with ServeProcess(settings.serve_args(), work_dir / "serve.log") as server:
+    trace_path = work_dir / "serve-trace.jsonl"
+    serve_args = [*settings.serve_args(), "--step-trace", str(trace_path)]
+    with ServeProcess(serve_args, work_dir / "serve.log") as server:
         log(f"tokenmill serve up at {server.base_url} (log: {work_dir / 'serve.log'})")
         for row in rows:
             row.loadavg_before = _loadavg()
@@ -314,6 +320,14 @@ def run_validation(
             row.measured = measure(server, settings, row.rate, work_dir / name)
             row.loadavg_after = _loadavg()
             log(format_row(row))
+    if trace_path.exists():  # written as the server stopped
+        served = read_trace(trace_path)
+        precision = Precision(weights=PERF_DTYPE[settings.dtype])
+        for row in rows:
+            m = row.measured
+            row.served_steps = served_step_errors(
+                served, m.first_step, m.num_steps, calibration, info.arch, precision
+            )
     report.elapsed_s = time.perf_counter() - start
     return report
 
@@ -376,6 +390,7 @@ def format_markdown(report: ValidationReport) -> str:
         "|" + "---|" * 13,
         *(format_row(row) for row in report.rows),
         "",
+        *format_served_steps([(_arrivals(r.rate), r.served_steps) for r in report.rows]),
         *_load_warning(report),
         "err = (predicted - measured) / measured; targets: median TPOT and output throughput "
         "within 10%, p99 TTFT within 25%. Engine busy: summed step time, predicted vs the "
