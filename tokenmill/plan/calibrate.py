@@ -499,7 +499,10 @@ def _run_scenario(engine, sc: Scenario, rng: random.Random, ids) -> list[float |
     def add(prompt_len: int, output_len: int) -> str:
         req_id = f"cal-{next(ids)}"
         prompt = [rng.randrange(1000, 30000) for _ in range(prompt_len)]
-        engine.add_request(req_id, prompt, SamplingParams(max_tokens=output_len, ignore_eos=True))
+        # Greedy, as `tokenmill bench serve` samples by default: the same work per step as the
+        # serving runs the calibration is validated against.
+        params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+        engine.add_request(req_id, prompt, params)
         return req_id
 
     first = {add(sc.prompt_len, sc.output_len) for _ in range(sc.num_reqs)}
