@@ -342,7 +342,7 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-sizes", type=_ints, default=(1, 2, 4, 8, 16, 32, 64),
                        help="decode batches at a 32-token context")  # fmt: skip
     group.add_argument("--long-prompt-len", type=int, default=400)
-    group.add_argument("--long-batch-sizes", type=_ints, default=(1, 16, 48),
+    group.add_argument("--long-batch-sizes", type=_ints, default=(1, 4, 16, 32, 48),
                        help="decode batches at --long-prompt-len context")  # fmt: skip
     group.add_argument("--decode-steps", type=int, default=10)
     group.add_argument(

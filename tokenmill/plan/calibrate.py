@@ -391,7 +391,7 @@ class CalibrationSettings:
     prefill_lens: tuple[int, ...] = (16, 64, 128, 256, 384, 512, 1024)
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     long_prompt_len: int = 400
-    long_batch_sizes: tuple[int, ...] = (1, 16, 48)
+    long_batch_sizes: tuple[int, ...] = (1, 4, 16, 32, 48)
     decode_steps: int = 10
     mixed: tuple[tuple[int, int], ...] = ((8, 256), (32, 480))  # (decoding requests, late prompt)
     holdout: tuple[Scenario, ...] = (
