@@ -322,7 +322,7 @@ def _targets(g, offline, serve) -> list[str]:
     if decode:
         best = max(decode, key=lambda n: int(n.rsplit(" ", 1)[1]))
         frac = _median([r["matmul_fraction"] for r in phases[best]])
-        rows.append(f"| {best}: fraction of matmul FLOP/s | >= 60% | {frac:.0%} | "
+        rows.append(f"| {best}: fraction of matmul FLOP/s | >= 60% | {frac:.1%} | "
                     f"{'met' if frac >= 0.6 else 'missed'} |")  # fmt: skip
     if not rows:
         return []

@@ -42,14 +42,13 @@ constexpr int64_t kMaxDim = 256;
 constexpr int64_t kChunk = 16;          // positions scored together
 constexpr int64_t kMinPartition = 256;  // positions per partition, at least
 
-
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
 // Where the task's positions live: positions [first, end) of one request, all KV heads.
 template <typename T>
 struct Span {
-  const T* k;  // cache base + head offset
+  const T* k;  // the K cache (block 0, slot 0, KV head 0)
   const T* v;
   const int64_t* blocks;
   int64_t block_size, block_stride, slot_stride;
