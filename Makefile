@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# bfloat16 where the CPU computes it natively (AVX512-BF16: 2-2.5x the float32 speed there).
+DTYPE ?= $(shell grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null && echo bfloat16 || echo float32)
 
 .PHONY: venv install run chat test test-fast lint format bench clean
 
@@ -24,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/tokenmill serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/tokenmill serve --host $(HOST) --port $(PORT) --dtype $(DTYPE)
 
 chat: $(STAMP)
 	$(VENV)/bin/tokenmill chat
