@@ -51,11 +51,11 @@ void packed_gemm(const T* x, int64_t m_dim, int64_t k_dim, const T* w, int64_t n
       const int64_t p0 = t * kNR, np = std::min<int64_t>(kNR, num_panels - p0);
       const T* panels = w + p0 * panel_stride;
       const int64_t m_begin = rc * chunk_rows, m_end = std::min(m_dim, (rc + 1) * chunk_rows);
-      // With three or more row blocks per item, each also prefetches its share of the next tile's
-      // weight strip, so the next item does not start by waiting on memory.
+      // The last row chunk of a tile, with three or more row blocks, also prefetches (a share
+      // per block) the next tile's weight strip, so that tile does not start waiting on memory.
       const int64_t blocks = (m_end - m_begin + kMR - 1) / kMR;
       const char* next = reinterpret_cast<const char*>(panels + kNR * panel_stride);
-      const int64_t next_bytes = (t + 1 < num_tiles && blocks > 2)
+      const int64_t next_bytes = (t + 1 < num_tiles && rc + 1 == row_chunks && blocks > 2)
           ? std::min<int64_t>(kNR, num_panels - p0 - kNR) * panel_stride * sizeof(T) : 0;
       for (int64_t m0 = m_begin; m0 < m_end; m0 += kMR) {
 #if defined(__SSE__)
