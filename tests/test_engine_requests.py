@@ -144,6 +144,24 @@ def test_abort_midway_frees_blocks(llm_fp32):
     engine.kv_manager.check_invariants()
 
 
+def test_final_only_requests_report_once_with_the_streamed_result(llm_fp32):
+    engine = llm_fp32.engine
+    ids = chat_ids(llm_fp32, PROMPT)
+    engine.add_request("streamed", ids, greedy(12, stop=["\n\n"]))
+    engine.add_request("final", ids, greedy(12, stop=["\n\n"]), final_only=True)
+    seen: dict[str, list] = {"streamed": [], "final": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen["streamed"]) > 1
+    assert len(seen["final"]) == 1 and seen["final"][0].finished
+    streamed, final = seen["streamed"][-1].outputs[0], seen["final"][0].outputs[0]
+    assert final.text == streamed.text and final.token_ids == streamed.token_ids
+    assert final.finish_reason == streamed.finish_reason
+    assert final.text_delta == final.text  # the only report carries all the text
+    assert engine.kv_manager.usage == 0
+
+
 def test_unknown_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="nope"):
         LLM(model=str(tmp_path / "nope.gguf"))

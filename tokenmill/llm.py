@@ -97,7 +97,9 @@ class LLM:
         try:
             for prompt, p, prio in zip(prompt_list, params, priorities, strict=True):
                 request_id = str(next(self._ids))
-                self.engine.add_request(request_id, _prompt_value(prompt), p, priority=prio)
+                self.engine.add_request(
+                    request_id, _prompt_value(prompt), p, priority=prio, final_only=True
+                )
                 ids.append(request_id)
         except Exception:
             self.engine.abort_request(ids)

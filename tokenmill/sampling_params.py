@@ -117,6 +117,11 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
         )
 
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy with no penalties and no logprobs: the argmax is the whole answer."""
+        return self.is_greedy and self.logprobs is None and not self.has_penalties
+
     def for_child(self, index: int) -> SamplingParams:
         """The parameters of the index-th of n parallel samples: n=1, and a distinct seed."""
         seed = None if self.seed is None else self.seed + index

@@ -45,6 +45,21 @@ constexpr int64_t kMinPartition = 256;  // positions per partition, at least
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
+// Cache lines wanted soon (the next chunk), requested a share at a time while the current
+// chunk computes. Requesting a whole chunk at once fills the core's miss slots and stalls the
+// loads of the chunk being computed behind them; in shares, the misses stay in flight under
+// the arithmetic (decode attention at batch 128 from DRAM: 0.48 -> 0.39 ms per layer).
+struct Lookahead {
+  const char* p = nullptr;
+  int64_t bytes = 0;
+  void fetch(int64_t share, int64_t shares) const {
+#if defined(__SSE__)
+    for (int64_t b = bytes * share / shares / 64 * 64; b < bytes * (share + 1) / shares; b += 64)
+      _mm_prefetch(p + b, _MM_HINT_T0);
+#endif
+  }
+};
+
 // Where the task's positions live: positions [first, end) of one request, all KV heads.
 template <typename T>
 struct Span {
@@ -55,22 +70,32 @@ struct Span {
   int64_t first, end;
   int64_t row_bytes;  // one slot: all its KV heads' K (or V)
 
-  // Calls f(offset from first, pointer offset of the chunk's first slot, n <= kChunk) for
-  // runs of consecutive slots inside one block. Blocks lie anywhere in the cache, and one
-  // chunk's demand loads leave the memory bus mostly idle: every cache line of the chunk's
-  // slots (all KV heads) is requested up front, so they arrive together (2x faster from DRAM
-  // than without; prefetching chunks further ahead measured no better).
+  // The run of consecutive slots from `pos` inside one block (at most kChunk): its element
+  // offset from the cache's start and its length.
+  std::pair<int64_t, int64_t> chunk_at(int64_t pos) const {
+    const int64_t off = pos % block_size;
+    return {blocks[pos / block_size] * block_stride + off * slot_stride,
+            std::min({kChunk, block_size - off, end - pos})};
+  }
+
+  Lookahead lines_of_chunk(const T* base, int64_t pos) const {
+    if (pos >= end) return {};
+    const auto [offset, n] = chunk_at(pos);
+    return {reinterpret_cast<const char*>(base + offset), n * row_bytes};
+  }
+
+  // Calls f(offset from first, element offset of the chunk's first slot, n <= kChunk, ahead)
+  // for each chunk in order; `ahead` holds the next chunk's lines (after the last chunk,
+  // `after`: what the caller reads next), for f to prefetch a share at a time. Blocks lie
+  // anywhere in the cache, so the hardware prefetchers cannot run ahead across them. The
+  // first chunk is requested whole (a no-op when the previous pass already fetched it).
   template <typename F>
-  void for_chunks(const T* base, F&& f) const {
+  void for_chunks(const T* base, F&& f, const Lookahead& after = {}) const {
+    lines_of_chunk(base, first).fetch(0, 1);
     for (int64_t pos = first; pos < end;) {
-      const int64_t off = pos % block_size;
-      const int64_t n = std::min({kChunk, block_size - off, end - pos});
-      const int64_t offset = blocks[pos / block_size] * block_stride + off * slot_stride;
-#if defined(__SSE__)
-      const char* p = reinterpret_cast<const char*>(base + offset);
-      for (int64_t b = 0; b < n * row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-#endif
-      f(pos - first, offset, n);
+      const auto [offset, n] = chunk_at(pos);
+      const Lookahead ahead = pos + n < end ? lines_of_chunk(base, pos + n) : after;
+      f(pos - first, offset, n, ahead);
       pos += n;
     }
   }
@@ -185,9 +210,10 @@ void score_pass(const T* q, int64_t num_kv_heads, int64_t groups, float scale,
                 const Span<T>& span, float* scores) {
   const int64_t n_total = span.end - span.first;
   const __m512 vscale = _mm512_set1_ps(scale);
-  span.for_chunks(span.k, [&](int64_t i0, int64_t offset, int64_t n) {
+  span.for_chunks(span.k, [&](int64_t i0, int64_t offset, int64_t n, const Lookahead& ahead) {
     const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
     for (int64_t h = 0; h < num_kv_heads * groups; ++h) {
+      if (ahead.p) ahead.fetch(h, num_kv_heads * groups);
       Query<T, D16> query;
       query.load(q + h * 16 * D16);
       const T* k = span.k + offset + (h / groups) * 16 * D16;
@@ -197,7 +223,7 @@ void score_pass(const T* q, int64_t num_kv_heads, int64_t groups, float scale,
       const __m512 s = _mm512_mul_ps(transpose_sum(part), vscale);
       _mm512_mask_storeu_ps(scores + h * n_total + i0, valid, s);
     }
-  });
+  }, span.lines_of_chunk(span.v, span.first));
 }
 
 // acc[g][:] += sum_i p[g * n_total + i] * v_i over n rows of V, for kHeads query heads,
@@ -239,15 +265,17 @@ void value_group(const float* probs, int64_t groups, int64_t n_total, const T* v
 // acc[h][:] = sum_i p[h * n + i] * v_i for every query head, chunk by chunk as for K.
 template <typename T, int D16>
 void value_pass(const float* probs, int64_t num_kv_heads, int64_t groups, const Span<T>& span,
-                float* acc) {
+                float* acc, const Lookahead& after) {
   const int64_t n_total = span.end - span.first;
   std::fill(acc, acc + num_kv_heads * groups * 16 * D16, 0.f);
-  span.for_chunks(span.v, [&](int64_t i0, int64_t offset, int64_t n) {
-    for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)
+  span.for_chunks(span.v, [&](int64_t i0, int64_t offset, int64_t n, const Lookahead& ahead) {
+    for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
+      if (ahead.p) ahead.fetch(kvh, num_kv_heads);
       value_group<T, D16>(probs + kvh * groups * n_total + i0, groups, n_total,
                           span.v + offset + kvh * 16 * D16, span.slot_stride, n,
                           acc + kvh * groups * 16 * D16);
-  });
+    }
+  }, after);
 }
 
 #else  // portable fallback
@@ -256,7 +284,7 @@ template <typename T, int D16>
 void score_pass(const T* q, int64_t num_kv_heads, int64_t groups, float scale,
                 const Span<T>& span, float* scores) {
   const int64_t n_total = span.end - span.first, dim = 16 * D16;
-  span.for_chunks(span.k, [&](int64_t i0, int64_t offset, int64_t n) {
+  span.for_chunks(span.k, [&](int64_t i0, int64_t offset, int64_t n, const Lookahead&) {
     for (int64_t h = 0; h < num_kv_heads * groups; ++h)
       for (int64_t i = 0; i < n; ++i) {
         const T* k = span.k + offset + i * span.slot_stride + (h / groups) * dim;
@@ -269,10 +297,10 @@ void score_pass(const T* q, int64_t num_kv_heads, int64_t groups, float scale,
 
 template <typename T, int D16>
 void value_pass(const float* probs, int64_t num_kv_heads, int64_t groups, const Span<T>& span,
-                float* acc) {
+                float* acc, const Lookahead&) {
   const int64_t n_total = span.end - span.first, dim = 16 * D16;
   std::fill(acc, acc + num_kv_heads * groups * dim, 0.f);
-  span.for_chunks(span.v, [&](int64_t i0, int64_t offset, int64_t n) {
+  span.for_chunks(span.v, [&](int64_t i0, int64_t offset, int64_t n, const Lookahead&) {
     for (int64_t i = 0; i < n; ++i)
       for (int64_t h = 0; h < num_kv_heads * groups; ++h) {
         const T* v = span.v + offset + i * span.slot_stride + (h / groups) * dim;
@@ -316,16 +344,26 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   const int64_t partial_size = num_heads * (dim + 2);
   std::vector<float> partial(parts > 1 ? num_reqs * parts * partial_size : 0);
 
-  at::parallel_for(0, num_reqs * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc(num_heads * dim), maxes(num_heads), sums(num_heads);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / parts, part = task % parts;
-      const auto [req_first, req_end] = range(b);
-      Span<T> span{k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+  auto span_of = [&](int64_t task) {
+    const int64_t b = task / parts, part = task % parts;
+    const auto [req_first, req_end] = range(b);
+    return Span<T>{k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
                    table + b * block_table.stride(0), block_size, k_cache.stride(0),
                    slot_stride, std::min(req_end, req_first + part * part_len),
                    std::min(req_end, req_first + (part + 1) * part_len),
                    static_cast<int64_t>(slot_stride * sizeof(T))};
+  };
+  at::parallel_for(0, num_reqs * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, acc(num_heads * dim), maxes(num_heads), sums(num_heads);
+    for (int64_t task = begin; task < end; ++task) {
+      const Span<T> span = span_of(task);
+      const int64_t b = task / parts;
+      // While this task's V streams, the next task's first K chunk is fetched too.
+      Lookahead next;
+      if (task + 1 < end) {
+        const Span<T> following = span_of(task + 1);
+        next = following.lines_of_chunk(following.k, following.first);
+      }
       const int64_t n = span.end - span.first;
       if (n == 0) {
         std::fill(acc.begin(), acc.end(), 0.f);
@@ -337,7 +375,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
                            static_cast<float>(scale), span, scores.data());
         for (int64_t h = 0; h < num_heads; ++h)
           std::tie(maxes[h], sums[h]) = softmax_numerators(&scores[h * n], n);
-        value_pass<T, D16>(scores.data(), num_kv_heads, groups, span, acc.data());
+        value_pass<T, D16>(scores.data(), num_kv_heads, groups, span, acc.data(), next);
       }
       if (parts == 1) {
         for (int64_t h = 0; h < num_heads; ++h) {

@@ -106,7 +106,10 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
         arrival_time: float | None = None,
+        final_only: bool = False,
     ) -> None:
+        """`final_only`: step() reports this request once, when it finishes (callers that
+        never stream, like LLM.generate, skip building an output per token)."""
         text, token_ids = self.encode_prompt(prompt)
         self.validate_prompt_tokens(token_ids, params)
         if self.output_processor.has_request(request_id):
@@ -121,7 +124,9 @@ class LLMEngine:
             (request_id if params.n == 1 else f"{request_id}#{i}", params.for_child(i))
             for i in range(params.n)
         ]
-        self.output_processor.add_request(request_id, text, token_ids, children, arrival_time)
+        self.output_processor.add_request(
+            request_id, text, token_ids, children, arrival_time, final_only=final_only
+        )
         for child_id, child_params in children:
             self.scheduler.add_request(
                 Request(

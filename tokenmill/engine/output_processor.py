@@ -43,6 +43,7 @@ class _ParentState:
     metrics: RequestMetrics
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0
+    final_only: bool = False  # report only the finished request, not every step's progress
 
     @property
     def finished(self) -> bool:
@@ -63,6 +64,7 @@ class OutputProcessor:
         prompt_token_ids: list[int],
         children: list[tuple[str, SamplingParams]],
         arrival_time: float,
+        final_only: bool = False,
     ) -> None:
         samples = []
         for index, (child_id, params) in enumerate(children):
@@ -82,7 +84,7 @@ class OutputProcessor:
         want_prompt_lp = children[0][1].prompt_logprobs is not None
         self._parents[request_id] = _ParentState(
             request_id, prompt, prompt_token_ids, samples, RequestMetrics(arrival_time),
-            prompt_logprobs=[None] if want_prompt_lp else None,
+            prompt_logprobs=[None] if want_prompt_lp else None, final_only=final_only,
         )  # fmt: skip
 
     def has_request(self, request_id: str) -> bool:
@@ -133,10 +135,13 @@ class OutputProcessor:
             changed[parent.request_id] = parent
         outputs = []
         for parent in changed.values():
-            if parent.finished:
+            finished = parent.finished
+            if finished:
                 parent.metrics.finished_time = now
+            elif parent.final_only:
+                continue
             outputs.append(self._make_output(parent))
-            if parent.finished:
+            if finished:
                 self.remove(parent.request_id)
         return outputs, stopped
 

@@ -25,7 +25,7 @@ from tokenmill.models.weights import load_weights
 from tokenmill.worker.cpu_fused_decode import fused_decode_for
 from tokenmill.worker.cuda_graphs import DecodeGraphs
 from tokenmill.worker.input_batch import StepInputs, prepare_inputs
-from tokenmill.worker.sampler import SamplingRow, batch_token_logprobs, sample
+from tokenmill.worker.sampler import SamplingRow, batch_token_logprobs, greedy_tokens, sample
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,12 @@ class ModelRunner(BaseRunner):
             )
         if not inputs.sample_rows:
             return out
+        if self._plain_greedy_in_order(sched_out, inputs, logits):
+            # Argmax only (no masks, penalties or logprobs): skip building sampling rows.
+            tokens = greedy_tokens(logits).tolist()
+            for (b, _), token in zip(inputs.sample_rows, tokens, strict=True):
+                out.sampled[sched_out.scheduled[b].req_id] = [token]
+            return out
         rows, forbidden = [], []
         for b, _ in inputs.sample_rows:
             sched = sched_out.scheduled[b]
@@ -178,6 +184,21 @@ class ModelRunner(BaseRunner):
             if lp is not None:
                 out.logprobs[req_id] = [lp]
         return out
+
+    def _plain_greedy_in_order(
+        self, sched_out: SchedulerOutput, inputs: StepInputs, logits
+    ) -> bool:
+        """Every row greedy with nothing to mask, penalise or report, rows in logits order."""
+        if len(inputs.sample_rows) != logits.shape[0]:
+            return False
+        for i, (b, row) in enumerate(inputs.sample_rows):
+            sched = sched_out.scheduled[b]
+            params = self._states[sched.req_id].params
+            if row != i or not params.is_plain_greedy:
+                return False
+            if len(sched.output_token_ids) < params.min_tokens:
+                return False  # EOS and stop ids are still forbidden
+        return True
 
     def _prompt_logprobs(self, sched, logits: torch.Tensor) -> list[TokenLogprobs | None]:
         """logits [Q, V] of a prompt chunk; row i scores the prompt token after position i."""

@@ -75,8 +75,7 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _plain_greedy(row: SamplingRow, forbidden: list[int]) -> bool:
-    p = row.params
-    return p.is_greedy and p.logprobs is None and not p.has_penalties and not forbidden
+    return row.params.is_plain_greedy and not forbidden
 
 
 def token_logprobs(logprobs: torch.Tensor, token_id: int, num_top: int) -> TokenLogprobs:
