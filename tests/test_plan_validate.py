@@ -4,6 +4,7 @@ its verdicts, and one measured run against a real `tokenmill serve` subprocess."
 import argparse
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -20,13 +21,13 @@ from tokenmill.plan.validate import (
     ValidationSettings,
     build_validation_workload,
     check_calibration,
-    format_markdown,
     measure,
     parse_engine_counters,
     predict,
     server_kv_blocks,
-    validation_command,
+    speed_probe,
 )
+from tokenmill.plan.validate_report import format_markdown, validation_command
 
 ARCH = get_model("smollm2-135m").arch
 FP32 = Precision(weights="fp32")
@@ -34,7 +35,13 @@ FP32 = Precision(weights="fp32")
 
 @pytest.fixture()
 def calibrated(tmp_path, monkeypatch):
-    """A this-machine profile fitted to a synthetic CPU (4 ms per step, 50 GFLOP/s, 8 GB/s)."""
+    return write_synthetic_calibration(tmp_path, monkeypatch)
+
+
+def write_synthetic_calibration(tmp_path, monkeypatch):
+    """A this-machine profile fitted to a synthetic CPU (4 ms per step, 50 GFLOP/s, 8 GB/s),
+    in a TOKENMILL_HOME of its own (this process only: servers started later would rebuild
+    the native kernels there)."""
     monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path))
     records = []
     for b in (1, 2, 4, 8, 16, 32, 64):
@@ -184,7 +191,15 @@ def test_regenerating_command_holds_every_setting():
     assert "--num-prompts 96" in cmd and "--rates 0.3,inf" in cmd and "--dtype float32" in cmd
 
 
-@pytest.mark.parametrize("bad", [["--rates", "0"], ["--rates", "fast"], ["--num-prompts", "0"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--rates", "0"],
+        ["--rates", "fast"],
+        ["--num-prompts", "0"],
+        ["--speed-probe-prompts", "-1"],
+    ],
+)
 def test_bad_validate_arguments_are_refused(bad, capsys, calibrated):
     try:
         code = main(["plan", "validate", "--predict-only", "--out-md", "none",
@@ -200,7 +215,31 @@ def test_existing_plan_interface_still_works(capsys):
     assert code == 0 and "ttft_s" in json.loads(capsys.readouterr().out)
 
 
-def test_measure_loads_a_real_server_and_reads_its_engine_counters(tmp_path):
+def test_time_scale_slows_every_simulated_step(calibrated):
+    settings = ValidationSettings(workload="fixed:in=200,out=40", num_prompts=8)
+    workload = build_validation_workload(settings, math.inf, None)
+    base = predict(workload, ARCH, settings)
+    slow = predict(workload, ARCH, settings, time_scale=1.5)
+    assert slow.busy_s == pytest.approx(1.5 * base.busy_s)
+    assert slow.tpot_median_ms == pytest.approx(1.5 * base.tpot_median_ms)
+    assert slow.output_tok_s == pytest.approx(base.output_tok_s / 1.5)
+    assert slow.num_steps == base.num_steps  # all at once: the same steps, each slower
+
+
+def test_probed_rows_show_the_factor_and_the_unprobed_error():
+    unscaled = RunMetrics(90.0, 40.0, 2000.0, 500.0, 9000.0, 60.0, 64, 2400)
+    pred = RunMetrics(99.0, 40.0, 2000.0, 500.0, 9000.0, 60.0, 64, 2400)
+    meas = RunMetrics(100.0, 40.0, 2000.0, 500.0, 9000.0, 60.0, 64, 2400, 900, 45.0, 0.01)
+    row = ValidationRow(1.0, pred, meas, speed_factor=1.1, unscaled=unscaled)
+    assert row.errors()["tpot_median_ms"] == pytest.approx(-0.01)
+    assert row.errors(unscaled)["tpot_median_ms"] == pytest.approx(-0.1)
+    table = format_markdown(ValidationReport(ValidationSettings(), [row], {}))
+    assert "| -1% ok |" in table and "| x1.10 | -10% |" in table
+    assert ValidationReport(ValidationSettings(), [row]).as_dict()["rows"][0]["speed_factor"] == 1.1
+
+
+def test_measure_loads_a_real_server_and_reads_its_engine_counters(tmp_path, monkeypatch):
+    from tokenmill.bench.serve import open_model_info
     from tokenmill.bench.serve_process import ServeProcess
 
     settings = ValidationSettings(
@@ -210,11 +249,18 @@ def test_measure_loads_a_real_server_and_reads_its_engine_counters(tmp_path):
     args = [*settings.serve_args(), "--step-trace", str(trace)]
     with ServeProcess(args, tmp_path / "serve.log") as server:
         got = measure(server, settings, math.inf, tmp_path / "run.json")
+        write_synthetic_calibration(tmp_path / "home", monkeypatch)
+        probe = replace(settings, speed_probe_prompts=2)
+        factor = speed_probe(server, probe, open_model_info(None), tmp_path / "probe.json")
     assert got.num_requests == 3 and got.output_tokens == 18
+    # The probe: two other requests, measured engine time over the synthetic profile's.
+    assert json.loads((tmp_path / "probe.json").read_text())["metrics"]["num_completed"] == 2
+    assert 0 < factor < math.inf
     # The server wrote every step it took when it stopped: the counters index into it.
     records = read_trace(trace)
-    assert got.first_step + got.num_steps == len(records)
-    assert sum(r.num_decode_tokens + r.num_prefill_tokens for r in records) >= 3 * (24 + 5)
+    assert got.first_step == 0 and got.num_steps < len(records)  # the probe's steps follow
+    run = records[: got.num_steps]
+    assert sum(r.num_decode_tokens + r.num_prefill_tokens for r in run) == 3 * (24 + 5)
     # The engine's own counters: at least one prefill step and five decode steps ran, and
     # they took time, though no more than the whole run.
     assert got.num_steps >= 6

@@ -382,6 +382,9 @@ def _register_validate(modes) -> None:
     group.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1: Poisson")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--num-warmup", type=int, default=1)
+    p.add_argument("--speed-probe-prompts", type=int, default=16,
+                   help="requests of the speed probe before each run (its measured / predicted "
+                   "engine time scales that run's prediction); 0: no probe")  # fmt: skip
     p.add_argument("--calibrate", action="store_true", help="calibrate this-machine first")
     _add_calibration_args(p)
     p.add_argument("--predict-only", action="store_true", help="no server: predictions alone")
@@ -465,12 +468,8 @@ def _loadavg_text() -> str:
 def _run_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tokenmill.plan.validate import (
-        ValidationSettings,
-        format_markdown,
-        run_validation,
-        write_report,
-    )
+    from tokenmill.plan.validate import ValidationSettings, run_validation
+    from tokenmill.plan.validate_report import format_markdown, write_report
 
     settings = ValidationSettings(
         model=args.model, dtype=args.dtype, workload=args.workload, num_prompts=args.num_prompts,
@@ -478,6 +477,7 @@ def _run_validate(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
         num_warmup=args.num_warmup, jitter=args.jitter,
+        speed_probe_prompts=args.speed_probe_prompts,
     )  # fmt: skip
     if args.calibrate:
         report, trace, path = _do_calibrate(args)

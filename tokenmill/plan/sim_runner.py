@@ -123,6 +123,8 @@ class SimRunner(BaseRunner):
 
     jitter_cv > 0 multiplies each step time by a log-normal factor of mean 1 (dynamically
     scheduled hardware); statically scheduled hardware runs with 0. Seeded: runs repeat exactly.
+    time_scale multiplies every step time (a machine measured running slower or faster than
+    its profile).
     """
 
     def __init__(
@@ -131,8 +133,10 @@ class SimRunner(BaseRunner):
         jitter_cv: float = 0.0,
         seed: int = 0,
         acceptance_rate: float | None = None,
+        time_scale: float = 1.0,
     ) -> None:
         self.timer = timer
+        self.time_scale = time_scale
         self.now = 0.0
         self.prefill_time_s = 0.0
         self.decode_time_s = 0.0
@@ -143,7 +147,7 @@ class SimRunner(BaseRunner):
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         timing = self.timer.step_time(scheduler_output)
-        seconds = timing.seconds
+        seconds = timing.seconds * self.time_scale
         if self._sigma:
             seconds *= math.exp(self._rng.gauss(-(self._sigma**2) / 2, self._sigma))
         self.now += seconds
