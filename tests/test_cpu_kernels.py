@@ -196,6 +196,27 @@ def test_native_argmax_is_the_first_largest_and_skips_nans():
             assert torch.equal(greedy_tokens(x), expected), (dtype, vocab)
 
 
+def test_fused_lm_head_argmax_equals_the_argmax_of_the_bf16_logits():
+    from tokenmill.models.linear_ops import linear, linear_argmax
+
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.has_avx512_bf16():
+        pytest.skip("native bf16 GEMM unavailable")
+    gen = torch.Generator().manual_seed(5)
+    for rows, vocab, dim in ((16, 49152, 576), (130, 4096, 64), (17, 16, 32)):
+        w = (torch.randn(vocab, dim, generator=gen) * 0.05).bfloat16()
+        x = torch.randn(rows, dim, generator=gen).bfloat16()
+        x[0] = w[vocab - 1] * 8  # row 0 points at the last column...
+        w[vocab // 2] = w[vocab - 1]  # ...which has an identical twin earlier: the first wins
+        x[1, 0] = float("inf")  # inf * a zero-free column: +-inf logits; inf - inf: NaN
+        expected = kernels.argmax_last_dim(linear(x, w))
+        got = linear_argmax(x, w)
+        assert torch.equal(got, expected), (rows, vocab, dim)
+        assert got[0] == vocab // 2
+    # Few rows: the plain GEMM and argmax (the product is small next to the weight).
+    assert linear_argmax(torch.randn(2, 32).bfloat16(), torch.randn(64, 32).bfloat16()) is None
+
+
 def test_native_rms_norm_matches_float32_math():
     from tokenmill.models.linear_ops import rms_norm
 

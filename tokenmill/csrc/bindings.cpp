@@ -11,6 +11,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "repack a bf16 [N, K] weight into gemm_bf16_packed's panels");
   m.def("gemm_bf16_packed", &tokenmill::gemm_bf16_packed, no_gil(),
         "x [M, K] @ W^T for a packed bf16 weight (CPU, AVX512-BF16)");
+  m.def("gemm_bf16_argmax", &tokenmill::gemm_bf16_argmax, no_gil(),
+        "each row's argmax of x [M, K] @ W^T for a packed bf16 weight, without the product");
   m.def("pack_f32_weight", &tokenmill::pack_f32_weight, no_gil(),
         "repack an fp32 [N, K] weight into gemm_f32_packed's panels");
   m.def("gemm_f32_packed", &tokenmill::gemm_f32_packed, no_gil(),

@@ -15,9 +15,12 @@
 
 #include "gemm_tiles.h"
 #include "kernels.h"
+#include "simd.h"
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -57,6 +60,56 @@ struct Kernel {
                             (__m256i)_mm512_cvtneps_pbh(acc[m][j]));
   }
 };
+
+inline float bf16_to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Greedy decoding's lm_head: each thread folds its bf16 tiles into a running (largest value,
+// first column) per row, so the [M, vocabulary] logits never reach memory; the threads' answers
+// are merged after. Values compare after rounding to bf16, exactly as an argmax over the bf16
+// logits would; NaNs never win and ties go to the lowest column.
+struct ArgmaxTiles {
+  static constexpr int64_t kStride = gemm::kNR * kPanel;
+  int64_t m_dim;
+  std::vector<uint16_t> scratch;  // [thread][kMR][kStride]
+  std::vector<float> best;        // [thread][m_dim]
+  std::vector<int64_t> best_col;  // [thread][m_dim]
+
+  ArgmaxTiles(int64_t m, int threads)
+      : m_dim(m), scratch(threads * gemm::kMR * kStride),
+        best(threads * m, -std::numeric_limits<float>::infinity()), best_col(threads * m, 0) {}
+
+  uint16_t* tile(int64_t /*m0*/, int64_t /*p0*/, int64_t& stride) {
+    stride = kStride;
+    return scratch.data() + at::get_thread_num() * gemm::kMR * kStride;
+  }
+
+  void done(int64_t m0, int64_t rows, int64_t p0, int64_t np) {
+    const int thread = at::get_thread_num();
+    const uint16_t* t = scratch.data() + thread * gemm::kMR * kStride;
+    float* b = best.data() + thread * m_dim;
+    int64_t* col = best_col.data() + thread * m_dim;
+    for (int64_t r = 0; r < rows; ++r, t += kStride) {
+      __m512 vmax = _mm512_set1_ps(b[m0 + r]);
+      for (int64_t j = 0; j < np; ++j)  // max(v, vmax): a NaN in v leaves vmax
+        vmax = _mm512_max_ps(tokenmill::load16(reinterpret_cast<const c10::BFloat16*>(t) +
+                                               j * kPanel), vmax);
+      const float m = _mm512_reduce_max_ps(vmax);
+      if (!(m > b[m0 + r])) continue;
+      for (int64_t c = 0; c < np * kPanel; ++c) {
+        if (bf16_to_float(t[c]) == m) {
+          b[m0 + r] = m;
+          col[m0 + r] = p0 * kPanel + c;
+          break;
+        }
+      }
+    }
+  }
+};
 #endif
 
 }  // namespace
@@ -70,6 +123,41 @@ at::Tensor pack_bf16_weight(const at::Tensor& w) {
   // [N, K] -> [N/16, 16, K/2, 2] -> [N/16, K/2, 16, 2]
   return w.contiguous().view({n_dim / kPanel, kPanel, k_dim / 2, 2}).permute({0, 2, 1, 3})
       .contiguous();
+}
+
+at::Tensor gemm_bf16_argmax(const at::Tensor& x, const at::Tensor& packed) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
+              "contiguous bf16 x [M, K] expected");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kPanel && packed.is_contiguous(),
+              "weight from pack_bf16_weight expected");
+  const int64_t m_dim = x.size(0), k_dim = x.size(1), num_panels = packed.size(0);
+  TORCH_CHECK(packed.size(1) * 2 == k_dim, "x and weight disagree on K");
+  at::Tensor out = at::empty({m_dim}, x.options().dtype(at::kLong));
+#if TOKENMILL_GEMM
+  const int threads = at::get_num_threads();
+  ArgmaxTiles sink(m_dim, threads);
+  gemm::packed_gemm_into<Kernel>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
+                                 m_dim, k_dim,
+                                 reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()),
+                                 num_panels, k_dim * kPanel, sink);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t m = 0; m < m_dim; ++m) {
+    float b = -std::numeric_limits<float>::infinity();
+    int64_t col = 0;
+    for (int t = 0; t < threads; ++t) {
+      const float v = sink.best[t * m_dim + m];
+      const int64_t c = sink.best_col[t * m_dim + m];
+      if (v > b || (v == b && v > -std::numeric_limits<float>::infinity() && c < col)) {
+        b = v;
+        col = c;
+      }
+    }
+    o[m] = col;
+  }
+#else
+  TORCH_CHECK(false, "built without AVX512-BF16");
+#endif
+  return out;
 }
 
 at::Tensor gemm_bf16_packed(const at::Tensor& x, const at::Tensor& packed) {

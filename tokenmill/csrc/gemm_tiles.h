@@ -32,15 +32,28 @@ void rows_tile(int64_t rows, const T* x, int64_t k_dim, const T* panels, int64_t
   }
 }
 
-// y[m_dim, num_panels * kPanel] = x[m_dim, k_dim] @ W^T; panel p of W starts at
-// w + p * panel_stride (elements of T). Work items are (column tile, row chunk): a matrix with
-// few column tiles (576 outputs are 9 tiles) is also split by rows when there are many, so two
-// threads never wait on an odd tile; a thread's items are consecutive row chunks of the same
-// tile, so its weight strip stays in cache.
-template <class Kernel, typename T>
-void packed_gemm(const T* x, int64_t m_dim, int64_t k_dim, const T* w, int64_t num_panels,
-                 int64_t panel_stride, T* y) {
-  const int64_t n_dim = num_panels * kPanel;
+// Where tiles go: straight into y [m_dim, n_dim]. Another sink (gemm_bf16_argmax) has each
+// tile written to a small per-thread buffer and folds it into its own result.
+template <typename T>
+struct StoreTiles {
+  T* y;
+  int64_t n_dim;
+  // The tile at rows m0.., panels p0..: where to write it and its row stride.
+  T* tile(int64_t m0, int64_t p0, int64_t& stride) {
+    stride = n_dim;
+    return y + m0 * n_dim + p0 * kPanel;
+  }
+  void done(int64_t /*m0*/, int64_t /*rows*/, int64_t /*p0*/, int64_t /*np*/) {}
+};
+
+// x[m_dim, k_dim] @ W^T, tile by tile into `sink`; panel p of W starts at w + p * panel_stride
+// (elements of T). Work items are (column tile, row chunk): a matrix with few column tiles
+// (576 outputs are 9 tiles) is also split by rows when there are many, so two threads never
+// wait on an odd tile; a thread's items are consecutive row chunks of the same tile, so its
+// weight strip stays in cache.
+template <class Kernel, typename T, class Sink>
+void packed_gemm_into(const T* x, int64_t m_dim, int64_t k_dim, const T* w, int64_t num_panels,
+                      int64_t panel_stride, Sink& sink) {
   const int64_t num_tiles = (num_panels + kNR - 1) / kNR;
   const int64_t wanted = (8 * at::get_num_threads() + num_tiles - 1) / num_tiles;
   const int64_t row_chunks = std::max<int64_t>(1, std::min(wanted, m_dim / (4 * kMR)));
@@ -66,16 +79,26 @@ void packed_gemm(const T* x, int64_t m_dim, int64_t k_dim, const T* w, int64_t n
 #endif
         const int64_t rows = std::min<int64_t>(kMR, m_dim - m0);
         const T* xr = x + m0 * k_dim;
-        T* yr = y + m0 * n_dim + p0 * kPanel;
+        int64_t stride = 0;
+        T* yr = sink.tile(m0, p0, stride);
         switch (np) {
-          case 1: rows_tile<Kernel, 1>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
-          case 2: rows_tile<Kernel, 2>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
-          case 3: rows_tile<Kernel, 3>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
-          default: rows_tile<Kernel, 4>(rows, xr, k_dim, panels, panel_stride, yr, n_dim); break;
+          case 1: rows_tile<Kernel, 1>(rows, xr, k_dim, panels, panel_stride, yr, stride); break;
+          case 2: rows_tile<Kernel, 2>(rows, xr, k_dim, panels, panel_stride, yr, stride); break;
+          case 3: rows_tile<Kernel, 3>(rows, xr, k_dim, panels, panel_stride, yr, stride); break;
+          default: rows_tile<Kernel, 4>(rows, xr, k_dim, panels, panel_stride, yr, stride); break;
         }
+        sink.done(m0, rows, p0, np);
       }
     }
   });
+}
+
+// y[m_dim, num_panels * kPanel] = x[m_dim, k_dim] @ W^T.
+template <class Kernel, typename T>
+void packed_gemm(const T* x, int64_t m_dim, int64_t k_dim, const T* w, int64_t num_panels,
+                 int64_t panel_stride, T* y) {
+  StoreTiles<T> sink{y, num_panels * kPanel};
+  packed_gemm_into<Kernel>(x, m_dim, k_dim, w, num_panels, panel_stride, sink);
 }
 
 }  // namespace tokenmill::gemm

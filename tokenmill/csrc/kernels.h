@@ -13,6 +13,8 @@ bool has_avx512_bf16();
 
 at::Tensor pack_bf16_weight(const at::Tensor& w);
 at::Tensor gemm_bf16_packed(const at::Tensor& x, const at::Tensor& packed);
+// argmax over each row of x @ W^T (bf16 values, first of equals), without the [M, N] product.
+at::Tensor gemm_bf16_argmax(const at::Tensor& x, const at::Tensor& packed);
 
 bool has_avx512f();
 at::Tensor pack_f32_weight(const at::Tensor& w);

@@ -56,16 +56,39 @@ def packed_weight(pack, weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] @ weight[out, in]^T (+ bias)."""
-    if (
+def _native_shapes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
         x.dtype == weight.dtype
         and x.dtype in (torch.bfloat16, torch.float32)
         and x.device.type == "cpu"
         and x.dim() == 2
         and weight.shape[0] % 16 == 0
         and (x.dtype == torch.float32 or weight.shape[1] % 2 == 0)
-    ):
+    )
+
+
+# Below this many rows the product is small next to the weight it streams, and the plain
+# GEMM then argmax is as fast.
+_ARGMAX_MIN_ROWS = 16
+
+
+def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """Each row's argmax of x @ weight^T (first of equal values), by the native bf16 kernel
+    that never writes the [T, out] product; None where that kernel does not apply."""
+    if x.dtype != torch.bfloat16 or x.shape[0] < _ARGMAX_MIN_ROWS or not _native_shapes(x, weight):
+        return None
+    native = _native_gemm(x.dtype)
+    if native is None:
+        return None
+    from tokenmill.attention.backends.cpu_kernels import cpu_kernels
+
+    pack, _ = native
+    return cpu_kernels().gemm_bf16_argmax(x.contiguous(), packed_weight(pack, weight))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ weight[out, in]^T (+ bias)."""
+    if _native_shapes(x, weight):
         native = _native_gemm(x.dtype)
         if native is not None:
             pack, gemm = native

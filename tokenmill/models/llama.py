@@ -21,7 +21,7 @@ from tokenmill.models.layers import (
     RotaryEmbedding,
     apply_rotary,
 )
-from tokenmill.models.linear_ops import linear
+from tokenmill.models.linear_ops import linear, linear_argmax
 
 
 class LlamaAttention(nn.Module):
@@ -114,7 +114,14 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, E] -> logits [N, V] in the model's dtype (the sampler widens them when
         it has more to do than an argmax)."""
-        head = (
+        return linear(hidden, self._head_weight())
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, E] -> each row's argmax of compute_logits [N] by a kernel that never
+        writes the logits; None where none applies (take the argmax of compute_logits)."""
+        return linear_argmax(hidden, self._head_weight())
+
+    def _head_weight(self) -> torch.Tensor:
+        return (
             self.model.embed_tokens.weight if self.arch.tie_word_embeddings else self.lm_head.weight
         )
-        return linear(hidden, head)

@@ -135,8 +135,11 @@ class ModelRunner(BaseRunner):
         else:
             with forward_context(inputs.metadata, self.kv_caches):
                 hidden = self.model(inputs.input_ids, inputs.positions)  # (T, E)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (N, V)
-        out = self._sample(sched_out, inputs, logits)
+        rows = hidden[inputs.logits_indices]  # (N, E)
+        if self._plain_greedy_in_order(sched_out, inputs, rows.shape[0]):
+            out = self._greedy(sched_out, inputs, rows)
+        else:
+            out = self._sample(sched_out, inputs, self.model.compute_logits(rows))  # (N, V)
         out.execute_time_s = time.perf_counter() - start
         return out
 
@@ -155,12 +158,6 @@ class ModelRunner(BaseRunner):
                 sched, logits[row_start:row_end]
             )
         if not inputs.sample_rows:
-            return out
-        if self._plain_greedy_in_order(sched_out, inputs, logits):
-            # Argmax only (no masks, penalties or logprobs): skip building sampling rows.
-            tokens = greedy_tokens(logits).tolist()
-            for (b, _), token in zip(inputs.sample_rows, tokens, strict=True):
-                out.sampled[sched_out.scheduled[b].req_id] = [token]
             return out
         rows, forbidden = [], []
         for b, _ in inputs.sample_rows:
@@ -185,11 +182,26 @@ class ModelRunner(BaseRunner):
                 out.logprobs[req_id] = [lp]
         return out
 
+    def _greedy(self, sched_out: SchedulerOutput, inputs: StepInputs, rows) -> RunnerOutput:
+        """Argmax only (no masks, penalties or logprobs): no sampling rows, and no logits at all
+        where the model has a fused lm_head + argmax."""
+        fused = getattr(self.model, "greedy_tokens", None)
+        tokens = fused(rows) if fused is not None else None
+        if tokens is None:
+            tokens = greedy_tokens(self.model.compute_logits(rows))
+        out = RunnerOutput(sampled={})
+        for (b, _), token in zip(inputs.sample_rows, tokens.tolist(), strict=True):
+            out.sampled[sched_out.scheduled[b].req_id] = [token]
+        return out
+
     def _plain_greedy_in_order(
-        self, sched_out: SchedulerOutput, inputs: StepInputs, logits
+        self, sched_out: SchedulerOutput, inputs: StepInputs, num_rows: int
     ) -> bool:
-        """Every row greedy with nothing to mask, penalise or report, rows in logits order."""
-        if len(inputs.sample_rows) != logits.shape[0]:
+        """Every row samples greedily with nothing to mask, penalise or report (prompt logprobs
+        included), rows in hidden-state order."""
+        if inputs.prompt_logprob_rows or not inputs.sample_rows:
+            return False
+        if len(inputs.sample_rows) != num_rows:
             return False
         for i, (b, row) in enumerate(inputs.sample_rows):
             sched = sched_out.scheduled[b]
