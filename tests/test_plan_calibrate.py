@@ -23,7 +23,7 @@ from tokenmill.plan.step_time import LayoutStepTime
 
 ARCH = get_model("smollm2-135m").arch
 FP32 = Precision(weights="fp32")
-TRUE = dict(per_step=0.004, per_req=0.0002, flops_s=50e9, bytes_s=8e9)
+TRUE = dict(per_step=0.004, per_req=0.0002, flops_s=50e9, bytes_s=8e9, per_prefill=0.006)
 
 
 def _synthetic_trace(noise: float, exact_shapes: bool, n: int = 200) -> list[StepRecord]:
@@ -37,6 +37,7 @@ def _synthetic_trace(noise: float, exact_shapes: bool, n: int = 200) -> list[Ste
         t = (
             TRUE["per_step"]
             + TRUE["per_req"] * len(shapes)
+            + TRUE["per_prefill"] * sum(1 for _, c, _ in shapes if c == 0)
             + cost.flops / TRUE["flops_s"]
             + cost.total_bytes / TRUE["bytes_s"]
         ) * (1 + rng.gauss(0, noise))
@@ -58,6 +59,7 @@ def test_fit_recovers_a_known_machine_exactly():
     fit = fit_trace(_synthetic_trace(0.0, True), ARCH, FP32)
     assert fit.per_step_s == pytest.approx(TRUE["per_step"], rel=1e-6)
     assert fit.per_request_s == pytest.approx(TRUE["per_req"], rel=1e-6)
+    assert fit.per_prefill_s == pytest.approx(TRUE["per_prefill"], rel=1e-6)
     assert fit.flops_per_s == pytest.approx(TRUE["flops_s"], rel=1e-6)
     assert fit.bytes_per_s == pytest.approx(TRUE["bytes_s"], rel=1e-6)
     assert fit.rel_rms_error < 1e-9

@@ -446,6 +446,7 @@ def _calibration_text(report, trace, path) -> str:
         f"  model: per operator {'max' if fit.overlap else 'sum'}(compute, memory); held-out RMS "
         + ", ".join(f"{k} {v:.1%}" for k, v in report.candidates.items()),
         f"  per step {fit.per_step_s * 1e3:.3f} ms, per request {fit.per_request_s * 1e3:.3f} ms,"
+        f" per prompt segment {fit.per_prefill_s * 1e3:.3f} ms,"
         f" {fit.flops_per_s / 1e9:,.1f} GFLOP/s (attention "
         + (f"{attn / 1e9:,.1f} GFLOP/s" if attn < 1e17 else "free")
         + f"), {fit.bytes_per_s / 1e9:,.2f} GB/s",

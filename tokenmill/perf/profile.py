@@ -67,8 +67,10 @@ class HardwareProfile:
 
     Time of an operator = max(FLOPs / (peak * efficiency), bytes / effective bandwidth), or the
     sum of the two when `overlap_compute_memory` is False (CPUs that do not hide memory behind
-    compute). A step adds `per_step_overhead_s`, `per_request_overhead_s` per scheduled request
-    and `per_kernel_overhead_s` per operator launched. `step_jitter_cv` is the coefficient of
+    compute). A step adds `per_step_overhead_s`, `per_request_overhead_s` per scheduled request,
+    `per_prefill_overhead_s` per request whose prompt runs in it (a CPU runtime that runs each
+    prompt's attention apart from the batched decode) and `per_kernel_overhead_s` per operator
+    launched. `step_jitter_cv` is the coefficient of
     variation of step time on dynamically scheduled hardware (0 for static schedules).
     """
 
@@ -78,6 +80,7 @@ class HardwareProfile:
     compute_efficiency: float = 1.0
     per_step_overhead_s: float = 0.0
     per_request_overhead_s: float = 0.0
+    per_prefill_overhead_s: float = 0.0
     per_kernel_overhead_s: float = 0.0
     attention_unit: AttentionUnit | None = None
     overlap_compute_memory: bool = True

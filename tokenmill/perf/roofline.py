@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenmill.perf.profile import HardwareProfile
-from tokenmill.perf.step_cost import OpCost, StepCost
+from tokenmill.perf.step_cost import BatchShape, OpCost, StepCost
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,11 @@ def combine(profile: HardwareProfile, compute_s: float, memory_s: float) -> floa
     return compute_s + memory_s
 
 
-def step_overhead(profile: HardwareProfile, num_reqs: int, num_kernels: int) -> float:
+def step_overhead(profile: HardwareProfile, batch: BatchShape, num_kernels: int) -> float:
     return (
         profile.per_step_overhead_s
-        + profile.per_request_overhead_s * num_reqs
+        + profile.per_request_overhead_s * batch.num_reqs
+        + profile.per_prefill_overhead_s * batch.num_prefill_reqs
         + profile.per_kernel_overhead_s * num_kernels
     )
 
@@ -81,7 +82,7 @@ def roofline_time(cost: StepCost, profile: HardwareProfile) -> RooflineTime:
         total += combine(profile, compute, memory) * times
         compute_sum += compute * times
         memory_sum += memory * times
-    overhead = step_overhead(profile, cost.batch.num_reqs, cost.num_kernels)
+    overhead = step_overhead(profile, cost.batch, cost.num_kernels)
     return RooflineTime(total + overhead, compute_sum, memory_sum, overhead)
 
 

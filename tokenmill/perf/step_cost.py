@@ -38,12 +38,13 @@ class BatchShape:
     num_kv_read_tokens: int  # sum over requests of context + new tokens
     num_logits: int  # rows of the lm_head (one per sampling request; k+1 when verifying k drafts)
     num_prefill_tokens: int = 0
+    num_prefill_reqs: int = 0  # requests whose prompt (or a chunk of it) runs this step
 
     @classmethod
     def from_requests(cls, requests: Iterable[tuple[int, ...]]) -> BatchShape:
         """From (num_new_tokens, num_context_tokens[, num_logits]) per scheduled request.
         num_logits defaults to 1. Requests with num_context_tokens == 0 count as prefill."""
-        num_tokens = num_reqs = pairs = kv_read = logits = prefill = 0
+        num_tokens = num_reqs = pairs = kv_read = logits = prefill = prefill_reqs = 0
         for item in requests:
             n, c = item[0], item[1]
             num_tokens += n
@@ -53,7 +54,8 @@ class BatchShape:
             logits += item[2] if len(item) > 2 else 1
             if c == 0 or n > 1:
                 prefill += n
-        return cls(num_tokens, num_reqs, pairs, kv_read, logits, prefill)
+                prefill_reqs += 1
+        return cls(num_tokens, num_reqs, pairs, kv_read, logits, prefill, prefill_reqs)
 
     @classmethod
     def from_scheduler_output(cls, sched_out: SchedulerOutput) -> BatchShape:
@@ -72,6 +74,7 @@ class BatchShape:
             kv_read,
             logits,
             sched_out.num_prefill_tokens,
+            sum(1 for s in sched_out.scheduled if s.is_prompt_step),
         )
 
 

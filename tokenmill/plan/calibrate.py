@@ -3,8 +3,11 @@
 Each step's FLOPs and bytes come from the same cost model the planner uses, operator by
 operator, and the fit finds the profile that best reproduces the measured step times:
 
-    wall_time = per_step + per_request * num_reqs
+    wall_time = per_step + per_request * num_reqs + per_prefill * num_prompt_segments
                 + sum over operators of combine(FLOPs / flop_rate, bytes / byte_rate)
+
+(a prompt segment: a request whose prompt, or a chunk of it, runs in the step; on the CPU each
+one's attention runs apart from the batched decode, a fixed cost per layer).
 
 The matmuls and element-wise work share one FLOP rate, attention has its own (a CPU's attention
 kernels reach a rate unlike its GEMMs'; the profile's attention_unit carries it), and all bytes
@@ -44,7 +47,7 @@ _UNBOUNDED = 1e18  # a rate the fit found no cost for
 DISTURBED_SHARE = 0.05  # of a core taken by other processes: the measurement is not this machine's
 CPU_TICK_SLACK_S = 0.02  # /proc/stat and os.times() count in 10 ms ticks
 MAX_ATTEMPTS = 3  # runs of a disturbed scenario before its clean steps are all we keep
-_COLUMNS = ("per_step", "per_request", "flops", "attention_flops", "bytes")
+_COLUMNS = ("per_step", "per_request", "flops", "attention_flops", "bytes", "per_prefill")
 PERF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -60,12 +63,13 @@ class CalibrationFit:
     attention_flops_per_s: float = _UNBOUNDED
     overlap: bool = False  # max(compute, memory) per operator instead of their sum
     num_outliers: int = 0  # steps dropped as disturbed
+    per_prefill_s: float = 0.0  # per prompt segment in the step
 
     @property
     def coefficients(self) -> np.ndarray:
         return np.array([
             self.per_step_s, self.per_request_s, _inverse(self.flops_per_s),
-            _inverse(self.attention_flops_per_s), _inverse(self.bytes_per_s),
+            _inverse(self.attention_flops_per_s), _inverse(self.bytes_per_s), self.per_prefill_s,
         ])  # fmt: skip
 
     def predict(self, features: StepFeatures) -> np.ndarray:
@@ -85,12 +89,15 @@ class StepFeatures:
     is_attention: np.ndarray  # (K,) bool
     num_reqs: np.ndarray  # (N,)
     wall: np.ndarray  # (N,)
+    num_prefill: np.ndarray  # (N,) prompt segments
 
     @classmethod
     def of(cls, records: Sequence[StepRecord], arch: ArchConfig, precision: Precision):
-        flops, nbytes, is_attention = [], [], None
+        flops, nbytes, is_attention, num_prefill = [], [], None, []
         for rec in records:
-            cost = step_cost(arch, rec.batch_shape(), precision)
+            shape = rec.batch_shape()
+            num_prefill.append(shape.num_prefill_reqs)
+            cost = step_cost(arch, shape, precision)
             times = [cost.num_layers if op.per_layer else 1 for op in cost.ops]
             flops.append([op.flops * t for op, t in zip(cost.ops, times, strict=True)])
             nbytes.append([op.total_bytes * t for op, t in zip(cost.ops, times, strict=True)])
@@ -101,12 +108,13 @@ class StepFeatures:
             np.asarray(is_attention or [], dtype=bool),
             np.asarray([r.num_reqs for r in records], dtype=float),
             np.asarray([r.wall_time_s for r in records], dtype=float),
+            np.asarray(num_prefill, dtype=float),
         )
 
     def subset(self, mask: np.ndarray) -> StepFeatures:
         return replace(
             self, flops=self.flops[mask], nbytes=self.nbytes[mask],
-            num_reqs=self.num_reqs[mask], wall=self.wall[mask],
+            num_reqs=self.num_reqs[mask], wall=self.wall[mask], num_prefill=self.num_prefill[mask],
         )  # fmt: skip
 
     def sides(self, coef: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +124,7 @@ class StepFeatures:
     def predict(self, coef: np.ndarray, overlap: bool) -> np.ndarray:
         compute, memory = self.sides(coef)
         ops = np.maximum(compute, memory) if overlap else compute + memory
-        return coef[0] + coef[1] * self.num_reqs + ops.sum(axis=1)
+        return coef[0] + coef[1] * self.num_reqs + coef[5] * self.num_prefill + ops.sum(axis=1)
 
     def design(self, compute_bound: np.ndarray | None = None) -> np.ndarray:
         """Columns of _COLUMNS; with `compute_bound` (N, K), each operator's FLOPs count only
@@ -130,11 +138,12 @@ class StepFeatures:
         return np.stack([
             np.ones_like(self.wall), self.num_reqs, flops[:, ~self.is_attention].sum(axis=1),
             flops[:, self.is_attention].sum(axis=1), (self.nbytes * memory_bound).sum(axis=1),
+            self.num_prefill,
         ], axis=1)  # fmt: skip
 
 
 def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares with non-negative coefficients, by trying every active set (5 columns)."""
+    """Least squares with non-negative coefficients, by trying every active set (6 columns)."""
     best, best_err = np.zeros(a.shape[1]), float("inf")
     for k in range(1, a.shape[1] + 1):
         for cols in itertools.combinations(range(a.shape[1]), k):
@@ -218,6 +227,7 @@ def fit_features(feats: StepFeatures, overlap: bool = False, trim: bool = True) 
         attention_flops_per_s=1.0 / coef[3] if coef[3] > 0 else _UNBOUNDED,
         overlap=overlap,
         num_outliers=int(dropped.sum()),
+        per_prefill_s=float(coef[5]),
     )
 
 
@@ -322,6 +332,7 @@ def profile_dict(
         "runtime": {
             "per_step_overhead_us": {"value": fit.per_step_s * 1e6, "source": src},
             "per_request_overhead_us": {"value": fit.per_request_s * 1e6, "source": src},
+            "per_prefill_overhead_us": {"value": fit.per_prefill_s * 1e6, "source": src},
             "per_kernel_overhead_us": {"value": 0.0, "source": "folded into per_step_overhead"},
             "step_jitter_cv": {"value": fit.rel_rms_error, "source": src},
             "usable_memory_fraction": {"value": 0.5, "source": "[guess] leave room for the OS"},

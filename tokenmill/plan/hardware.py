@@ -133,6 +133,7 @@ def spec_from_dict(raw: dict[str, Any], origin: str) -> HardwareSpec:
         compute_efficiency=figs.get(compute, "efficiency", "compute"),
         per_step_overhead_s=_us(figs, runtime, "per_step_overhead_us"),
         per_request_overhead_s=_us(figs, runtime, "per_request_overhead_us"),
+        per_prefill_overhead_s=_us(figs, runtime, "per_prefill_overhead_us"),
         per_kernel_overhead_s=_us(figs, runtime, "per_kernel_overhead_us"),
         attention_unit=None
         if unit is None

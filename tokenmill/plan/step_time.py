@@ -90,7 +90,11 @@ class LayoutStepTime:
             step = max(trip, busy)
         else:
             step = stages[0]
-        overhead = prof.per_step_overhead_s + prof.per_request_overhead_s * batch.num_reqs
+        overhead = (
+            prof.per_step_overhead_s
+            + prof.per_request_overhead_s * batch.num_reqs
+            + prof.per_prefill_overhead_s * batch.num_prefill_reqs
+        )
         comm = sum(st.num_layers for st in pl.stages) * tp_layer + tp_embed + tp_head
         comm += (pl.pp - 1) * hop
         return StepTimeBreakdown(step + overhead, tuple(stages), comm, overhead, m)
