@@ -215,15 +215,39 @@ def test_existing_plan_interface_still_works(capsys):
     assert code == 0 and "ttft_s" in json.loads(capsys.readouterr().out)
 
 
-def test_time_scale_slows_every_simulated_step(calibrated):
+def test_decode_time_scale_slows_only_the_steps_without_prompts(calibrated):
     settings = ValidationSettings(workload="fixed:in=200,out=40", num_prompts=8)
     workload = build_validation_workload(settings, math.inf, None)
     base = predict(workload, ARCH, settings)
-    slow = predict(workload, ARCH, settings, time_scale=1.5)
-    assert slow.busy_s == pytest.approx(1.5 * base.busy_s)
-    assert slow.tpot_median_ms == pytest.approx(1.5 * base.tpot_median_ms)
-    assert slow.output_tok_s == pytest.approx(base.output_tok_s / 1.5)
-    assert slow.num_steps == base.num_steps  # all at once: the same steps, each slower
+    slow = predict(workload, ARCH, settings, decode_time_scale=1.5)
+    assert 0 < base.decode_step_s < base.busy_s  # the first step prefills all 8 prompts
+    assert slow.decode_step_s == pytest.approx(1.5 * base.decode_step_s)
+    assert slow.busy_s - slow.decode_step_s == pytest.approx(base.busy_s - base.decode_step_s)
+    assert slow.ttft_p99_ms == pytest.approx(base.ttft_p99_ms)  # prompts all in step one
+    # Decoding requests also wait through the mixed steps that finish the other prompts.
+    assert base.tpot_median_ms < slow.tpot_median_ms < 1.5 * base.tpot_median_ms
+    assert slow.num_steps == base.num_steps  # all at once: the same steps, decodes slower
+
+
+def test_speed_probe_factor_reproduces_the_measured_engine_time(calibrated, monkeypatch):
+    from types import SimpleNamespace
+
+    from tokenmill.plan import validate
+
+    settings = ValidationSettings(workload="fixed:in=100,out=30", speed_probe_prompts=4)
+    probe = replace(settings, num_prompts=4, seed=1000, num_warmup=0)
+    base = predict(build_validation_workload(probe, math.inf, None), ARCH, probe)
+    prompts = base.busy_s - base.decode_step_s
+
+    def measured(busy_s):
+        return lambda *a: RunMetrics(1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 4, 120, busy_s=busy_s)
+
+    info = SimpleNamespace(arch=ARCH, tokenizer=None)  # what open_model_info gives
+    monkeypatch.setattr(validate, "measure", measured(prompts + 1.3 * base.decode_step_s))
+    assert speed_probe(None, settings, info, None) == pytest.approx(1.3)
+    monkeypatch.setattr(validate, "measure", measured(0.5 * prompts))
+    with pytest.raises(ConfigError, match="less than the .* predicted for its prompt steps"):
+        speed_probe(None, settings, info, None)
 
 
 def test_probed_rows_show_the_factor_and_the_unprobed_error():
@@ -249,13 +273,14 @@ def test_measure_loads_a_real_server_and_reads_its_engine_counters(tmp_path, mon
     args = [*settings.serve_args(), "--step-trace", str(trace)]
     with ServeProcess(args, tmp_path / "serve.log") as server:
         got = measure(server, settings, math.inf, tmp_path / "run.json")
+        # A probe against a profile of a much slower machine: it ran two other requests, and
+        # says the calibration cannot be this machine's.
         write_synthetic_calibration(tmp_path / "home", monkeypatch)
         probe = replace(settings, speed_probe_prompts=2)
-        factor = speed_probe(server, probe, open_model_info(None), tmp_path / "probe.json")
+        with pytest.raises(ConfigError, match="calibration does not describe this machine"):
+            speed_probe(server, probe, open_model_info(None), tmp_path / "probe.json")
     assert got.num_requests == 3 and got.output_tokens == 18
-    # The probe: two other requests, measured engine time over the synthetic profile's.
     assert json.loads((tmp_path / "probe.json").read_text())["metrics"]["num_completed"] == 2
-    assert 0 < factor < math.inf
     # The server wrote every step it took when it stopped: the counters index into it.
     records = read_trace(trace)
     assert got.first_step == 0 and got.num_steps < len(records)  # the probe's steps follow

@@ -123,8 +123,9 @@ class SimRunner(BaseRunner):
 
     jitter_cv > 0 multiplies each step time by a log-normal factor of mean 1 (dynamically
     scheduled hardware); statically scheduled hardware runs with 0. Seeded: runs repeat exactly.
-    time_scale multiplies every step time (a machine measured running slower or faster than
-    its profile).
+    decode_time_scale multiplies the time of steps without prompt tokens: a machine measured
+    running slower or faster than its profile, where the difference is memory bandwidth (decode
+    steps stream the weights and K/V; prompt chunks are bound by compute, which drifts less).
     """
 
     def __init__(
@@ -133,13 +134,14 @@ class SimRunner(BaseRunner):
         jitter_cv: float = 0.0,
         seed: int = 0,
         acceptance_rate: float | None = None,
-        time_scale: float = 1.0,
+        decode_time_scale: float = 1.0,
     ) -> None:
         self.timer = timer
-        self.time_scale = time_scale
+        self.decode_time_scale = decode_time_scale
         self.now = 0.0
         self.prefill_time_s = 0.0
         self.decode_time_s = 0.0
+        self.decode_step_time_s = 0.0  # of steps without prompt tokens
         self.num_steps = 0
         self.acceptance_rate = acceptance_rate
         self._rng = random.Random(seed)
@@ -147,9 +149,13 @@ class SimRunner(BaseRunner):
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         timing = self.timer.step_time(scheduler_output)
-        seconds = timing.seconds * self.time_scale
+        seconds = timing.seconds
+        if timing.prefill_fraction == 0:
+            seconds *= self.decode_time_scale
         if self._sigma:
             seconds *= math.exp(self._rng.gauss(-(self._sigma**2) / 2, self._sigma))
+        if timing.prefill_fraction == 0:
+            self.decode_step_time_s += seconds
         self.now += seconds
         self.num_steps += 1
         self.prefill_time_s += seconds * timing.prefill_fraction

@@ -13,11 +13,13 @@ and the table compares median TPOT and output throughput (target: within 10%) an
 (within 25%). The server's own counters (/metrics: engine steps and their summed time) split a
 miss between the step-time model (busy time) and what happens outside the engine's steps.
 
-This machine's speed drifts by about 10% from minute to minute (the same decode step measured
-13 and 17 ms a minute apart), the size of the TPOT target. So before each measured run a short
-speed probe (a few other requests of the same workload, all at once) goes to the same server;
-the ratio of its measured to predicted engine time scales the calibrated step times for that
-run's prediction. The unscaled prediction is kept and reported beside it.
+This machine's speed drifts by 10-20% from minute to minute (the same decode step measured 13
+and 17 ms a minute apart), more than the TPOT target, and the drift is in memory bandwidth:
+decode steps slow down, compute-bound prompt chunks much less. So before each measured run a
+short speed probe (a few other requests of the same workload, all at once) goes to the same
+server, and the factor on its predicted decode steps that reproduces its measured engine time
+scales the decode steps of that run's prediction. The unscaled prediction is kept and reported
+beside it.
 """
 
 from __future__ import annotations
@@ -133,13 +135,17 @@ class RunMetrics:
     # Cores' worth of CPU other processes (not the server, not the client) used meanwhile.
     others_cpu_share: float | None = None
     first_step: int | None = None  # the server's step count when the run began
+    decode_step_s: float | None = None  # predictions: time of the steps without prompt tokens
 
 
 def predict(
-    workload: Workload, arch: ArchConfig, settings: ValidationSettings, time_scale: float = 1.0
+    workload: Workload,
+    arch: ArchConfig,
+    settings: ValidationSettings,
+    decode_time_scale: float = 1.0,
 ) -> RunMetrics:
-    """The planner's prediction of `workload` on the calibrated this-machine, its step times
-    multiplied by `time_scale`."""
+    """The planner's prediction of `workload` on the calibrated this-machine, the times of its
+    steps without prompt tokens multiplied by `decode_time_scale`."""
     hw = get_hardware(THIS_MACHINE)
     if not hw.calibrated:
         raise ConfigError("this-machine is not calibrated; run `tokenmill plan calibrate` first")
@@ -152,7 +158,7 @@ def predict(
         CostModelStepTime(LayoutStepTime(arch, hw, precision, placement)),
         jitter_cv=hw.profile.step_jitter_cv if settings.jitter else 0.0,
         seed=settings.seed,
-        time_scale=time_scale,
+        decode_time_scale=decode_time_scale,
     )
     config = SimConfig(
         num_blocks=num_blocks,
@@ -172,6 +178,7 @@ def predict(
         e2e_median_ms=m.e2e.median * 1e3, duration_s=m.duration_s, num_requests=m.num_requests,
         output_tokens=m.output_tokens, num_steps=result.num_steps,
         busy_s=result.prefill_time_s + result.decode_time_s,
+        decode_step_s=runner.decode_step_time_s,
     )  # fmt: skip
 
 
@@ -332,7 +339,9 @@ def run_validation(
             if settings.speed_probe_prompts:
                 row.speed_factor = speed_probe(server, settings, info, work_dir / f"probe-{name}")
                 row.unscaled = row.predicted
-                row.predicted = predict(workload, info.arch, settings, row.speed_factor)
+                row.predicted = predict(
+                    workload, info.arch, settings, decode_time_scale=row.speed_factor
+                )
             row.loadavg_before = _loadavg()
             row.measured = measure(server, settings, row.rate, work_dir / f"bench-{name}")
             row.loadavg_after = _loadavg()
@@ -350,8 +359,10 @@ def run_validation(
 
 
 def speed_probe(server: ServeProcess, settings: ValidationSettings, info, json_path: Path) -> float:
-    """How much slower (> 1) or faster this machine runs now than when calibrated: a few other
-    requests of the workload, all at once, measured engine time over predicted."""
+    """How much slower (> 1) or faster this machine decodes now than when calibrated: a few
+    other requests of the workload, all at once; the factor on the predicted decode steps that
+    makes the predicted engine time the measured one (steps with prompt tokens kept as fitted:
+    they are bound by compute, and the drift here is in memory bandwidth)."""
     probe = replace(
         settings, num_prompts=settings.speed_probe_prompts, seed=settings.seed + 1000,
         num_warmup=0,
@@ -360,6 +371,13 @@ def speed_probe(server: ServeProcess, settings: ValidationSettings, info, json_p
         build_validation_workload(probe, math.inf, info.tokenizer), info.arch, probe
     )
     measured = measure(server, probe, math.inf, json_path)
-    if not predicted.busy_s or not measured.busy_s:
-        raise ConfigError("the speed probe ran no engine steps")
-    return measured.busy_s / predicted.busy_s
+    if not predicted.decode_step_s or not measured.busy_s:
+        raise ConfigError("the speed probe ran no decode steps")
+    with_prompts = predicted.busy_s - predicted.decode_step_s
+    if measured.busy_s <= with_prompts:
+        raise ConfigError(
+            f"speed probe: the engine took {measured.busy_s:.2f} s, less than the "
+            f"{with_prompts:.2f} s predicted for its prompt steps alone; the calibration does "
+            "not describe this machine (recalibrate)"
+        )
+    return (measured.busy_s - with_prompts) / predicted.decode_step_s

@@ -85,13 +85,14 @@ def format_markdown(report: ValidationReport) -> str:
         *format_served_steps([(_arrivals(r.rate), r.served_steps) for r in report.rows]),
         *_load_warning(report),
         "err = (predicted - measured) / measured; targets: median TPOT and output throughput "
-        "within 10%, p99 TTFT within 25%. Speed probe: this machine's speed drifts by about "
-        "10% from minute to minute, so just before each run a short burst of requests "
+        "within 10%, p99 TTFT within 25%. Speed probe: this machine's memory bandwidth drifts "
+        "by 10-20% from minute to minute, so just before each run a short burst of requests "
         f"({s.speed_probe_prompts} of the workload's requests, other prompts, all at once) "
-        "goes to the same server, and the calibrated step times are scaled by "
-        "its measured / predicted engine time (x1.10: the machine is 10% slower now than "
-        "when calibrated); TPOT err unprobed is the prediction's error without that "
-        "scaling. Engine busy: summed step time, predicted vs the "
+        "goes to the same server, and the predicted decode steps (those without prompt "
+        "tokens) are scaled by the factor that makes the probe's predicted engine time its "
+        "measured one (x1.10: decoding runs 10% slower now than when calibrated); TPOT err "
+        "unprobed is the prediction's error without that scaling. Engine busy: summed step "
+        "time, predicted vs the "
         "server's own counter; (run) is the measured run's duration. Others' CPU: the share of "
         "a core other processes (neither the server nor the client) used during the run; above "
         f"{DISTURBED_SHARE:.0%} the run measured a shared machine, not this one.",
