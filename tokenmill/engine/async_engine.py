@@ -60,6 +60,7 @@ class EngineStats:
     num_preemptions: int = 0
     num_steps: int = 0
     step_time_total_s: float = 0.0  # wall time spent in LLMEngine.step(), summed
+    prompt_step_time_total_s: float = 0.0  # of it, in steps that computed prompt tokens
     is_running: bool = False  # the loop thread is alive and serving
 
 
@@ -423,6 +424,7 @@ class AsyncEngine:
             num_preemptions=engine.scheduler.num_preemptions,
             num_steps=self._num_steps,
             step_time_total_s=self._step_time_total_s,
+            prompt_step_time_total_s=engine.prompt_step_time_total_s,
             is_running=is_running,
         )
 

@@ -59,6 +59,7 @@ class LLMEngine:
         self.step_trace: list[StepRecord] = []
         self.num_generation_tokens_total = 0  # tokens sampled
         self.num_computed_tokens_total = 0  # tokens run through the model (work done)
+        self.prompt_step_time_total_s = 0.0  # wall time of the steps that computed prompt tokens
         self._kv_token = object()  # which engine last wrote the runner's KV memory
 
     def _max_model_len(self, cache_tokens: int) -> int:
@@ -209,6 +210,8 @@ class LLMEngine:
 
     def _account(self, sched_out: SchedulerOutput, runner_out: RunnerOutput, wall: float) -> None:
         self.num_computed_tokens_total += sched_out.num_scheduled_tokens
+        if sched_out.num_prefill_tokens:
+            self.prompt_step_time_total_s += wall
         self.num_generation_tokens_total += sum(len(t) for t in runner_out.sampled.values())
         if self.config.record_step_trace:
             self.step_trace.append(StepRecord.from_scheduler_output(sched_out, wall))

@@ -123,9 +123,10 @@ class SimRunner(BaseRunner):
 
     jitter_cv > 0 multiplies each step time by a log-normal factor of mean 1 (dynamically
     scheduled hardware); statically scheduled hardware runs with 0. Seeded: runs repeat exactly.
-    decode_time_scale multiplies the time of steps without prompt tokens: a machine measured
-    running slower or faster than its profile, where the difference is memory bandwidth (decode
-    steps stream the weights and K/V; prompt chunks are bound by compute, which drifts less).
+    decode_time_scale and prompt_time_scale multiply the times of steps without and with prompt
+    tokens: a machine measured running slower or faster than its profile, each kind apart
+    (decode steps stream the weights and K/V; prompt chunks are bound by compute; on a shared
+    machine the two drift differently).
     """
 
     def __init__(
@@ -135,9 +136,11 @@ class SimRunner(BaseRunner):
         seed: int = 0,
         acceptance_rate: float | None = None,
         decode_time_scale: float = 1.0,
+        prompt_time_scale: float = 1.0,
     ) -> None:
         self.timer = timer
         self.decode_time_scale = decode_time_scale
+        self.prompt_time_scale = prompt_time_scale
         self.now = 0.0
         self.prefill_time_s = 0.0
         self.decode_time_s = 0.0
@@ -149,9 +152,9 @@ class SimRunner(BaseRunner):
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         timing = self.timer.step_time(scheduler_output)
-        seconds = timing.seconds
-        if timing.prefill_fraction == 0:
-            seconds *= self.decode_time_scale
+        seconds = timing.seconds * (
+            self.decode_time_scale if timing.prefill_fraction == 0 else self.prompt_time_scale
+        )
         if self._sigma:
             seconds *= math.exp(self._rng.gauss(-(self._sigma**2) / 2, self._sigma))
         if timing.prefill_fraction == 0:

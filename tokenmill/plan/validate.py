@@ -14,12 +14,12 @@ and the table compares median TPOT and output throughput (target: within 10%) an
 miss between the step-time model (busy time) and what happens outside the engine's steps.
 
 This machine's speed drifts by 10-20% from minute to minute (the same decode step measured 13
-and 17 ms a minute apart), more than the TPOT target, and the drift is in memory bandwidth:
-decode steps slow down, compute-bound prompt chunks much less. So before each measured run a
-short speed probe (a few other requests of the same workload, all at once) goes to the same
-server, and the factor on its predicted decode steps that reproduces its measured engine time
-scales the decode steps of that run's prediction. The unscaled prediction is kept and reported
-beside it.
+and 17 ms a minute apart), more than the TPOT target, and decode steps (memory-bound) and steps
+with prompt chunks (compute-bound) drift differently. So before each measured run a short speed
+probe (a few other requests of the same workload, all at once) goes to the same server; its
+measured over predicted time, for the steps without and with prompt tokens apart (the server
+counts both), scales the two kinds of steps in that run's prediction. The unscaled prediction
+is kept and reported beside it.
 """
 
 from __future__ import annotations
@@ -135,17 +135,17 @@ class RunMetrics:
     # Cores' worth of CPU other processes (not the server, not the client) used meanwhile.
     others_cpu_share: float | None = None
     first_step: int | None = None  # the server's step count when the run began
-    decode_step_s: float | None = None  # predictions: time of the steps without prompt tokens
+    prompt_busy_s: float | None = None  # of busy_s, the steps that computed prompt tokens
 
 
 def predict(
     workload: Workload,
     arch: ArchConfig,
     settings: ValidationSettings,
-    decode_time_scale: float = 1.0,
+    speed: tuple[float, float] = (1.0, 1.0),
 ) -> RunMetrics:
     """The planner's prediction of `workload` on the calibrated this-machine, the times of its
-    steps without prompt tokens multiplied by `decode_time_scale`."""
+    steps without and with prompt tokens multiplied by `speed`."""
     hw = get_hardware(THIS_MACHINE)
     if not hw.calibrated:
         raise ConfigError("this-machine is not calibrated; run `tokenmill plan calibrate` first")
@@ -158,7 +158,8 @@ def predict(
         CostModelStepTime(LayoutStepTime(arch, hw, precision, placement)),
         jitter_cv=hw.profile.step_jitter_cv if settings.jitter else 0.0,
         seed=settings.seed,
-        decode_time_scale=decode_time_scale,
+        decode_time_scale=speed[0],
+        prompt_time_scale=speed[1],
     )
     config = SimConfig(
         num_blocks=num_blocks,
@@ -178,23 +179,25 @@ def predict(
         e2e_median_ms=m.e2e.median * 1e3, duration_s=m.duration_s, num_requests=m.num_requests,
         output_tokens=m.output_tokens, num_steps=result.num_steps,
         busy_s=result.prefill_time_s + result.decode_time_s,
-        decode_step_s=runner.decode_step_time_s,
+        prompt_busy_s=result.prefill_time_s + result.decode_time_s - runner.decode_step_time_s,
     )  # fmt: skip
 
 
-def engine_counters(server: ServeProcess) -> tuple[float, float]:
-    """(engine steps, seconds inside LLMEngine.step()) so far, from the server's /metrics."""
+def engine_counters(server: ServeProcess) -> tuple[float, float, float]:
+    """(engine steps, seconds inside LLMEngine.step(), of them in steps with prompt tokens) so
+    far, from the server's /metrics."""
     import httpx
 
     return parse_engine_counters(httpx.get(server.base_url + "/metrics", timeout=10).text)
 
 
-def parse_engine_counters(text: str) -> tuple[float, float]:
+def parse_engine_counters(text: str) -> tuple[float, float, float]:
     values = []
-    for name in ("tokenmill:engine_steps_total", "tokenmill:engine_step_seconds_total"):
+    for name in ("engine_steps", "engine_step_seconds", "engine_prompt_step_seconds"):
+        name = f"tokenmill:{name}_total"
         match = re.search(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.eE+-]+)$", text, re.M)
         values.append(float(match.group(1)) if match else float("nan"))
-    return values[0], values[1]
+    return values[0], values[1], values[2]
 
 
 def measure(
@@ -211,12 +214,12 @@ def measure(
     ]  # fmt: skip
     if settings.model:
         cmd += ["--tokenizer", settings.model]
-    steps0, busy0 = engine_counters(server)
+    steps0, busy0, prompt0 = engine_counters(server)
     cpu0, server0, wall0 = cpu_seconds(), server.cpu_seconds(), time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     others = others_cpu_since(cpu0, server.cpu_seconds() - server0)
     wall = time.perf_counter() - wall0
-    steps1, busy1 = engine_counters(server)
+    steps1, busy1, prompt1 = engine_counters(server)
     if not json_path.exists():
         raise ConfigError(f"bench serve failed ({done.returncode}):\n{done.stderr[-2000:]}")
     m = json.loads(json_path.read_text())["metrics"]
@@ -227,7 +230,7 @@ def measure(
         ttft_p99_ms=m["ttft"]["p99"], ttft_median_ms=m["ttft"]["median"],
         e2e_median_ms=m["e2el"]["median"], duration_s=m["duration_s"],
         num_requests=m["num_completed"], output_tokens=m["total_output_tokens"],
-        num_steps=int(steps1 - steps0), busy_s=busy1 - busy0,
+        num_steps=int(steps1 - steps0), busy_s=busy1 - busy0, prompt_busy_s=prompt1 - prompt0,
         others_cpu_share=None if others is None else others / wall, first_step=int(steps0),
     )  # fmt: skip
 
@@ -240,7 +243,8 @@ class ValidationRow:
     loadavg_before: tuple[float, ...] = ()
     loadavg_after: tuple[float, ...] = ()
     served_steps: dict = field(default_factory=dict)  # step kind -> the fit's errors on them
-    speed_factor: float | None = None  # the speed probe's measured / predicted engine time
+    # The speed probe's measured / predicted time of the steps without and with prompt tokens.
+    speed: tuple[float, float] | None = None
     unscaled: RunMetrics | None = None  # the prediction before the probe's scaling
 
     def errors(self, predicted: RunMetrics | None = None) -> dict[str, float]:
@@ -337,11 +341,9 @@ def run_validation(
         for row, workload in zip(rows, workloads, strict=True):
             name = f"rate-{_rate_json(row.rate)}.json"
             if settings.speed_probe_prompts:
-                row.speed_factor = speed_probe(server, settings, info, work_dir / f"probe-{name}")
+                row.speed = speed_probe(server, settings, info, work_dir / f"probe-{name}")
                 row.unscaled = row.predicted
-                row.predicted = predict(
-                    workload, info.arch, settings, decode_time_scale=row.speed_factor
-                )
+                row.predicted = predict(workload, info.arch, settings, row.speed)
             row.loadavg_before = _loadavg()
             row.measured = measure(server, settings, row.rate, work_dir / f"bench-{name}")
             row.loadavg_after = _loadavg()
@@ -358,11 +360,12 @@ def run_validation(
     return report
 
 
-def speed_probe(server: ServeProcess, settings: ValidationSettings, info, json_path: Path) -> float:
-    """How much slower (> 1) or faster this machine decodes now than when calibrated: a few
-    other requests of the workload, all at once; the factor on the predicted decode steps that
-    makes the predicted engine time the measured one (steps with prompt tokens kept as fitted:
-    they are bound by compute, and the drift here is in memory bandwidth)."""
+def speed_probe(
+    server: ServeProcess, settings: ValidationSettings, info, json_path: Path
+) -> tuple[float, float]:
+    """How much slower (> 1) or faster this machine runs now than when calibrated, for steps
+    without and with prompt tokens: a few other requests of the workload, all at once, measured
+    over predicted time of each kind of step."""
     probe = replace(
         settings, num_prompts=settings.speed_probe_prompts, seed=settings.seed + 1000,
         num_warmup=0,
@@ -371,13 +374,16 @@ def speed_probe(server: ServeProcess, settings: ValidationSettings, info, json_p
         build_validation_workload(probe, math.inf, info.tokenizer), info.arch, probe
     )
     measured = measure(server, probe, math.inf, json_path)
-    if not predicted.decode_step_s or not measured.busy_s:
-        raise ConfigError("the speed probe ran no decode steps")
-    with_prompts = predicted.busy_s - predicted.decode_step_s
-    if measured.busy_s <= with_prompts:
-        raise ConfigError(
-            f"speed probe: the engine took {measured.busy_s:.2f} s, less than the "
-            f"{with_prompts:.2f} s predicted for its prompt steps alone; the calibration does "
-            "not describe this machine (recalibrate)"
-        )
-    return (measured.busy_s - with_prompts) / predicted.decode_step_s
+    factors = []
+    for kind, pred, meas in (
+        ("decode", predicted.busy_s - predicted.prompt_busy_s,
+         measured.busy_s - measured.prompt_busy_s),
+        ("prompt", predicted.prompt_busy_s, measured.prompt_busy_s),
+    ):  # fmt: skip
+        if not pred > 0 or not meas > 0:
+            raise ConfigError(
+                f"the speed probe ran no {kind} steps (predicted {pred:.3f} s, measured "
+                f"{meas:.3f} s): use more --speed-probe-prompts"
+            )
+        factors.append(meas / pred)
+    return factors[0], factors[1]

@@ -45,7 +45,7 @@ def format_row(row: ValidationRow) -> str:
     )
     others = m.others_cpu_share if m else None
     load = f"{row.loadavg_before[0]:.2f}" if row.loadavg_before else "-"
-    probe = f"x{row.speed_factor:.2f}" if row.speed_factor else "-"
+    probe = f"x{row.speed[0]:.2f} / x{row.speed[1]:.2f}" if row.speed else "-"
     unscaled = row.errors(row.unscaled).get("tpot_median_ms") if row.unscaled else None
     unscaled_cell = f"{unscaled:+.0%}" if unscaled is not None else "-"
     return "| " + " | ".join([*cells, probe, unscaled_cell, busy, _fmt_share(others), load]) + " |"
@@ -62,7 +62,7 @@ def format_markdown(report: ValidationReport) -> str:
     holdout = cal.get("holdout_errors", {}).get("all", {})
     head = (
         "| arrivals | TPOT p50 pred ms | meas ms | err | out tok/s pred | meas | err "
-        "| TTFT p99 pred ms | meas ms | err | speed probe | TPOT err unprobed "
+        "| TTFT p99 pred ms | meas ms | err | speed probe decode / prompt | TPOT err unprobed "
         "| engine busy pred / meas (run) | others' CPU | load before |"
     )
     lines = [
@@ -85,14 +85,14 @@ def format_markdown(report: ValidationReport) -> str:
         *format_served_steps([(_arrivals(r.rate), r.served_steps) for r in report.rows]),
         *_load_warning(report),
         "err = (predicted - measured) / measured; targets: median TPOT and output throughput "
-        "within 10%, p99 TTFT within 25%. Speed probe: this machine's memory bandwidth drifts "
-        "by 10-20% from minute to minute, so just before each run a short burst of requests "
+        "within 10%, p99 TTFT within 25%. Speed probe: this machine's speed drifts by 10-20% "
+        "from minute to minute, so just before each run a short burst of requests "
         f"({s.speed_probe_prompts} of the workload's requests, other prompts, all at once) "
-        "goes to the same server, and the predicted decode steps (those without prompt "
-        "tokens) are scaled by the factor that makes the probe's predicted engine time its "
-        "measured one (x1.10: decoding runs 10% slower now than when calibrated); TPOT err "
-        "unprobed is the prediction's error without that scaling. Engine busy: summed step "
-        "time, predicted vs the "
+        "goes to the same server, and its measured over predicted time of the steps without "
+        "and with prompt tokens scales those two kinds of steps in the run's prediction "
+        "(x1.10: they run 10% slower now than when calibrated); TPOT err unprobed is the "
+        "prediction's error without that scaling. Engine busy: summed step time, predicted "
+        "vs the "
         "server's own counter; (run) is the measured run's duration. Others' CPU: the share of "
         "a core other processes (neither the server nor the client) used during the run; above "
         f"{DISTURBED_SHARE:.0%} the run measured a shared machine, not this one.",

@@ -5,7 +5,8 @@
     counters    tokenmill:prefix_cache_queries_total, tokenmill:prefix_cache_hits_total (tokens),
                 tokenmill:prompt_tokens_total, tokenmill:generation_tokens_total,
                 tokenmill:num_preemptions_total,
-                tokenmill:engine_steps_total, tokenmill:engine_step_seconds_total (tokenmill's own),
+                tokenmill:engine_steps_total, tokenmill:engine_step_seconds_total,
+                tokenmill:engine_prompt_step_seconds_total (tokenmill's own),
                 tokenmill:request_success_total{finished_reason="stop|length|abort|error"}
     histograms  tokenmill:time_to_first_token_seconds, tokenmill:inter_token_latency_seconds,
                 tokenmill:e2e_request_latency_seconds
@@ -108,6 +109,8 @@ class _EngineCollector(Collector):
              stats.num_preemptions),
             ("engine_steps", "Engine steps run.", stats.num_steps),
             ("engine_step_seconds", "Wall time spent in engine steps.", stats.step_time_total_s),
+            ("engine_prompt_step_seconds", "Wall time of the engine steps that computed prompt "
+             "tokens.", stats.prompt_step_time_total_s),
         )  # fmt: skip
         for name, doc, value in counters:
             family = CounterMetricFamily(f"{PREFIX}{name}", doc, labels=["model_name"])
