@@ -191,7 +191,8 @@ def test_native_argmax_is_the_first_largest_and_skips_nans():
             x = torch.randn(5, vocab, generator=gen).to(dtype)
             x[0, vocab // 2] = 40.0
             x[0, vocab - 1] = 40.0  # a tie: the first one wins, as in torch.argmax
-            x[1, 0] = float("nan")  # a NaN never wins
+            x[1, 0] = float("nan")  # a NaN never wins...
+            x[2, vocab - 1] = float("nan")  # ...not even as the last entry (the scalar tail)
             expected = torch.nan_to_num(x.float(), nan=-1e30).argmax(dim=-1)
             assert torch.equal(greedy_tokens(x), expected), (dtype, vocab)
 

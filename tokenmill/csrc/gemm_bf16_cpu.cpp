@@ -61,13 +61,6 @@ struct Kernel {
   }
 };
 
-inline float bf16_to_float(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
 // Greedy decoding's lm_head: each thread folds its bf16 tiles into a running (largest value,
 // first column) per row, so the [M, vocabulary] logits never reach memory; the threads' answers
 // are merged after. Values compare after rounding to bf16, exactly as an argmax over the bf16
@@ -94,18 +87,12 @@ struct ArgmaxTiles {
     float* b = best.data() + thread * m_dim;
     int64_t* col = best_col.data() + thread * m_dim;
     for (int64_t r = 0; r < rows; ++r, t += kStride) {
-      __m512 vmax = _mm512_set1_ps(b[m0 + r]);
-      for (int64_t j = 0; j < np; ++j)  // max(v, vmax): a NaN in v leaves vmax
-        vmax = _mm512_max_ps(tokenmill::load16(reinterpret_cast<const c10::BFloat16*>(t) +
-                                               j * kPanel), vmax);
-      const float m = _mm512_reduce_max_ps(vmax);
-      if (!(m > b[m0 + r])) continue;
-      for (int64_t c = 0; c < np * kPanel; ++c) {
-        if (bf16_to_float(t[c]) == m) {
-          b[m0 + r] = m;
-          col[m0 + r] = p0 * kPanel + c;
-          break;
-        }
+      // Strictly above the row's best so far: an equal value in a later tile is a later column.
+      const auto [m, c] =
+          tokenmill::max_above(reinterpret_cast<const c10::BFloat16*>(t), np * kPanel, b[m0 + r]);
+      if (c >= 0) {
+        b[m0 + r] = m;
+        col[m0 + r] = p0 * kPanel + c;
       }
     }
   }

@@ -1,7 +1,12 @@
-// Small AVX-512 helpers shared by the CPU kernels: 16-lane loads from fp32 or bf16, and exp.
+// Small helpers shared by the CPU kernels: 16-lane loads and stores of fp32 or bf16, exp, and
+// the first position of a row's largest value.
 #pragma once
 
 #include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <limits>
+#include <utility>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -50,5 +55,36 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 #endif
+
+// {largest value, its first position} of x[0, n) (fp32 or bf16) when that value exceeds
+// `above`; {above, -1} when none does (the position pass is then skipped). Two passes,
+// vectorised where AVX-512 is; NaNs never win.
+template <typename T>
+inline std::pair<float, int64_t> max_above(
+    const T* x, int64_t n, float above = -std::numeric_limits<float>::infinity()) {
+  float m = above;
+  int64_t i = 0;
+#if TOKENMILL_AVX512
+  __m512 vm = _mm512_set1_ps(m);
+  for (; i + 16 <= n; i += 16) vm = _mm512_max_ps(load16(x + i), vm);  // NaN in x: keeps vm
+  m = _mm512_reduce_max_ps(vm);
+#endif
+  for (; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    if (v > m) m = v;  // false for a NaN
+  }
+  if (!(m > above)) return {above, -1};
+  i = 0;
+#if TOKENMILL_AVX512
+  const __m512 target = _mm512_set1_ps(m);
+  for (; i + 16 <= n; i += 16) {
+    const __mmask16 hit = _mm512_cmpeq_ps_mask(load16(x + i), target);
+    if (hit) return {m, i + __builtin_ctz(hit)};
+  }
+#endif
+  for (; i < n; ++i)
+    if (static_cast<float>(x[i]) == m) return {m, i};
+  return {above, -1};  // not reached: m is one of the entries
+}
 
 }  // namespace tokenmill
