@@ -188,24 +188,37 @@ def test_default_scenarios_cover_serving_shapes_and_hold_some_out():
     assert settings["dtype"] == "bfloat16" and settings["enable_prefix_caching"] is False
 
 
-def test_real_engine_calibration_predicts_a_held_out_step(tmp_path):
-    """A short trace of the bundled model: every shape is timed and the fit predicts a step it
-    did not see within a loose bound (this machine may be shared, so only the order of
-    magnitude is asserted)."""
+@pytest.mark.parametrize("served", [False, True], ids=["in-process", "served"])
+def test_real_engine_calibration_predicts_a_held_out_step(tmp_path, served):
+    """A short trace of the bundled model, run in this process or sent to a real `tokenmill
+    serve` as streamed requests: every shape is timed, each step lands in its own scenario, and
+    the fit predicts a step it did not see within a loose bound (this machine may be shared, so
+    only the order of magnitude is asserted)."""
     from tokenmill.plan.calibrate import record_calibration_trace
 
     settings = CalibrationSettings(
         dtype="float32", kv_cache_memory_gib=0.05, prefill_lens=(16, 64), batch_sizes=(1, 3),
-        long_prompt_len=48, long_batch_sizes=(2,), decode_steps=3, mixed=((2, 24),),
+        long_prompt_len=48, long_batch_sizes=(2,), decode_steps=5, mixed=((2, 24),),
         holdout=(Scenario("held out", 2, 16, 3, holdout=True),),
-        warmup=Scenario("warm-up", 2, 8, 2), max_attempts=1,
+        warmup=Scenario("warm-up", 2, 8, 2), max_attempts=1, served=served,
     )  # fmt: skip
-    trace = record_calibration_trace(settings)
+    trace = record_calibration_trace(settings, work_dir=tmp_path)
     assert len(trace.records) == len(trace.groups) == len(trace.holdout) >= 15
     assert {"prefill", "decode", "mixed"} <= {
         "mixed" if r.num_prefill_tokens and r.num_decode_tokens else
         "prefill" if r.num_prefill_tokens else "decode" for r in trace.records
     }  # fmt: skip
+
+    # Each step is attributed to the scenario that ran it (served requests arrive one by one,
+    # so a scenario's steps may mix prompts and decodes; its token totals are exact).
+    def tokens(group: str) -> tuple[int, int]:
+        steps = [r for r, g in zip(trace.records, trace.groups, strict=True) if g == group]
+        return sum(r.num_prefill_tokens for r in steps), sum(r.num_decode_tokens for r in steps)
+
+    assert tokens("decode 3x32") == (3 * 32, 3 * 4)  # 5 tokens each: 1 from the prompt step
+    prompt_tokens, decode_tokens = tokens("mixed 2+24")
+    assert decode_tokens == 2 * 4 and prompt_tokens > 2 * 32 and (prompt_tokens - 64) % 24 == 0
+    assert trace.groups.count("prefill 64") == 2 and trace.holdout.count(True) >= 3
     clean_held = [h and not d for h, d in zip(trace.holdout, trace.disturbed, strict=True)]
     if not any(clean_held):
         pytest.skip("other processes took the CPUs during every held-out step")

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 
+from tokenmill.bench.serve_process import parse_engine_counters
 from tokenmill.cli.main import main
 from tokenmill.errors import ConfigError
 from tokenmill.perf import Precision, StepRecord, step_cost
@@ -22,10 +23,10 @@ from tokenmill.plan.validate import (
     build_validation_workload,
     check_calibration,
     measure,
-    parse_engine_counters,
     predict,
     server_kv_blocks,
     speed_probe,
+    summarize_runs,
 )
 from tokenmill.plan.validate_report import format_markdown, validation_command
 
@@ -135,6 +136,33 @@ def test_errors_verdicts_and_table():
     json.dumps(data)
 
 
+def test_repeated_runs_summarize_to_medians_and_ranges():
+    def metrics(tpot: float, tok_s: float) -> RunMetrics:
+        return RunMetrics(tpot, tok_s, 1000.0, 400.0, 8000.0, 48.0, 64, 2400, 901, 45.0, 0.01)
+
+    prediction = metrics(50.0, 100.0)
+    runs = [
+        ValidationRow(1.0, metrics(50.0 + i, 100.0), metrics(tpot, 90.0 + i), (0.5,), (0.6,),
+                      speed=(probe, 1.0), unscaled=prediction, repeat=i)
+        for i, (tpot, probe) in enumerate([(60.0, 1.2), (48.0, 0.9), (52.0, 1.0)])
+    ]  # fmt: skip
+    runs[1].measured.num_steps = 900
+    summary = summarize_runs(ValidationRow(1.0, prediction, None), runs)
+    assert summary.repeat == 3 and summary.speed == (1.0, 1.0)
+    assert summary.predicted.tpot_median_ms == 51.0 and summary.measured.tpot_median_ms == 52.0
+    assert summary.spread["tpot_median_ms"] == (48.0, 60.0)
+    assert summary.measured.output_tok_s == 91.0 and summary.measured.num_steps == 901
+    settings = ValidationSettings(rates=(1.0,), repeats=3)
+    report = ValidationReport(settings, [summary], {"fit": {"num_steps": 10}}, runs=runs)
+    table = format_markdown(report)
+    assert "Medians of 3 runs per rate" in table
+    assert "| 1 req/s | 51.0 | 52.0 (48.0-60.0) | -2% ok |" in table
+    assert "| 1 req/s #2 | 51.0 | 48.0 | +6% ok |" in table  # each run against its own probe
+    data = report.as_dict()
+    assert len(data["runs"]) == 3 and data["rows"][0]["repeat"] == 3
+    json.dumps(data)
+
+
 def test_cpu_taken_by_other_processes_is_seen():
     import subprocess
     import sys
@@ -161,8 +189,9 @@ def test_metrics_counters_are_parsed():
         'tokenmill:engine_steps_total{model_name="m"} 123.0\n'
         'tokenmill:engine_step_seconds_total{model_name="m"} 4.5\n'
         'tokenmill:engine_prompt_step_seconds_total{model_name="m"} 1.25\n'
+        'tokenmill:engine_loop_seconds_total{model_name="m"} 4.75\n'
     )
-    assert parse_engine_counters(text) == (123.0, 4.5, 1.25)
+    assert parse_engine_counters(text) == (123.0, 4.5, 1.25, 4.75)
     assert all(math.isnan(x) for x in parse_engine_counters(""))
 
 
@@ -190,6 +219,9 @@ def test_cli_predict_only_writes_the_table(calibrated, tmp_path, capsys):
 def test_regenerating_command_holds_every_setting():
     cmd = validation_command(ValidationSettings(num_prompts=96, rates=(0.3, math.inf)))
     assert "--num-prompts 96" in cmd and "--rates 0.3,inf" in cmd and "--dtype float32" in cmd
+    assert "--repeats" not in cmd and "--served" not in cmd
+    cmd = validation_command(ValidationSettings(repeats=3), served_calibration=True)
+    assert cmd.endswith("--repeats 3 --served")
 
 
 @pytest.mark.parametrize(
@@ -199,6 +231,7 @@ def test_regenerating_command_holds_every_setting():
         ["--rates", "fast"],
         ["--num-prompts", "0"],
         ["--speed-probe-prompts", "-1"],
+        ["--repeats", "0"],
     ],
 )
 def test_bad_validate_arguments_are_refused(bad, capsys, calibrated):
@@ -252,6 +285,11 @@ def test_speed_probe_factor_reproduces_the_measured_engine_time(calibrated, monk
     info = SimpleNamespace(arch=ARCH, tokenizer=None)  # what open_model_info gives
     monkeypatch.setattr(validate, "measure", measured(1.3 * decode, 0.9 * base.prompt_busy_s))
     assert speed_probe(None, settings, info, None) == pytest.approx((1.3, 0.9))
+    # With the engine loop's time on record, the decode steps carry the work around each step.
+    looped = measured(1.3 * decode, 0.9 * base.prompt_busy_s)()
+    looped.loop_s = 1.4 * decode + looped.prompt_busy_s
+    monkeypatch.setattr(validate, "measure", lambda *a: looped)
+    assert speed_probe(None, settings, info, None) == pytest.approx((1.4, 0.9))
     monkeypatch.setattr(validate, "measure", measured(decode, 0.0))
     with pytest.raises(ConfigError, match="ran no prompt steps"):
         speed_probe(None, settings, info, None)
@@ -301,6 +339,7 @@ def test_measure_loads_a_real_server_and_reads_its_engine_counters(tmp_path, mon
     assert got.num_steps >= 6
     assert 0 < got.busy_s <= got.duration_s + 0.5
     assert 0 < got.prompt_busy_s < got.busy_s  # the one prompt step, then five decode steps
+    assert got.busy_s < got.loop_s <= got.duration_s + 0.5  # the loop: steps and their outputs
     assert got.tpot_median_ms > 0 and got.output_tok_s > 0
 
 

@@ -242,3 +242,10 @@ def test_metrics_exposed(server):
     metrics = server.metrics()
     assert metrics["tokenmill:generation_tokens_total"] > 0
     assert metrics["tokenmill:time_to_first_token_seconds_count"] > 0
+    # Engine time: prompt steps within all steps within the loop iterations that ran them.
+    assert metrics["tokenmill:engine_steps_total"] >= 2
+    prompt, steps, loop = (
+        metrics[f"tokenmill:engine_{name}_seconds_total"]
+        for name in ("prompt_step", "step", "loop")
+    )
+    assert 0 < prompt < steps < loop

@@ -110,9 +110,15 @@ def _chunk_text(chunk: dict, endpoint: str) -> str:
 
 
 async def send_request(
-    client: httpx.AsyncClient, target: ServeTarget, req: WorkloadRequest, index: int, t0: float
+    client: httpx.AsyncClient,
+    target: ServeTarget,
+    req: WorkloadRequest,
+    index: int,
+    t0: float,
+    first_token: asyncio.Event | None = None,
 ) -> RequestResult:
-    """Stream one completion and time it; never raises for a failed request."""
+    """Stream one completion and time it; never raises for a failed request. `first_token` is
+    set once the first token arrives (or the request ends without one)."""
     result = RequestResult(False, req.prompt_len, 0, req.output_len)
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     url = target.base_url.rstrip("/") + ENDPOINTS[target.endpoint]
@@ -141,6 +147,8 @@ async def send_request(
                 if _chunk_text(chunk, target.endpoint):
                     if result.num_chunks == 0:
                         result.ttft_s = now - sent
+                        if first_token is not None:
+                            first_token.set()
                     else:
                         result.itl_s.append(now - last)
                     result.num_chunks += 1
@@ -158,6 +166,9 @@ async def send_request(
             result.error = "no tokens streamed"
     except (httpx.HTTPError, json.JSONDecodeError, OSError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if first_token is not None:
+            first_token.set()
     return result
 
 

@@ -66,3 +66,25 @@ class ServeProcess:
         except (OSError, AttributeError, IndexError):
             return 0.0
         return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+    def engine_counters(self) -> tuple[float, float, float, float]:
+        """(engine steps, seconds inside LLMEngine.step(), of them in steps with prompt tokens,
+        seconds of the engine loop's iterations that ran a step) so far, from /metrics."""
+        import httpx
+
+        return parse_engine_counters(httpx.get(self.base_url + "/metrics", timeout=10).text)
+
+
+def parse_engine_counters(text: str) -> tuple[float, float, float, float]:
+    values = []
+    names = (
+        "engine_steps",
+        "engine_step_seconds",
+        "engine_prompt_step_seconds",
+        "engine_loop_seconds",
+    )
+    for name in names:
+        name = f"tokenmill:{name}_total"
+        match = re.search(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.eE+-]+)$", text, re.M)
+        values.append(float(match.group(1)) if match else float("nan"))
+    return values[0], values[1], values[2], values[3]

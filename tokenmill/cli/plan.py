@@ -350,12 +350,18 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
         help="per operator: compute + memory time, or their max; auto: the lower held-out error",
     )  # fmt: skip
     group.add_argument("--calibration-seed", type=int, default=0)
+    group.add_argument(
+        "--served", action="store_true",
+        help="send the scenarios to a `tokenmill serve` as streamed requests and fit the steps "
+        "it records (default: an engine in this process)",
+    )  # fmt: skip
 
 
 def _register_calibrate(modes) -> None:
     p = modes.add_parser(
         "calibrate", help="run the engine through serving's batch shapes and fit this-machine",
-        description="Run the real engine on this machine through prefill chunks, decode batches "
+        description="Run the real engine on this machine (in this process; --served: a "
+        "`tokenmill serve` fed streamed requests) through prefill chunks, decode batches "
         "and mixed steps, fit this-machine's profile to the step times (some scenarios held out "
         "to measure the prediction error) and write it to $TOKENMILL_HOME/this-machine.json.",
     )  # fmt: skip
@@ -385,6 +391,9 @@ def _register_validate(modes) -> None:
     p.add_argument("--speed-probe-prompts", type=int, default=16,
                    help="requests of the speed probe before each run (its measured / predicted "
                    "engine time scales that run's prediction); 0: no probe")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measured runs per rate, in turn over the rates; the table shows their "
+                   "medians and ranges")  # fmt: skip
     p.add_argument("--calibrate", action="store_true", help="calibrate this-machine first")
     _add_calibration_args(p)
     p.add_argument("--predict-only", action="store_true", help="no server: predictions alone")
@@ -407,7 +416,7 @@ def _calibration_settings(args: argparse.Namespace):
         kv_cache_memory_gib=args.kv_cache_memory, prefill_lens=args.prefill_lens,
         batch_sizes=args.batch_sizes, long_prompt_len=args.long_prompt_len,
         long_batch_sizes=args.long_batch_sizes, decode_steps=args.decode_steps,
-        seed=args.calibration_seed,
+        seed=args.calibration_seed, served=args.served,
     )  # fmt: skip
 
 
@@ -417,8 +426,10 @@ def _do_calibrate(args: argparse.Namespace, out: str | None = None):
     from tokenmill.plan.calibrate import calibrate
 
     settings = _calibration_settings(args)
+    how = "through tokenmill serve" if args.served else "in this process"
     print(
-        f"calibrating this machine ({settings.dtype}); load average {_loadavg_text()}", flush=True
+        f"calibrating this machine ({settings.dtype}, {how}); load average {_loadavg_text()}",
+        flush=True,
     )
     report, trace, path = calibrate(
         settings, args.combine, Path(out) if out else None,
@@ -478,7 +489,7 @@ def _run_validate(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
         num_warmup=args.num_warmup, jitter=args.jitter,
-        speed_probe_prompts=args.speed_probe_prompts,
+        speed_probe_prompts=args.speed_probe_prompts, repeats=args.repeats,
     )  # fmt: skip
     if args.calibrate:
         report, trace, path = _do_calibrate(args)

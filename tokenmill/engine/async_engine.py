@@ -61,6 +61,9 @@ class EngineStats:
     num_steps: int = 0
     step_time_total_s: float = 0.0  # wall time spent in LLMEngine.step(), summed
     prompt_step_time_total_s: float = 0.0  # of it, in steps that computed prompt tokens
+    # Wall time of the loop's iterations that ran the model: taking in new requests, the step,
+    # handing out its outputs; what a request waits per step (step_time_total_s and the rest).
+    loop_time_total_s: float = 0.0
     is_running: bool = False  # the loop thread is alive and serving
 
 
@@ -178,6 +181,7 @@ class AsyncEngine:
         self._stats = EngineStats()
         self._num_steps = 0
         self._step_time_total_s = 0.0
+        self._loop_time_total_s = 0.0
         # Streams whose consumer has not seen the end yet (any thread; set ops are atomic).
         self._open_streams: set[RequestStream] = set()
         self._built = threading.Event()
@@ -282,6 +286,7 @@ class AsyncEngine:
         self._built.set()
         try:
             while True:
+                start = time.perf_counter()
                 self._wakeup.clear()
                 if not self._drain_commands():
                     return
@@ -289,7 +294,8 @@ class AsyncEngine:
                     self._snapshot()
                     self._wakeup.wait()
                     continue
-                self._step()
+                if self._step():
+                    self._loop_time_total_s += time.perf_counter() - start
         except BaseException:  # pragma: no cover - a bug in this loop itself, not a request
             logger.exception("the engine loop stopped")
             self._fail_all(EngineStoppedError("the engine loop stopped unexpectedly"))
@@ -350,24 +356,26 @@ class AsyncEngine:
             self._observe_finished("abort", track)
             _call_in_loop(track.stream._loop, track.stream._put, error)
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One engine step and its outputs handed out; True when it ran the model."""
         engine = self.engine
         tokens_before = engine.num_computed_tokens_total
-        self._num_steps += 1
         start = time.perf_counter()
         try:
             outputs = engine.step()
         except Exception as exc:  # noqa: BLE001 - the loop must outlive any one step
             logger.exception("engine step failed; failing the requests in flight")
             self._fail_all(EngineInternalError(f"internal error in the engine step: {exc}"))
-            return
+            return False
         finally:
             self._step_time_total_s += time.perf_counter() - start
+        ran = engine.num_computed_tokens_total != tokens_before
+        self._num_steps += ran  # one per record of the engine's step trace
         self._dispatch(outputs)
         self._snapshot()
-        tokens_after = engine.num_computed_tokens_total
-        if not outputs and tokens_after == tokens_before:
+        if not outputs and not ran:
             self._wakeup.wait(_NO_PROGRESS_BACKOFF_S)
+        return ran
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         """Hand outputs to their streams: one call_soon_threadsafe per event loop per step."""
@@ -425,6 +433,7 @@ class AsyncEngine:
             num_steps=self._num_steps,
             step_time_total_s=self._step_time_total_s,
             prompt_step_time_total_s=engine.prompt_step_time_total_s,
+            loop_time_total_s=self._loop_time_total_s,
             is_running=is_running,
         )
 

@@ -413,6 +413,9 @@ class CalibrationSettings:
     warmup: Scenario = Scenario("warm-up", 4, 64, 4, late_prompt_len=128)  # not recorded
     max_attempts: int = MAX_ATTEMPTS  # runs of a scenario other processes disturbed
     seed: int = 0
+    # Through `tokenmill serve` and a streaming client (served traffic's step times), not an
+    # engine in this process.
+    served: bool = False
 
     def scenarios(self) -> list[Scenario]:
         out = [Scenario(f"prefill {n}", 1, n, 1) for n in self.prefill_lens for _ in range(2)]
@@ -449,6 +452,12 @@ class CalibrationTrace:
     loadavg_before: tuple[float, ...] = ()
     loadavg_after: tuple[float, ...] = ()
     num_retries: int = 0
+
+    def add(self, sc: Scenario, steps: list[StepRecord], others: list[float | None]) -> None:
+        self.records += steps
+        self.groups += [sc.name] * len(steps)
+        self.holdout += [sc.holdout] * len(steps)
+        self.others_cpu_s += others
 
     @property
     def disturbed(self) -> list[bool]:
@@ -533,37 +542,82 @@ def _run_scenario(engine, sc: Scenario, rng: random.Random, ids) -> list[float |
     return others
 
 
-def record_calibration_trace(settings: CalibrationSettings, progress=None) -> CalibrationTrace:
-    """Run the real engine through `settings.scenarios()`; every step recorded and labelled
-    with its scenario and the CPU time other processes took meanwhile. A scenario disturbed by
-    them is run again, up to `settings.max_attempts` times in all."""
+def record_calibration_trace(
+    settings: CalibrationSettings, progress=None, work_dir: Path | None = None
+) -> CalibrationTrace:
+    """Run the real engine through `settings.scenarios()` (in this process, or with
+    `settings.served` through `tokenmill serve` and a streaming client, its logs and step trace
+    in `work_dir`); every step recorded and labelled with its scenario and the CPU time other
+    processes took meanwhile. A scenario disturbed by them is run again, up to
+    `settings.max_attempts` times in all."""
+    if settings.served:
+        return _record_served(settings, progress, work_dir)
     engine = _engine(settings)
     rng, ids = random.Random(settings.seed), itertools.count()
     # Warm-up, not recorded: first-use allocations and kernel builds.
     _run_scenario(engine, settings.warmup, rng, ids)
     trace = CalibrationTrace([], [], [], engine.arch, loadavg_before=_loadavg())
+
+    def run(sc: Scenario):
+        engine.step_trace.clear()
+        others = _run_scenario(engine, sc, rng, ids)
+        steps = list(engine.step_trace)
+        wall = sum(r.wall_time_s for r in steps)
+        return (steps, others), len(steps), wall, sum(o or 0.0 for o in others)
+
+    for sc, (steps, others) in _run_scenarios(settings, run, trace, progress):
+        trace.add(sc, steps, others)
+    trace.loadavg_after = _loadavg()
+    return trace
+
+
+def _record_served(settings: CalibrationSettings, progress, work_dir: Path | None):
+    import tempfile
+
+    from tokenmill.bench.serve import open_model_info
+    from tokenmill.plan.calibrate_served import ServedScenarios
+
+    with tempfile.TemporaryDirectory(prefix="tokenmill-calibrate-") as tmp:
+        served = ServedScenarios(settings, Path(work_dir or tmp))
+        with served:
+            served.run(settings.warmup)  # not recorded: first-use allocations, kernel builds
+            trace = CalibrationTrace(
+                [], [], [], open_model_info(settings.model).arch, loadavg_before=_loadavg()
+            )
+
+            def run(sc: Scenario):
+                r = served.run(sc)
+                return r, r.num_steps, r.busy_s, r.others_cpu_s or 0.0
+
+            runs = _run_scenarios(settings, run, trace, progress)
+            trace.loadavg_after = _loadavg()
+        for sc, r in runs:  # the server writes its step trace as it stops
+            steps = served.records(r)
+            # Other processes' CPU time is known per scenario: spread over its steps by time.
+            share = None if r.others_cpu_s is None else r.others_cpu_s / max(r.busy_s, 1e-9)
+            trace.add(sc, steps, [None if share is None else share * s.wall_time_s for s in steps])
+    return trace
+
+
+def _run_scenarios(settings: CalibrationSettings, run, trace: CalibrationTrace, progress):
+    """Every scenario through `run` (-> result, steps, their seconds, other processes'
+    CPU-seconds meanwhile), again while other processes disturb it; [(scenario, result)]."""
+    out = []
     start = time.perf_counter()
     for sc in settings.scenarios():
         for attempt in range(1, settings.max_attempts + 1):
-            engine.step_trace.clear()
-            others = _run_scenario(engine, sc, rng, ids)
-            steps = list(engine.step_trace)
-            wall = sum(r.wall_time_s for r in steps)
-            taken = sum(o or 0.0 for o in others)
+            result, num_steps, wall, taken = run(sc)
             disturbed = taken > DISTURBED_SHARE * wall + CPU_TICK_SLACK_S
             if progress is not None:
-                note = f", other processes took {taken / wall:.0%} of a core" if disturbed else ""
-                progress(f"{sc.name}: {len(steps)} steps in {wall:.1f} s{note}")
+                share = taken / wall if wall > 0 else 0.0
+                note = f", other processes took {share:.0%} of a core" if disturbed else ""
+                progress(f"{sc.name}: {num_steps} steps in {wall:.1f} s{note}")
             if not disturbed or attempt == settings.max_attempts:
                 break
             trace.num_retries += 1
-        trace.records += steps
-        trace.groups += [sc.name] * len(steps)
-        trace.holdout += [sc.holdout] * len(steps)
-        trace.others_cpu_s += others
+        out.append((sc, result))
     trace.elapsed_s = time.perf_counter() - start
-    trace.loadavg_after = _loadavg()
-    return trace
+    return out
 
 
 def _loadavg() -> tuple[float, ...]:
@@ -642,6 +696,7 @@ def calibrate(
     info = {
         "engine": settings.engine_settings(),
         "model": settings.model or "bundled SmolLM2-135M-Instruct",
+        "served": settings.served,
         "torch_threads": _torch_threads(),
         "trace": str(trace_path),
         "groups": trace.groups,
@@ -653,7 +708,9 @@ def calibrate(
         "num_scenario_retries": trace.num_retries,
         **report.summary(),
     }
-    origin = f"tokenmill plan calibrate --dtype {settings.dtype}"
+    origin = f"tokenmill plan calibrate --dtype {settings.dtype}" + (
+        " --served" if settings.served else ""
+    )
     path = write_calibration(profile_dict(report.fit, origin, precision, info), out_path)
     return report, trace, path
 

@@ -27,12 +27,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from tokenmill.bench.serve_process import ServeProcess
@@ -47,6 +47,7 @@ from tokenmill.plan.calibrate import (
     others_cpu_since,
     read_calibration,
 )
+from tokenmill.plan.calibrate_served import engine_serve_args
 from tokenmill.plan.hardware import THIS_MACHINE, get_hardware
 from tokenmill.plan.metrics import summarize
 from tokenmill.plan.placement import place
@@ -76,6 +77,7 @@ class ValidationSettings:
     num_warmup: int = 1
     jitter: bool = False  # the simulator's step-time jitter (the fit's residual spread)
     speed_probe_prompts: int = 16  # requests of the speed probe before each run; 0: none
+    repeats: int = 1  # measured runs per rate (in turn over the rates); the table: their medians
 
     def __post_init__(self) -> None:
         if self.dtype not in PERF_DTYPE:
@@ -86,18 +88,14 @@ class ValidationSettings:
             raise ConfigError(
                 f"--speed-probe-prompts must be >= 0 (0: no probe), got {self.speed_probe_prompts}"
             )
+        if self.repeats < 1:
+            raise ConfigError(f"--repeats must be >= 1, got {self.repeats}")
         if not self.rates or any(not r > 0 for r in self.rates):
             raise ConfigError(f"rates must be > 0 requests/s (or inf), got {self.rates}")
         parse_workload(self.workload)
 
     def serve_args(self) -> list[str]:
-        args = [
-            "--dtype", self.dtype, "--max-num-seqs", str(self.max_num_seqs),
-            "--max-num-batched-tokens", str(self.max_num_batched_tokens),
-            "--block-size", str(self.block_size), "--kv-cache-memory", str(self.kv_cache_memory_gib),
-            "--no-prefix-caching", "--max-queue", str(max(4096, self.num_prompts)),
-        ]  # fmt: skip
-        return ([self.model] if self.model else []) + args
+        return [*engine_serve_args(self), "--max-queue", str(max(4096, self.num_prompts))]
 
 
 def server_kv_blocks(arch: ArchConfig, dtype: str, block_size: int, memory_gib: float) -> int:
@@ -136,6 +134,9 @@ class RunMetrics:
     others_cpu_share: float | None = None
     first_step: int | None = None  # the server's step count when the run began
     prompt_busy_s: float | None = None  # of busy_s, the steps that computed prompt tokens
+    # The server's engine-loop iterations that ran a step: busy_s and the time around each step
+    # (taking in requests, handing out outputs), which a request also waits (server: /metrics).
+    loop_s: float | None = None
 
 
 def predict(
@@ -183,23 +184,6 @@ def predict(
     )  # fmt: skip
 
 
-def engine_counters(server: ServeProcess) -> tuple[float, float, float]:
-    """(engine steps, seconds inside LLMEngine.step(), of them in steps with prompt tokens) so
-    far, from the server's /metrics."""
-    import httpx
-
-    return parse_engine_counters(httpx.get(server.base_url + "/metrics", timeout=10).text)
-
-
-def parse_engine_counters(text: str) -> tuple[float, float, float]:
-    values = []
-    for name in ("engine_steps", "engine_step_seconds", "engine_prompt_step_seconds"):
-        name = f"tokenmill:{name}_total"
-        match = re.search(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.eE+-]+)$", text, re.M)
-        values.append(float(match.group(1)) if match else float("nan"))
-    return values[0], values[1], values[2]
-
-
 def measure(
     server: ServeProcess, settings: ValidationSettings, rate: float, json_path: Path
 ) -> RunMetrics:
@@ -214,12 +198,12 @@ def measure(
     ]  # fmt: skip
     if settings.model:
         cmd += ["--tokenizer", settings.model]
-    steps0, busy0, prompt0 = engine_counters(server)
+    steps0, busy0, prompt0, loop0 = server.engine_counters()
     cpu0, server0, wall0 = cpu_seconds(), server.cpu_seconds(), time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     others = others_cpu_since(cpu0, server.cpu_seconds() - server0)
     wall = time.perf_counter() - wall0
-    steps1, busy1, prompt1 = engine_counters(server)
+    steps1, busy1, prompt1, loop1 = server.engine_counters()
     if not json_path.exists():
         raise ConfigError(f"bench serve failed ({done.returncode}):\n{done.stderr[-2000:]}")
     m = json.loads(json_path.read_text())["metrics"]
@@ -232,6 +216,7 @@ def measure(
         num_requests=m["num_completed"], output_tokens=m["total_output_tokens"],
         num_steps=int(steps1 - steps0), busy_s=busy1 - busy0, prompt_busy_s=prompt1 - prompt0,
         others_cpu_share=None if others is None else others / wall, first_step=int(steps0),
+        loop_s=loop1 - loop0,
     )  # fmt: skip
 
 
@@ -246,6 +231,9 @@ class ValidationRow:
     # The speed probe's measured / predicted time of the steps without and with prompt tokens.
     speed: tuple[float, float] | None = None
     unscaled: RunMetrics | None = None  # the prediction before the probe's scaling
+    repeat: int = 0  # which of the rate's measured runs (a summary row: its number of runs)
+    # A summary row: the lowest and highest measured value of each compared metric.
+    spread: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def errors(self, predicted: RunMetrics | None = None) -> dict[str, float]:
         """(predicted - measured) / measured per compared metric (of `predicted`, by default
@@ -267,25 +255,28 @@ class ValidationRow:
 @dataclass
 class ValidationReport:
     settings: ValidationSettings
-    rows: list[ValidationRow] = field(default_factory=list)
+    rows: list[ValidationRow] = field(default_factory=list)  # per rate (medians over runs)
     calibration: dict | None = None
     machine: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
+    runs: list[ValidationRow] = field(default_factory=list)  # every measured run, in order
 
     def as_dict(self) -> dict:
         settings = asdict(self.settings)
         settings["rates"] = [_rate_json(r) for r in self.settings.rates]
-        rows = []
-        for row in self.rows:
-            rows.append({
-                **asdict(row), "rate": _rate_json(row.rate), "errors": row.errors(),
-                "passes": row.passes(),
-            })  # fmt: skip
+        rows, runs = [], []
+        for out, source in ((rows, self.rows), (runs, self.runs)):
+            for row in source:
+                out.append({
+                    **asdict(row), "rate": _rate_json(row.rate), "errors": row.errors(),
+                    "passes": row.passes(),
+                })  # fmt: skip
         calib = {
             k: v for k, v in (self.calibration or {}).items() if k not in ("groups", "holdout")
         }
         return {
-            "settings": settings, "rows": rows, "calibration": calib, "machine": self.machine,
+            "settings": settings, "rows": rows, "runs": runs, "calibration": calib,
+            "machine": self.machine,
             "elapsed_s": round(self.elapsed_s, 1),
             "targets": {key: tol for key, _, tol in TARGETS},
         }  # fmt: skip
@@ -338,26 +329,75 @@ def run_validation(
     serve_args = [*settings.serve_args(), "--step-trace", str(trace_path)]
     with ServeProcess(serve_args, work_dir / "serve.log") as server:
         log(f"tokenmill serve up at {server.base_url} (log: {work_dir / 'serve.log'})")
-        for row, workload in zip(rows, workloads, strict=True):
-            name = f"rate-{_rate_json(row.rate)}.json"
-            if settings.speed_probe_prompts:
-                row.speed = speed_probe(server, settings, info, work_dir / f"probe-{name}")
-                row.unscaled = row.predicted
-                row.predicted = predict(workload, info.arch, settings, row.speed)
-            row.loadavg_before = _loadavg()
-            row.measured = measure(server, settings, row.rate, work_dir / f"bench-{name}")
-            row.loadavg_after = _loadavg()
-            log(format_row(row))
+        # In turn over the rates, so each rate's runs sample different minutes of the drift.
+        for repeat in range(settings.repeats):
+            for row, workload in zip(rows, workloads, strict=True):
+                run = _measure_run(server, settings, info, row, workload, repeat, work_dir)
+                report.runs.append(run)
+                log(format_row(run))
     if trace_path.exists():  # written as the server stopped
         served = read_trace(trace_path)
         precision = Precision(weights=PERF_DTYPE[settings.dtype])
-        for row in rows:
-            m = row.measured
-            row.served_steps = served_step_errors(
+        for run in report.runs:
+            m = run.measured
+            run.served_steps = served_step_errors(
                 served, m.first_step, m.num_steps, calibration, info.arch, precision
             )
+    report.rows = [
+        summarize_runs(row, [r for r in report.runs if r.rate == row.rate]) for row in rows
+    ]
     report.elapsed_s = time.perf_counter() - start
     return report
+
+
+def _measure_run(
+    server: ServeProcess, settings: ValidationSettings, info, row: ValidationRow,
+    workload: Workload, repeat: int, work_dir: Path,
+) -> ValidationRow:  # fmt: skip
+    """One measured run of `row`'s rate (after its speed probe, which scales its prediction)."""
+    run = ValidationRow(row.rate, row.predicted, None, repeat=repeat)
+    name = f"rate-{_rate_json(row.rate)}" + (f"-{repeat + 1}" if settings.repeats > 1 else "")
+    if settings.speed_probe_prompts:
+        run.speed = speed_probe(server, settings, info, work_dir / f"probe-{name}.json")
+        run.unscaled = row.predicted
+        run.predicted = predict(workload, info.arch, settings, run.speed)
+    run.loadavg_before = _loadavg()
+    run.measured = measure(server, settings, row.rate, work_dir / f"bench-{name}.json")
+    run.loadavg_after = _loadavg()
+    return run
+
+
+def summarize_runs(row: ValidationRow, runs: list[ValidationRow]) -> ValidationRow:
+    """A rate's row from its measured runs: the median of each prediction and measurement (and
+    probe factor), the measurements' lowest and highest values, `repeat` = the number of runs."""
+    if not runs:
+        return row
+    measured = [r.measured for r in runs]
+    spread = {
+        key: (min(getattr(m, key) for m in measured), max(getattr(m, key) for m in measured))
+        for key, _, _ in TARGETS
+    }
+    speeds = [r.speed for r in runs if r.speed]
+    return ValidationRow(
+        row.rate, median_metrics([r.predicted for r in runs]), median_metrics(measured),
+        runs[0].loadavg_before, runs[-1].loadavg_after,
+        served_steps=runs[0].served_steps if len(runs) == 1 else {},
+        speed=tuple(statistics.median(s[i] for s in speeds) for i in range(2)) if speeds else None,
+        unscaled=runs[0].unscaled, repeat=len(runs), spread=spread,
+    )  # fmt: skip
+
+
+def median_metrics(items: list[RunMetrics]) -> RunMetrics:
+    """Field by field, the median of `items` (a field None in any of them stays None)."""
+    values = {}
+    for f in fields(RunMetrics):
+        column = [getattr(m, f.name) for m in items]
+        if any(v is None for v in column):
+            values[f.name] = None
+        else:
+            mid = statistics.median(column)
+            values[f.name] = round(mid) if isinstance(column[0], int) else mid
+    return RunMetrics(**values)
 
 
 def speed_probe(
@@ -365,7 +405,8 @@ def speed_probe(
 ) -> tuple[float, float]:
     """How much slower (> 1) or faster this machine runs now than when calibrated, for steps
     without and with prompt tokens: a few other requests of the workload, all at once, measured
-    over predicted time of each kind of step."""
+    over predicted time of each kind of step. The measured time of the steps without prompt
+    tokens is the engine loop's (every step and the work around it) less the prompt steps'."""
     probe = replace(
         settings, num_prompts=settings.speed_probe_prompts, seed=settings.seed + 1000,
         num_warmup=0,
@@ -377,7 +418,7 @@ def speed_probe(
     factors = []
     for kind, pred, meas in (
         ("decode", predicted.busy_s - predicted.prompt_busy_s,
-         measured.busy_s - measured.prompt_busy_s),
+         _loop_or_busy(measured) - measured.prompt_busy_s),
         ("prompt", predicted.prompt_busy_s, measured.prompt_busy_s),
     ):  # fmt: skip
         if not pred > 0 or not meas > 0:
@@ -387,3 +428,8 @@ def speed_probe(
             )
         factors.append(meas / pred)
     return factors[0], factors[1]
+
+
+def _loop_or_busy(m: RunMetrics) -> float:
+    """The engine loop's time, or the steps' alone from a server without that counter."""
+    return m.loop_s if m.loop_s is not None and math.isfinite(m.loop_s) else m.busy_s

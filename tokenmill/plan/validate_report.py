@@ -31,14 +31,18 @@ def _arrivals(rate: float) -> str:
     return "all at once" if math.isinf(rate) else f"{rate:g} req/s"
 
 
-def format_row(row: ValidationRow) -> str:
+def format_row(row: ValidationRow, label: str = "") -> str:
+    """One table row; a summary of several runs shows each measurement's range."""
     errs, ok = row.errors(), row.passes()
-    cells = [_arrivals(row.rate)]
+    cells = [_arrivals(row.rate) + label]
     for key, _, _ in TARGETS:
         pred = getattr(row.predicted, key)
-        meas = getattr(row.measured, key) if row.measured else None
+        meas = _fmt(getattr(row.measured, key) if row.measured else None)
+        if key in row.spread and row.repeat > 1:
+            lo, hi = row.spread[key]
+            meas += f" ({_fmt(lo)}-{_fmt(hi)})"
         err = f"{errs[key]:+.0%} {'ok' if ok[key] else 'MISS'}" if key in errs else "-"
-        cells += [_fmt(pred), _fmt(meas), err]
+        cells += [_fmt(pred), meas, err]
     m = row.measured
     busy = (
         f"{_fmt(row.predicted.busy_s)} / {_fmt(m.busy_s)} s ({_fmt(m.duration_s)} s)" if m else "-"
@@ -65,12 +69,21 @@ def format_markdown(report: ValidationReport) -> str:
         "| TTFT p99 pred ms | meas ms | err | speed probe decode / prompt | TPOT err unprobed "
         "| engine busy pred / meas (run) | others' CPU | load before |"
     )
+    runs = max((r.repeat for r in report.rows), default=1)
+    each = (
+        [f"Each run, in the order measured ({runs} per rate, in turn over the rates):", "",
+         head, "|" + "---|" * 15,
+         *(format_row(r, f" #{r.repeat + 1}") for r in report.runs), ""]
+        if runs > 1 else []
+    )  # fmt: skip
+    served = report.runs if runs > 1 else report.rows
     lines = [
         f"Workload: {s.workload}, {s.num_prompts} requests per run, seed {s.seed}, "
         f"burstiness {s.burstiness:g}; engine: {s.dtype}, max_num_seqs {s.max_num_seqs}, "
         f"max_num_batched_tokens {s.max_num_batched_tokens}, block size {s.block_size}, "
         f"KV {s.kv_cache_memory_gib:g} GiB, prefix caching off.",
-        f"Calibration: {cal.get('fit', {}).get('num_steps', '?')} steps, held-out step-time error "
+        f"Calibration ({'served' if cal.get('served') else 'in-process'}): "
+        f"{cal.get('fit', {}).get('num_steps', '?')} steps, held-out step-time error "
         f"median {holdout.get('median_abs', float('nan')):.1%}, RMS "
         f"{holdout.get('rms', float('nan')):.1%}; {cal.get('num_disturbed_steps', '?')} steps "
         f"left out as disturbed, 1-min load average before {cal.get('loadavg_before', ['?'])[0]}.",
@@ -78,11 +91,22 @@ def format_markdown(report: ValidationReport) -> str:
         f"torch {report.machine.get('torch', '?')} with {report.machine.get('torch_threads', '?')}"
         f" threads; {report.machine.get('time', '')}.",
         "",
+        *(
+            [f"Medians of {runs} runs per rate; in brackets the lowest and highest measured.", ""]
+            if runs > 1
+            else []
+        ),
         head,
         "|" + "---|" * 15,
         *(format_row(row) for row in report.rows),
         "",
-        *format_served_steps([(_arrivals(r.rate), r.served_steps) for r in report.rows]),
+        *each,
+        *format_served_steps(
+            [
+                (_arrivals(r.rate) + (f" #{r.repeat + 1}" if runs > 1 else ""), r.served_steps)
+                for r in served
+            ]
+        ),  # fmt: skip
         *_load_warning(report),
         "err = (predicted - measured) / measured; targets: median TPOT and output throughput "
         "within 10%, p99 TTFT within 25%. Speed probe: this machine's speed drifts by 10-20% "
@@ -104,7 +128,7 @@ def _load_warning(report: ValidationReport) -> list[str]:
     cal = report.calibration or {}
     num_steps = cal.get("fit", {}).get("num_steps", 0) + cal.get("num_disturbed_steps", 0)
     cal_share = cal.get("num_disturbed_steps", 0) / max(num_steps, 1)
-    shares = [r.measured.others_cpu_share or 0.0 for r in report.rows if r.measured]
+    shares = [r.measured.others_cpu_share or 0.0 for r in report.runs or report.rows if r.measured]
     disturbed = [s for s in shares if s > DISTURBED_SHARE]
     if not disturbed and cal_share <= 0.1:
         return []
@@ -122,14 +146,15 @@ def write_report(report: ValidationReport, md_path: Path | None, json_path: Path
     if md_path is not None:
         md_path.parent.mkdir(parents=True, exist_ok=True)
         title = "# Planner validation: predicted vs measured serving on this machine\n\n"
-        cmd = f"Regenerate: `{validation_command(report.settings)}`\n\n"
+        served = bool((report.calibration or {}).get("served"))
+        cmd = f"Regenerate: `{validation_command(report.settings, served)}`\n\n"
         md_path.write_text(title + cmd + format_markdown(report) + "\n", encoding="utf-8")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
 
 
-def validation_command(s: ValidationSettings) -> str:
+def validation_command(s: ValidationSettings, served_calibration: bool = False) -> str:
     rates = ",".join("inf" if math.isinf(r) else f"{r:g}" for r in s.rates)
     model = f" --model {s.model}" if s.model else ""
     return (
@@ -138,4 +163,6 @@ def validation_command(s: ValidationSettings) -> str:
         f"--max-num-seqs {s.max_num_seqs} --max-num-batched-tokens {s.max_num_batched_tokens} "
         f"--block-size {s.block_size} --kv-cache-memory {s.kv_cache_memory_gib:g} "
         f"--speed-probe-prompts {s.speed_probe_prompts}"
+        + (f" --repeats {s.repeats}" if s.repeats > 1 else "")
+        + (" --served" if served_calibration else "")
     )

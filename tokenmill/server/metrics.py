@@ -6,7 +6,8 @@
                 tokenmill:prompt_tokens_total, tokenmill:generation_tokens_total,
                 tokenmill:num_preemptions_total,
                 tokenmill:engine_steps_total, tokenmill:engine_step_seconds_total,
-                tokenmill:engine_prompt_step_seconds_total (tokenmill's own),
+                tokenmill:engine_prompt_step_seconds_total,
+                tokenmill:engine_loop_seconds_total (tokenmill's own),
                 tokenmill:request_success_total{finished_reason="stop|length|abort|error"}
     histograms  tokenmill:time_to_first_token_seconds, tokenmill:inter_token_latency_seconds,
                 tokenmill:e2e_request_latency_seconds
@@ -107,10 +108,12 @@ class _EngineCollector(Collector):
             ("generation_tokens", "Tokens generated.", stats.num_generation_tokens),
             ("num_preemptions", "Requests preempted to free KV-cache blocks.",
              stats.num_preemptions),
-            ("engine_steps", "Engine steps run.", stats.num_steps),
+            ("engine_steps", "Engine steps that ran the model.", stats.num_steps),
             ("engine_step_seconds", "Wall time spent in engine steps.", stats.step_time_total_s),
             ("engine_prompt_step_seconds", "Wall time of the engine steps that computed prompt "
              "tokens.", stats.prompt_step_time_total_s),
+            ("engine_loop_seconds", "Wall time of the engine loop's iterations that ran a step: "
+             "the step, taking in new requests, handing out outputs.", stats.loop_time_total_s),
         )  # fmt: skip
         for name, doc, value in counters:
             family = CounterMetricFamily(f"{PREFIX}{name}", doc, labels=["model_name"])
