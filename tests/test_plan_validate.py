@@ -20,6 +20,7 @@ from tokenmill.plan.validate import (
     ValidationReport,
     ValidationRow,
     ValidationSettings,
+    _served_steps,
     build_validation_workload,
     check_calibration,
     measure,
@@ -321,6 +322,9 @@ def test_measure_loads_a_real_server_and_reads_its_engine_counters(tmp_path, mon
     args = [*settings.serve_args(), "--step-trace", str(trace)]
     with ServeProcess(args, tmp_path / "serve.log") as server:
         got = measure(server, settings, math.inf, tmp_path / "run.json")
+        # The server appends its steps to the trace as it goes idle: readable while it runs.
+        live = _served_steps(trace, got.first_step, got.num_steps)
+        assert live is not None and len(live) == got.num_steps
         # A probe against the profile of a much slower machine (50 GFLOP/s, 8 GB/s): two other
         # requests, and both kinds of steps ran faster here than that profile predicts.
         write_synthetic_calibration(tmp_path / "home", monkeypatch)
@@ -364,3 +368,36 @@ def test_served_steps_are_scored_by_the_calibrated_fit(calibrated):
     text = "\n".join(format_served_steps([("1 req/s", biased), ("2 req/s", {})]))
     assert "| 1 req/s | -20.0% / 20.0% (4) | -20.0% / 20.0% (4) | - | - |" in text
     assert "2 req/s" not in text
+
+
+def test_serving_cost_per_request_is_fitted_from_served_steps(calibrated):
+    """Served steps that take 0.9x the calibrated time plus 0.4 ms per request give back those
+    two numbers; steps with prompt tokens are left out; one batch size cannot separate them."""
+    from dataclasses import asdict, replace
+
+    from tokenmill.plan.served_steps import fit_serving_cost
+
+    calibration = {"fit": asdict(calibrated)}
+    feats_of = [(1, 3, 9, 27, 40)[i % 5] for i in range(20)]
+    records = []
+    for b in feats_of:
+        shapes = [(1, 50 * b, 1)] * b
+        cost = step_cost(ARCH, shapes, FP32)
+        model = 0.004 + 2e-4 * b + cost.flops / 50e9 + cost.total_bytes / 8e9
+        records.append(StepRecord(0, b, b, 0, 0.9 * model + 4e-4 * b, shapes=tuple(shapes)))
+    prompt = StepRecord(64, 1, 2, 0, 5.0, shapes=((64, 0, 1), (1, 30, 1)))
+    a, c = fit_serving_cost([[*records, prompt]], calibration, ARCH, FP32)
+    assert a == pytest.approx(0.9, rel=0.02) and c == pytest.approx(4e-4, rel=0.05)
+    # Large batches relatively faster than calibrated: no negative cost, one factor instead.
+    cheaper = [replace(r, wall_time_s=r.wall_time_s * 1.2 - 8e-4 * r.num_reqs) for r in records]
+    a, c = fit_serving_cost([cheaper], calibration, ARCH, FP32)
+    assert c == 0 and 0.9 < a < 1.2
+    one_batch = [r for r in records if r.num_reqs == 3] * 3
+    assert fit_serving_cost([one_batch], calibration, ARCH, FP32) is None
+    # Earlier probes price the cost per request when the last one alone cannot (one batch
+    # size), each probe with its own speed: the last probe's speed and the shared cost.
+    slow = [  # 1.2 x the calibrated time, the same cost per request
+        replace(r, wall_time_s=(r.wall_time_s - 4e-4 * 3) / 0.9 * 1.2 + 4e-4 * 3) for r in one_batch
+    ]
+    a, c = fit_serving_cost([records, slow], calibration, ARCH, FP32)
+    assert a == pytest.approx(1.2, rel=0.02) and c == pytest.approx(4e-4, rel=0.05)

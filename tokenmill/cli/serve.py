@@ -7,6 +7,7 @@ import dataclasses
 import os
 import socket
 import sys
+import threading
 
 from tokenmill.cli.engine_args import add_engine_args, engine_config_from_args
 from tokenmill.errors import ConfigError
@@ -58,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     if args.step_trace:
         engine_config = dataclasses.replace(engine_config, record_step_trace=True)
     engine = AsyncEngine.from_config(engine_config)
+    trace = _TraceWriter(args.step_trace, engine.engine.step_trace) if args.step_trace else None
+    if trace is not None:
+        engine.idle_hook = trace.flush
     config = ServerConfig(
         model_name=args.served_model_name or served_model_name(args.model),
         api_key=args.api_key,
@@ -74,11 +78,30 @@ def run(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         shutdown_timeout_s=args.shutdown_timeout,
     )
-    if args.step_trace:
+    if trace is not None:
+        trace.flush()
+    return code
+
+
+class _TraceWriter:
+    """`--step-trace`: the engine's step records appended to the file whenever the engine goes
+    idle (so a client can read a finished run's steps while the server runs) and at exit."""
+
+    def __init__(self, path: str, records: list) -> None:
         from tokenmill.perf.trace import write_trace
 
-        write_trace(args.step_trace, engine.engine.step_trace)
-    return code
+        self.path, self.records, self.written = path, records, 0
+        self._lock = threading.Lock()
+        write_trace(path, [])
+
+    def flush(self) -> None:
+        from tokenmill.perf.trace import write_trace
+
+        with self._lock:
+            new = self.records[self.written :]
+            if new:
+                write_trace(self.path, new, mode="a")
+                self.written += len(new)
 
 
 def served_model_name(model: str | None) -> str:

@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -182,6 +182,9 @@ class AsyncEngine:
         self._num_steps = 0
         self._step_time_total_s = 0.0
         self._loop_time_total_s = 0.0
+        # Called on the loop thread each time it finds no request left (the server's step-trace
+        # writer); its errors are logged, never raised.
+        self.idle_hook: Callable[[], None] | None = None
         # Streams whose consumer has not seen the end yet (any thread; set ops are atomic).
         self._open_streams: set[RequestStream] = set()
         self._built = threading.Event()
@@ -292,6 +295,7 @@ class AsyncEngine:
                     return
                 if not self.engine.has_unfinished_requests():
                     self._snapshot()
+                    self._on_idle()
                     self._wakeup.wait()
                     continue
                 if self._step():
@@ -302,6 +306,14 @@ class AsyncEngine:
         finally:
             self._accepting = False
             self._snapshot(is_running=False)
+
+    def _on_idle(self) -> None:
+        if self.idle_hook is None:
+            return
+        try:
+            self.idle_hook()
+        except Exception:  # noqa: BLE001 - a hook must never stop the loop
+            logger.exception("the engine's idle hook failed")
 
     def _drain_commands(self) -> bool:
         """Apply every pending command; False when the loop must stop."""

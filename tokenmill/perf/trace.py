@@ -74,10 +74,12 @@ class StepRecord:
         )
 
 
-def write_trace(path: str | Path, records: Iterable[StepRecord]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(asdict(rec)) + "\n")
+def write_trace(path: str | Path, records: Iterable[StepRecord], mode: str = "w") -> None:
+    """One JSON line per record; mode "a" appends (in one write, so a reader sees whole lines
+    or none of them, but for the last line of a write it is still reading)."""
+    text = "".join(json.dumps(asdict(rec)) + "\n" for rec in records)
+    with open(path, mode, encoding="utf-8") as f:
+        f.write(text)
 
 
 def read_trace(path: str | Path) -> list[StepRecord]:

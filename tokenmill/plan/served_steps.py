@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict
 
+import numpy as np
+
 from tokenmill.models.arch_config import ArchConfig
 from tokenmill.perf.dtypes import Precision
 from tokenmill.perf.trace import StepRecord
-from tokenmill.plan.calibrate import CalibrationFit, evaluate
+from tokenmill.plan.calibrate import CalibrationFit, StepFeatures, evaluate
 
 KINDS = ("all", "decode", "prefill", "mixed")
 
@@ -30,6 +32,44 @@ def served_step_errors(
     if not steps:
         return {}
     return {kind: asdict(e) for kind, e in evaluate(fit, steps, arch, precision).items()}
+
+
+def fit_serving_cost(
+    groups: Sequence[Sequence[StepRecord]], calibration: dict, arch: ArchConfig,
+    precision: Precision,
+) -> tuple[float, float] | None:  # fmt: skip
+    """(a, c) such that served steps without prompt tokens take a x the calibrated fit's time +
+    c seconds per request in the step, by least squares on the relative error: each group of
+    steps (one speed probe each) has its own a (the machine's speed drifts), all share c, and a
+    is the last group's. None with too few such steps or batch sizes. A server streams each
+    token around the engine's step, which a calibration in one process never sees: on a 2-core
+    machine that cost grows with the batch (docs/planner.md, "What is left"), so one factor
+    cannot carry it. The validation fits one probe at a time (one group): pooling every probe
+    so far (2026-11-26 19:00 UTC) kept finding no cost per request and did worse."""
+    steps, group = [], []
+    for g, records in enumerate(groups):
+        kept = [
+            r for r in records if r.wall_time_s > 0 and r.num_reqs > 0 and not r.num_prefill_tokens
+        ]
+        steps += kept
+        group += [g] * len(kept)
+    last = len(groups) - 1
+    group = np.asarray(group)
+    if (group == last).sum() < 8 or len({r.num_reqs for r in steps}) < 2:
+        return None
+    fit = CalibrationFit(**calibration["fit"])
+    feats = StepFeatures.of(steps, arch, precision)
+    pred = fit.predict(feats)
+    columns = [pred * (group == g) for g in range(len(groups))] + [feats.num_reqs]
+    rows = np.stack(columns, axis=1) / feats.wall[:, None]
+    keep = rows.any(axis=0)
+    coef = np.zeros(rows.shape[1])
+    coef[keep], *_ = np.linalg.lstsq(rows[:, keep], np.ones(len(steps)), rcond=None)
+    a, c = coef[last], coef[-1]
+    if c < 0 or a <= 0:  # no cost per request shows: one factor for the last group
+        ratio = pred[group == last] / feats.wall[group == last]
+        a, c = ratio.sum() / (ratio**2).sum(), 0.0
+    return float(a), float(c)
 
 
 def _cell(errors: dict, kind: str) -> str:

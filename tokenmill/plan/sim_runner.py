@@ -126,7 +126,9 @@ class SimRunner(BaseRunner):
     decode_time_scale and prompt_time_scale multiply the times of steps without and with prompt
     tokens: a machine measured running slower or faster than its profile, each kind apart
     (decode steps stream the weights and K/V; prompt chunks are bound by compute; on a shared
-    machine the two drift differently).
+    machine the two drift differently). decode_per_request_s and decode_per_step_s are added to
+    each step without prompt tokens (per scheduled request, and once): work a server does around
+    the engine's step, such as streaming each token, measured by the validation's speed probe.
     """
 
     def __init__(
@@ -137,10 +139,14 @@ class SimRunner(BaseRunner):
         acceptance_rate: float | None = None,
         decode_time_scale: float = 1.0,
         prompt_time_scale: float = 1.0,
+        decode_per_request_s: float = 0.0,
+        decode_per_step_s: float = 0.0,
     ) -> None:
         self.timer = timer
         self.decode_time_scale = decode_time_scale
         self.prompt_time_scale = prompt_time_scale
+        self.decode_per_request_s = decode_per_request_s
+        self.decode_per_step_s = decode_per_step_s
         self.now = 0.0
         self.prefill_time_s = 0.0
         self.decode_time_s = 0.0
@@ -152,9 +158,13 @@ class SimRunner(BaseRunner):
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         timing = self.timer.step_time(scheduler_output)
-        seconds = timing.seconds * (
-            self.decode_time_scale if timing.prefill_fraction == 0 else self.prompt_time_scale
-        )
+        if timing.prefill_fraction == 0:
+            seconds = (
+                timing.seconds * self.decode_time_scale + self.decode_per_step_s
+                + self.decode_per_request_s * len(scheduler_output.scheduled)
+            )  # fmt: skip
+        else:
+            seconds = timing.seconds * self.prompt_time_scale
         if self._sigma:
             seconds *= math.exp(self._rng.gauss(-(self._sigma**2) / 2, self._sigma))
         if timing.prefill_fraction == 0:

@@ -51,7 +51,7 @@ from tokenmill.plan.calibrate_served import engine_serve_args
 from tokenmill.plan.hardware import THIS_MACHINE, get_hardware
 from tokenmill.plan.metrics import summarize
 from tokenmill.plan.placement import place
-from tokenmill.plan.served_steps import served_step_errors
+from tokenmill.plan.served_steps import fit_serving_cost, served_step_errors
 from tokenmill.plan.sim_runner import CostModelStepTime, SimRunner
 from tokenmill.plan.simulate import SimConfig, simulate
 from tokenmill.plan.step_time import LayoutStepTime
@@ -143,10 +143,11 @@ def predict(
     workload: Workload,
     arch: ArchConfig,
     settings: ValidationSettings,
-    speed: tuple[float, float] = (1.0, 1.0),
+    speed: tuple[float, ...] = (1.0, 1.0),
 ) -> RunMetrics:
     """The planner's prediction of `workload` on the calibrated this-machine, the times of its
-    steps without and with prompt tokens multiplied by `speed`."""
+    steps without and with prompt tokens multiplied by `speed` (decode, prompt factors, then
+    optionally seconds added to each decode step per request and once)."""
     hw = get_hardware(THIS_MACHINE)
     if not hw.calibrated:
         raise ConfigError("this-machine is not calibrated; run `tokenmill plan calibrate` first")
@@ -161,6 +162,8 @@ def predict(
         seed=settings.seed,
         decode_time_scale=speed[0],
         prompt_time_scale=speed[1],
+        decode_per_request_s=speed[2] if len(speed) > 2 else 0.0,
+        decode_per_step_s=speed[3] if len(speed) > 3 else 0.0,
     )
     config = SimConfig(
         num_blocks=num_blocks,
@@ -228,8 +231,9 @@ class ValidationRow:
     loadavg_before: tuple[float, ...] = ()
     loadavg_after: tuple[float, ...] = ()
     served_steps: dict = field(default_factory=dict)  # step kind -> the fit's errors on them
-    # The speed probe's measured / predicted time of the steps without and with prompt tokens.
-    speed: tuple[float, float] | None = None
+    # The speed probe: factors of the steps without and with prompt tokens, and seconds per
+    # request and per step added to the steps without (see speed_probe).
+    speed: tuple[float, ...] | None = None
     unscaled: RunMetrics | None = None  # the prediction before the probe's scaling
     repeat: int = 0  # which of the rate's measured runs (a summary row: its number of runs)
     # A summary row: the lowest and highest measured value of each compared metric.
@@ -358,7 +362,10 @@ def _measure_run(
     run = ValidationRow(row.rate, row.predicted, None, repeat=repeat)
     name = f"rate-{_rate_json(row.rate)}" + (f"-{repeat + 1}" if settings.repeats > 1 else "")
     if settings.speed_probe_prompts:
-        run.speed = speed_probe(server, settings, info, work_dir / f"probe-{name}.json")
+        run.speed = speed_probe(
+            server, settings, info, work_dir / f"probe-{name}.json",
+            work_dir / "serve-trace.jsonl",
+        )  # fmt: skip
         run.unscaled = row.predicted
         run.predicted = predict(workload, info.arch, settings, run.speed)
     run.loadavg_before = _loadavg()
@@ -382,7 +389,8 @@ def summarize_runs(row: ValidationRow, runs: list[ValidationRow]) -> ValidationR
         row.rate, median_metrics([r.predicted for r in runs]), median_metrics(measured),
         runs[0].loadavg_before, runs[-1].loadavg_after,
         served_steps=runs[0].served_steps if len(runs) == 1 else {},
-        speed=tuple(statistics.median(s[i] for s in speeds) for i in range(2)) if speeds else None,
+        speed=tuple(statistics.median(s[i] for s in speeds) for i in range(len(speeds[0])))
+        if speeds else None,
         unscaled=runs[0].unscaled, repeat=len(runs), spread=spread,
     )  # fmt: skip
 
@@ -401,12 +409,16 @@ def median_metrics(items: list[RunMetrics]) -> RunMetrics:
 
 
 def speed_probe(
-    server: ServeProcess, settings: ValidationSettings, info, json_path: Path
-) -> tuple[float, float]:
-    """How much slower (> 1) or faster this machine runs now than when calibrated, for steps
-    without and with prompt tokens: a few other requests of the workload, all at once, measured
-    over predicted time of each kind of step. The measured time of the steps without prompt
-    tokens is the engine loop's (every step and the work around it) less the prompt steps'."""
+    server: ServeProcess, settings: ValidationSettings, info, json_path: Path,
+    trace_path: Path | None = None,
+) -> tuple[float, ...]:  # fmt: skip
+    """How this machine serves now against its calibration: a few other requests of the
+    workload, all at once, measured against their prediction. Steps with prompt tokens: one
+    factor, measured over predicted time. Steps without: with the server's step trace
+    (`trace_path`, written as the server goes idle), the factor a and the seconds c per request
+    that fit those of the probe's steps (batches from the probe's size down to 1), and the
+    engine loop's time around each step; without it, one factor of the loop's time less the
+    prompt steps' over their prediction. Returns (decode factor, prompt factor[, c, per step])."""
     probe = replace(
         settings, num_prompts=settings.speed_probe_prompts, seed=settings.seed + 1000,
         num_warmup=0,
@@ -427,7 +439,33 @@ def speed_probe(
                 f"{meas:.3f} s): use more --speed-probe-prompts"
             )
         factors.append(meas / pred)
-    return factors[0], factors[1]
+    steps = (
+        _served_steps(trace_path, measured.first_step, measured.num_steps) if trace_path else None
+    )
+    cost = None
+    if steps:
+        precision = Precision(weights=PERF_DTYPE[settings.dtype])
+        cost = fit_serving_cost([steps], read_calibration(), info.arch, precision)
+    if cost is None:
+        return factors[0], factors[1]
+    per_step = max(0.0, (_loop_or_busy(measured) - measured.busy_s) / max(measured.num_steps, 1))
+    return cost[0], factors[1], cost[1], per_step
+
+
+def _served_steps(path: Path, first: int, count: int, timeout_s: float = 30.0):
+    """Records [first, first + count) of the server's step trace, once it has written them (it
+    appends as it goes idle); None if it has not within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = read_trace(path)
+        except (OSError, ValueError):  # not there yet, or a line still being written
+            records = []
+        if len(records) >= first + count:
+            return records[first : first + count]
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
 
 
 def _loop_or_busy(m: RunMetrics) -> float:
