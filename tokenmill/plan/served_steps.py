@@ -43,9 +43,9 @@ def fit_serving_cost(
     steps (one speed probe each) has its own a (the machine's speed drifts), all share c, and a
     is the last group's. None with too few such steps or batch sizes. A server streams each
     token around the engine's step, which a calibration in one process never sees: on a 2-core
-    machine that cost grows with the batch (docs/planner.md, "What is left"), so one factor
-    cannot carry it. The validation fits one probe at a time (one group): pooling every probe
-    so far (2026-11-26 19:00 UTC) kept finding no cost per request and did worse."""
+    machine that cost grows with the batch (docs/planner.md, "The cost per streamed token"),
+    so one factor cannot carry it. The validation fits one probe at a time (one group): pooling
+    every probe so far (2026-11-26 18:58 UTC) kept finding no cost per request and did worse."""
     steps, group = [], []
     for g, records in enumerate(groups):
         kept = [
