@@ -285,12 +285,12 @@ def test_speed_probe_factor_reproduces_the_measured_engine_time(calibrated, monk
 
     info = SimpleNamespace(arch=ARCH, tokenizer=None)  # what open_model_info gives
     monkeypatch.setattr(validate, "measure", measured(1.3 * decode, 0.9 * base.prompt_busy_s))
-    assert speed_probe(None, settings, info, None) == pytest.approx((1.3, 0.9))
+    assert speed_probe(None, settings, info, None) == pytest.approx((1.3, 0.9, 0.0, 0.0))
     # With the engine loop's time on record, the decode steps carry the work around each step.
     looped = measured(1.3 * decode, 0.9 * base.prompt_busy_s)()
     looped.loop_s = 1.4 * decode + looped.prompt_busy_s
     monkeypatch.setattr(validate, "measure", lambda *a: looped)
-    assert speed_probe(None, settings, info, None) == pytest.approx((1.4, 0.9))
+    assert speed_probe(None, settings, info, None) == pytest.approx((1.4, 0.9, 0.0, 0.0))
     monkeypatch.setattr(validate, "measure", measured(decode, 0.0))
     with pytest.raises(ConfigError, match="ran no prompt steps"):
         speed_probe(None, settings, info, None)
@@ -329,8 +329,12 @@ def test_measure_loads_a_real_server_and_reads_its_engine_counters(tmp_path, mon
         # requests, and both kinds of steps ran faster here than that profile predicts.
         write_synthetic_calibration(tmp_path / "home", monkeypatch)
         probe = replace(settings, speed_probe_prompts=2)
-        decode, prompt = speed_probe(server, probe, open_model_info(None), tmp_path / "probe.json")
+        decode, prompt, per_request, per_step = speed_probe(
+            server, probe, open_model_info(None), tmp_path / "probe.json", trace
+        )
     assert 0 < decode < 1 and 0 < prompt < 1
+    # Two 6-token requests give too few steps to fit a cost per request: none is added.
+    assert per_request == per_step == 0.0
     assert got.num_requests == 3 and got.output_tokens == 18
     assert json.loads((tmp_path / "probe.json").read_text())["metrics"]["num_completed"] == 2
     # The server wrote every step it took when it stopped: the counters index into it.

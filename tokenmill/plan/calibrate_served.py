@@ -2,8 +2,8 @@
 
 On a machine whose cores also stream the tokens, a served step is slower than the same step run
 in-process: the server's event loop (SSE chunks) and the client (parsing them) take CPU from the
-engine's threads. Measured here, alternating the two on one decode shape (2 requests, 300-token
-prompts): streamed steps +7% (median of 8 pairs, -4% to +18%), non-streamed +0.5%. So
+engine's threads. Measured here with a throwaway script (not kept), alternating the two on
+one decode shape (2 requests, 300-token prompts): streamed steps +7% (median of 8 pairs, -4% to +18%), non-streamed +0.5%. So
 `tokenmill plan calibrate --served` fits the step times the server itself records
 (`--step-trace`) while the scenarios arrive over HTTP, streamed as `tokenmill bench serve`
 streams them. Each scenario's steps are found by the server's step counter

@@ -18,8 +18,10 @@ and 17 ms a minute apart), more than the TPOT target, and decode steps (memory-b
 with prompt chunks (compute-bound) drift differently. So before each measured run a short speed
 probe (a few other requests of the same workload, all at once) goes to the same server; its
 measured over predicted time, for the steps without and with prompt tokens apart (the server
-counts both), scales the two kinds of steps in that run's prediction. The unscaled prediction
-is kept and reported beside it.
+counts both), scales the two kinds of steps in that run's prediction; the probe's own served
+steps (the server appends its step trace when idle) also price a cost per request in each
+decode step, the streaming of each token. The unscaled prediction is kept and reported beside
+it. `--repeats N` measures every rate N times, in turn over the rates, and compares medians.
 """
 
 from __future__ import annotations
@@ -418,7 +420,7 @@ def speed_probe(
     (`trace_path`, written as the server goes idle), the factor a and the seconds c per request
     that fit those of the probe's steps (batches from the probe's size down to 1), and the
     engine loop's time around each step; without it, one factor of the loop's time less the
-    prompt steps' over their prediction. Returns (decode factor, prompt factor[, c, per step])."""
+    prompt steps' over their prediction. Returns (decode factor, prompt factor, c, per step)."""
     probe = replace(
         settings, num_prompts=settings.speed_probe_prompts, seed=settings.seed + 1000,
         num_warmup=0,
@@ -446,8 +448,8 @@ def speed_probe(
     if steps:
         precision = Precision(weights=PERF_DTYPE[settings.dtype])
         cost = fit_serving_cost([steps], read_calibration(), info.arch, precision)
-    if cost is None:
-        return factors[0], factors[1]
+    if cost is None:  # no trace to fit: one factor, nothing added per request or step
+        return factors[0], factors[1], 0.0, 0.0
     per_step = max(0.0, (_loop_or_busy(measured) - measured.busy_s) / max(measured.num_steps, 1))
     return cost[0], factors[1], cost[1], per_step
 

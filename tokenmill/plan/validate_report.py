@@ -126,10 +126,9 @@ def format_markdown(report: ValidationReport) -> str:
         "(x1.10: they run 10% slower now than when calibrated); for the steps without prompt "
         "tokens, a factor and a cost per request in the step are fitted to the probe's served "
         "steps instead (x0.93 +0.43 ms/req: streaming each token costs CPU the engine's "
-        "threads would use), plus the engine loop's time around each step; TPOT err unprobed is the "
-        "prediction's error without that scaling. Engine busy: summed step time, predicted "
-        "vs the "
-        "server's own counter; (run) is the measured run's duration. Others' CPU: the share of "
+        "threads would use), plus the engine loop's time around each step; TPOT err unprobed "
+        "is the prediction's error without that scaling. Engine busy: summed step time, "
+        "predicted vs the server's own counter; (run) is the measured run's duration. Others' CPU: the share of "
         "a core other processes (neither the server nor the client) used during the run; above "
         f"{DISTURBED_SHARE:.0%} the run measured a shared machine, not this one.",
     ]
