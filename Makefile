@@ -4,11 +4,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# The native CPU kernels, compiled once per machine (python -m tokenmill.native build): the
+# variant TOKENMILL_NATIVE selects for install/run; both variants for the tests.
+NATIVE_SOURCES := $(wildcard tokenmill/native/*.py tokenmill/native/csrc/*.cpp tokenmill/native/csrc/*.h)
+NATIVE_STAMP := $(VENV)/.native-$(or $(TOKENMILL_NATIVE),native)
+NATIVE_ALL_STAMP := $(VENV)/.native-all
 TORCH_PIN := torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# bfloat16 where the CPU computes it natively (AVX512-BF16: 2-2.5x the float32 speed there).
-DTYPE ?= $(shell grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null && echo bfloat16 || echo float32)
+# auto: bfloat16 where the CPU computes it natively (AVX512-BF16: 2-2.5x the float32 speed
+# there), float32 elsewhere; `make run DTYPE=float32` chooses.
+DTYPE ?= auto
 
 .PHONY: venv install run chat test test-fast lint format bench clean
 
@@ -23,20 +29,28 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '2.13.0' else 'torch changed to ' + v)"
 	touch $(STAMP)
 
-install: $(STAMP)
+$(NATIVE_STAMP): $(STAMP) $(NATIVE_SOURCES)
+	$(PY) -m tokenmill.native build
+	touch $@
 
-run: $(STAMP)
+$(NATIVE_ALL_STAMP): $(STAMP) $(NATIVE_SOURCES)
+	$(PY) -m tokenmill.native build --variant all
+	touch $@
+
+install: $(STAMP) $(NATIVE_STAMP)
+
+run: $(STAMP) $(NATIVE_STAMP)
 	$(VENV)/bin/tokenmill serve --host $(HOST) --port $(PORT) --dtype $(DTYPE)
 
-chat: $(STAMP)
+chat: $(STAMP) $(NATIVE_STAMP)
 	$(VENV)/bin/tokenmill chat
 
-test: $(STAMP)
+test: $(STAMP) $(NATIVE_ALL_STAMP)
 	$(VENV)/bin/ruff check tokenmill tests
 	$(VENV)/bin/ruff format --check tokenmill tests
 	$(PY) -m pytest -q -x --durations=15 tests
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(NATIVE_ALL_STAMP)
 	$(PY) -m pytest -q -x -m "not slow" tests
 
 lint: $(STAMP)

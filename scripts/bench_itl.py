@@ -34,6 +34,7 @@ sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from tests.server_fixtures import ServerProcess  # noqa: E402
 from tokenmill.cli.engine_args import engine_config_from_args  # noqa: E402
 from tokenmill.cli.main import build_parser  # noqa: E402
+from tokenmill.engine.build import build_engine  # noqa: E402
 from tokenmill.engine.llm_engine import LLMEngine  # noqa: E402
 from tokenmill.sampling_params import SamplingParams  # noqa: E402
 
@@ -93,7 +94,7 @@ def main() -> int:
     # The server builds and steps its engine on one background thread; so does this measurement
     # (one thread for all torch work keeps a CPU's OpenMP workers spin-waiting: AsyncEngine).
     thread = concurrent.futures.ThreadPoolExecutor(1)
-    engine = thread.submit(LLMEngine, engine_config_from_args(serve_args)).result()
+    engine = thread.submit(build_engine, engine_config_from_args(serve_args)).result()
     server = ServerProcess(*engine_flags)
     server.start()
     url = server.url("/v1/completions")

@@ -12,8 +12,10 @@ import time
 import pytest
 
 from tokenmill.engine.async_engine import AsyncEngine, EngineInternalError, EngineStoppedError
+from tokenmill.engine.build import engine_sharing_weights
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.errors import ContextLengthError, EngineOverloadedError, InvalidRequestError
+from tokenmill.outputs import OutputKind
 from tokenmill.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -21,12 +23,12 @@ LONG = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
 
 
 def make_engine(llm_fp32, **scheduler) -> LLMEngine:
-    """A fresh engine over the session's loaded model (its runner is shared, not reloaded)."""
+    """A fresh engine over the session's loaded weights (its own runner and KV cache)."""
     base = llm_fp32.engine
     config = dataclasses.replace(
         base.config, scheduler=dataclasses.replace(base.config.scheduler, **scheduler)
     )
-    return LLMEngine(config, runner=base.runner, loaded=base.loaded)
+    return engine_sharing_weights(base, config)
 
 
 @pytest.fixture
@@ -40,11 +42,17 @@ async def collect(engine: AsyncEngine, request_id: str, prompt, params=GREEDY):
     return [out async for out in engine.generate(request_id, prompt, params)]
 
 
+def all_token_ids(outs) -> list[int]:
+    """The first sample's tokens from a request's DELTA outputs."""
+    return sum((o.outputs[0].token_ids for o in outs), [])
+
+
 async def wait_idle(engine: AsyncEngine, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         stats = engine.stats()
-        if stats.num_streams == 0 and stats.num_running == 0 and stats.kv_cache_usage == 0:
+        idle = stats.engine.num_running == 0 and stats.engine.kv_cache_usage == 0
+        if stats.num_streams == 0 and idle:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"engine not idle: {engine.stats()}")
@@ -53,11 +61,24 @@ async def wait_idle(engine: AsyncEngine, timeout_s: float = 10.0) -> None:
 def test_generate_streams_deltas_that_add_up(engine, llm_fp32):
     outs = asyncio.run(collect(engine, "a", "Hello, my name is"))
     assert outs[-1].finished and all(not o.finished for o in outs[:-1])
-    final = outs[-1].outputs[0]
-    assert "".join(o.outputs[0].text_delta for o in outs) == final.text
-    assert sum((o.outputs[0].token_ids_delta for o in outs), []) == final.token_ids
-    alone = llm_fp32.generate(["Hello, my name is"], GREEDY, use_tqdm=False)[0]
-    assert final.token_ids == alone.outputs[0].token_ids
+    assert all(len(o.outputs[0].token_ids) == 1 for o in outs)  # one new token per step
+    text = "".join(o.outputs[0].text for o in outs)
+    token_ids = all_token_ids(outs)
+    alone = llm_fp32.generate(["Hello, my name is"], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert (text, token_ids) == (alone.text, alone.token_ids)
+
+
+def test_generate_final_only_and_cumulative(engine, llm_fp32):
+    async def main():
+        final = [o async for o in engine.generate("f", "Hi", GREEDY, 0, OutputKind.FINAL_ONLY)]
+        cumulative = [o async for o in engine.generate("c", "Hi", GREEDY, 0, OutputKind.CUMULATIVE)]
+        return final, cumulative
+
+    final, cumulative = asyncio.run(main())
+    alone = llm_fp32.generate(["Hi"], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert len(final) == 1 and final[0].outputs[0].token_ids == alone.token_ids
+    assert [len(o.outputs[0].token_ids) for o in cumulative] == list(range(1, 9))
+    assert cumulative[-1].outputs[0].text == alone.text
 
 
 def test_concurrent_requests_match_sequential(engine):
@@ -71,9 +92,7 @@ def test_concurrent_requests_match_sequential(engine):
         return together, alone
 
     together, alone = asyncio.run(main())
-    assert [t[-1].outputs[0].token_ids for t in together] == [
-        a[-1].outputs[0].token_ids for a in alone
-    ]
+    assert [all_token_ids(t) for t in together] == [all_token_ids(a) for a in alone]
 
 
 def test_add_errors_raise_in_caller(engine):
@@ -115,9 +134,11 @@ def test_overloaded_queue_raises(llm_fp32):
 def test_break_aborts_and_frees_kv_blocks(engine):
     async def main():
         gen = engine.generate("b", "Once upon a time", LONG)
+        num_tokens = 0
         async with contextlib.aclosing(gen):
             async for out in gen:
-                if len(out.outputs[0].token_ids) >= 3:
+                num_tokens += len(out.outputs[0].token_ids)
+                if num_tokens >= 3:
                     break
         await wait_idle(engine, timeout_s=2.0)
 
@@ -158,7 +179,7 @@ def test_step_fault_fails_in_flight_requests_and_the_loop_survives(engine):
         with pytest.raises(EngineInternalError, match="injected fault"):
             await collect(engine, "f", "Hello", LONG)
         outs = await collect(engine, "g", "Hello")
-        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 8
+        assert outs[-1].finished and len(all_token_ids(outs)) == 8
 
     asyncio.run(main())
     assert engine.is_running
@@ -167,9 +188,9 @@ def test_step_fault_fails_in_flight_requests_and_the_loop_survives(engine):
 def test_idle_loop_does_not_step(engine):
     asyncio.run(collect(engine, "i", "Hi"))
     asyncio.run(wait_idle(engine))  # the snapshot after the last step
-    steps = engine.stats().num_steps
+    steps = engine.stats().engine.num_model_steps
     time.sleep(0.3)
-    assert engine.stats().num_steps == steps
+    assert engine.stats().engine.num_model_steps == steps
     loop_thread = [t for t in threading.enumerate() if t.name == "tokenmill-engine"]
     assert loop_thread and all(t.is_alive() for t in loop_thread)
 
@@ -180,7 +201,7 @@ def test_outputs_reach_the_loop_that_asked(engine):
 
     def run(name: str) -> None:
         outs = asyncio.run(collect(engine, name, "The sky is"))
-        results[name] = outs[-1].outputs[0].token_ids
+        results[name] = all_token_ids(outs)
 
     threads = [threading.Thread(target=run, args=(n,)) for n in ("x", "y")]
     for t in threads:
@@ -198,7 +219,7 @@ def test_shutdown_lets_in_flight_requests_finish(engine):
         await engine.shutdown(timeout_s=120.0)
         assert time.monotonic() - start < 60  # returned once the request finished
         outs = await short
-        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 8
+        assert outs[-1].finished and len(all_token_ids(outs)) == 8
         with pytest.raises(EngineStoppedError):
             await engine.add_request("late", "Hi", GREEDY)
 
@@ -219,7 +240,7 @@ def test_shutdown_aborts_what_is_left_at_the_deadline(engine):
 
     asyncio.run(main())
     assert not engine.is_running and engine.stats().num_streams == 0
-    assert engine.engine.kv_manager.usage == 0
+    assert engine.stats().engine.kv_cache_usage == 0
 
 
 def test_engine_built_on_its_own_thread_serves_and_load_errors_raise_in_the_caller(llm_fp32):
@@ -233,7 +254,7 @@ def test_engine_built_on_its_own_thread_serves_and_load_errors_raise_in_the_call
     try:
         assert built_on == ["tokenmill-engine"]
         outs = asyncio.run(collect(engine, "built", [1, 2, 3]))
-        assert len(outs[-1].outputs[0].token_ids) == GREEDY.max_tokens
+        assert len(all_token_ids(outs)) == GREEDY.max_tokens
     finally:
         engine.close()
 

@@ -11,7 +11,7 @@ import torch
 
 from tokenmill.attention.backends.base import AttentionSpec
 from tokenmill.attention.backends.torch_backend import TorchAttentionBackend
-from tokenmill.engine.interfaces import ScheduledRequest, SchedulerOutput
+from tokenmill.engine.interfaces import ScheduledRequest
 from tokenmill.worker.input_batch import prepare_inputs
 
 BLOCK = 16
@@ -21,13 +21,13 @@ NUM_BLOCKS = 48
 def make_step(requests: list[tuple[int, int]], gen: torch.Generator, device="cpu"):
     """requests: (num_computed, num_new). Blocks are handed out shuffled, as a real pool would."""
     order = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
-    scheduled = []
+    scheduled, tables = [], []
     for i, (computed, new) in enumerate(requests):
         num_blocks = -(-(computed + new) // BLOCK)
         blocks, order = order[:num_blocks], order[num_blocks:]
         scheduled.append(ScheduledRequest(f"r{i}", [1] * new, computed, blocks, do_sample=True))
-    out = SchedulerOutput(scheduled=scheduled, new_requests=[], finished_req_ids=[])
-    return prepare_inputs(out, BLOCK, torch.device(device), lambda _: False).metadata
+        tables.append(blocks)
+    return prepare_inputs(scheduled, tables, BLOCK, torch.device(device), lambda _: False).metadata
 
 
 def dense_reference(spec, q, k, v, kv_cache, md, requests):
@@ -84,9 +84,9 @@ def run_case(backend, case, dtype=torch.float32, device="cpu"):
 @pytest.mark.parametrize("use_native", [False, True])
 def test_torch_backend_matches_dense_reference(case, use_native):
     if use_native:
-        from tokenmill.attention.backends.cpu_kernels import cpu_kernels
+        from tokenmill.native import kernels
 
-        assert cpu_kernels() is not None, "the native CPU kernels failed to build"
+        assert kernels() is not None, "the native CPU kernels failed to build"
     got, expected = run_case(TorchAttentionBackend(use_native=use_native), case)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 

@@ -9,6 +9,8 @@ import pytest
 
 from tokenmill.bench import report
 from tokenmill.bench.serve import RequestResult
+from tokenmill.errors import ConfigError
+from tokenmill.workload.slo import SLO, parse_slo
 
 
 def _result(ttft, latency, out, itl=(), ok=True, prompt=10, expected=None):
@@ -59,10 +61,13 @@ def test_goodput_counts_requests_meeting_every_slo():
         _result(0.6, 1.6, 11),  # ttft 600 ms: misses ttft:500
         _result(0.1, 2.1, 11),  # tpot 200 ms: misses tpot:150
     ]
-    m = report.summarize(results, 2.0, report.parse_slos("ttft:500,tpot:150"))
+    m = report.summarize(results, 2.0, parse_slo("ttft=500,tpot=150ms"))
     assert m.goodput == pytest.approx(0.5)  # one request in 2 s
-    m = report.summarize(results, 2.0, report.parse_slos("e2el:1700"))
+    assert m.slo_ms == {"ttft": 500.0, "tpot": 150.0}
+    m = report.summarize(results, 2.0, parse_slo("e2e=1.7s"))
     assert m.goodput == pytest.approx(1.0)
+    itl = [_result(0.1, 1.1, 3, itl=[0.1, 0.9])]  # its longest gap misses itl=500ms
+    assert report.summarize(itl, 1.0, parse_slo("itl=500ms")).goodput == 0.0
 
 
 def test_output_len_mismatches_are_counted():
@@ -70,14 +75,24 @@ def test_output_len_mismatches_are_counted():
     assert m.output_len_mismatches == 1
 
 
-@pytest.mark.parametrize("bad", ["ttft", "foo:3", "tpot:-1", "ttft:0"])
-def test_parse_slos_rejects(bad):
-    with pytest.raises(ValueError):
-        report.parse_slos(bad)
+def test_slo_syntax_takes_units_and_bare_milliseconds():
+    slo = parse_slo("ttft=2s, tpot=100ms,itl=250,e2e=1.5e1s,pct=90")
+    assert slo == SLO(ttft_s=2.0, tpot_s=0.1, itl_s=0.25, e2e_s=15.0, percentile=90.0)
+    assert slo.describe() == "p90 ttft <= 2000 ms, tpot <= 100 ms, itl <= 250 ms, e2e <= 15000 ms"
+
+
+@pytest.mark.parametrize(
+    "bad, named",
+    [("ttft", "'ttft'"), ("foo=3", "'foo=3'"), ("tpot=-1", "tpot"), ("ttft=0", "ttft"),
+     ("ttft:500", "'ttft:500'"), ("ttft=5min", "'5min'"), ("pct=95", "'95'"), ("pct=99", "no target")],
+)  # fmt: skip
+def test_bad_slo_is_an_error_naming_the_bad_part(bad, named):
+    with pytest.raises(ConfigError, match=named):
+        parse_slo(bad)
 
 
 def test_format_serve_markdown_has_every_metric():
-    m = report.summarize([_result(0.1, 1.1, 11, itl=[0.1] * 10)], 1.0, {"ttft": 500.0})
+    m = report.summarize([_result(0.1, 1.1, 11, itl=[0.1] * 10)], 1.0, SLO(ttft_s=0.5))
     text = report.format_serve_markdown(m, "t")
     for word in ("TTFT", "TPOT", "ITL", "E2EL", "goodput", "output tok/s"):
         assert word in text

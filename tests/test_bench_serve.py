@@ -8,7 +8,7 @@ import json
 from tests.server_fixtures import MODEL_NAME, REPO_ROOT, server_fixture
 from tokenmill.bench import report
 from tokenmill.bench.serve import ServeTarget, build_payload, first_model, run_load
-from tokenmill.workload import ArrivalSpec, Workload, WorkloadRequest, build_workload
+from tokenmill.workload import SLO, ArrivalSpec, Workload, WorkloadRequest, build_workload
 
 server = server_fixture("--max-num-seqs", "8")
 
@@ -28,7 +28,7 @@ def test_streamed_requests_are_timed_and_counted(server):
         assert 0 < r.ttft_s <= r.latency_s
         assert len(r.itl_s) == r.num_chunks - 1 and all(gap >= 0 for gap in r.itl_s)
         assert r.tpot_s is not None and r.tpot_s > 0
-    m = report.summarize_run(run, {"e2el": 600_000})
+    m = report.summarize_run(run, SLO(e2e_s=600.0))
     assert m.num_completed == 4 and m.total_output_tokens == 24
     assert m.max_in_flight == 4  # all sent at once
     assert m.goodput == m.request_throughput
@@ -79,7 +79,7 @@ def test_cli_writes_json(server, tmp_path):
     out = tmp_path / "serve.json"
     cmd = [sys.executable, "-m", "tokenmill.cli.main", "bench", "serve", "--base-url",
            server.url(), "--workload", "fixed:in=8,out=4", "--num-prompts", "3",
-           "--slo", "ttft:60000", "--json", str(out), "--per-request", "--no-progress"]  # fmt: skip
+           "--slo", "ttft=60s", "--json", str(out), "--per-request", "--no-progress"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "TTFT" in proc.stdout and "goodput" in proc.stdout

@@ -22,7 +22,10 @@ def run_cli(
 def test_generate_prints_what_the_api_generates(llm_fp32):
     prompt = "The three primary colors are"
     expected = llm_fp32.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0]
-    proc = run_cli("generate", prompt, "--temperature", "0", "--max-tokens", "12", "--json")
+    proc = run_cli(
+        "generate", prompt, "--dtype", "float32", "--temperature", "0", "--max-tokens", "12",
+        "--json",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert record["outputs"][0]["token_ids"] == expected.outputs[0].token_ids
@@ -42,7 +45,7 @@ def test_chat_streams_replies_and_keeps_the_conversation(llm_fp32):
     conversation = [{"role": "user", "content": "What is 2 + 2?"}]
     first = llm_fp32.chat(conversation, SamplingParams(max_tokens=16, temperature=0))[0]
     proc = run_cli(
-        "chat", "--temperature", "0", "--max-tokens", "16",
+        "chat", "--dtype", "float32", "--temperature", "0", "--max-tokens", "16",
         stdin="What is 2 + 2?\nAnd times three?\n/exit\n",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -1,4 +1,5 @@
-"""The native CPU GEMM against PyTorch's, and the dispatch that picks it."""
+"""The native CPU kernels against PyTorch's ops, in both variants (native: AVX-512 where the CPU
+has it; portable: AVX2 loops), and the dispatch that picks them."""
 
 from __future__ import annotations
 
@@ -6,8 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenmill.attention.backends.cpu_kernels import cpu_kernels
 from tokenmill.models import linear_ops
+from tokenmill.native import kernels as cpu_kernels
+from tokenmill.native import load_variant
+
+
+@pytest.fixture(scope="module", params=["native", "portable"])
+def variant_kernels(request):
+    """Each variant's module, whatever TOKENMILL_NATIVE selects (both built by `make test`)."""
+    return load_variant(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +29,8 @@ def kernels():
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 64, 129])
 @pytest.mark.parametrize("shape", [(960, 576), (48, 1536), (16, 2)])
-def test_packed_gemm_matches_fp32_reference(kernels, rows, shape):
+def test_packed_gemm_matches_fp32_reference(variant_kernels, rows, shape):
+    kernels = variant_kernels
     gen = torch.Generator().manual_seed(rows)
     w = torch.randn(shape, generator=gen).bfloat16()
     x = torch.randn(rows, shape[1], generator=gen).bfloat16()
@@ -49,16 +58,16 @@ def test_linear_dispatch_uses_packed_weights_and_bias(kernels):
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 64, 129])
 @pytest.mark.parametrize("shape", [(960, 576), (48, 1536), (16, 3)])
-def test_packed_fp32_gemm_matches_the_library(rows, shape):
-    k = cpu_kernels()
-    if k is None or not k.has_avx512f():
-        pytest.skip("this CPU has no AVX-512")
+def test_packed_fp32_gemm_matches_the_library(variant_kernels, rows, shape):
+    k = variant_kernels
     gen = torch.Generator().manual_seed(rows)
     w = torch.randn(shape, generator=gen)
     x = torch.randn(rows, shape[1], generator=gen)
     got = k.gemm_f32_packed(x, k.pack_f32_weight(w))
     # Only the fp32 summation order differs from the float64 product.
     torch.testing.assert_close(got.double(), x.double() @ w.double().T, atol=1e-4, rtol=1e-5)
+    if linear_ops._native_gemm(torch.float32) is None:
+        return  # the dispatch below only packs where the loaded variant has AVX-512
     wp = torch.nn.Parameter(w)
     torch.testing.assert_close(linear_ops.linear(x, wp), F.linear(x, w), atol=1e-4, rtol=1e-5)
     assert getattr(wp, linear_ops._PACKED_ATTR) is not None
@@ -155,14 +164,13 @@ def _dense_decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale, w
         (6, 2, 80, 16, [21, 50], 0),  # head_dim not a multiple of 32
         (3, 1, 64, 16, [3000], 0),  # one long request: context split into partitions
         (4, 2, 64, 16, [700, 5, 1300], 600),  # partitions, some empty, with a window
+        (4, 2, 48, 16, [30, 300], 0),  # a head_dim without specialised passes
     ],
 )
 def test_paged_decode_attention_matches_dense_reference(
-    heads, kv_heads, dim, block, lengths, window, dtype
+    variant_kernels, heads, kv_heads, dim, block, lengths, window, dtype
 ):
-    k = cpu_kernels()
-    if k is None:
-        pytest.skip("native CPU kernels unavailable")
+    k = variant_kernels
     gen = torch.Generator().manual_seed(len(lengths) * dim)
     max_blocks = -(-max(lengths) // block)
     num_blocks = len(lengths) * max_blocks + 3
@@ -180,11 +188,10 @@ def test_paged_decode_attention_matches_dense_reference(
     torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
 
 
-def test_native_argmax_is_the_first_largest_and_skips_nans():
+def test_native_argmax_is_the_first_largest_and_skips_nans(variant_kernels):
     from tokenmill.worker.sampler import greedy_tokens
 
-    if cpu_kernels() is None:
-        pytest.skip("native CPU kernels unavailable")
+    assert cpu_kernels() is not None, "the native CPU kernels failed to build"
     gen = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.bfloat16):
         for vocab in (1, 15, 16, 49152, 50001):
@@ -195,6 +202,7 @@ def test_native_argmax_is_the_first_largest_and_skips_nans():
             x[2, vocab - 1] = float("nan")  # ...not even as the last entry (the scalar tail)
             expected = torch.nan_to_num(x.float(), nan=-1e30).argmax(dim=-1)
             assert torch.equal(greedy_tokens(x), expected), (dtype, vocab)
+            assert torch.equal(variant_kernels.argmax_last_dim(x), expected), (dtype, vocab)
 
 
 def test_fused_lm_head_argmax_equals_the_argmax_of_the_bf16_logits():

@@ -19,6 +19,7 @@ TINY = dict(
 def run(mode: str):
     llm = LLM(
         load_format="dummy", dummy_config=TINY, attention_backend="triton", decode_graphs=mode,
+        dtype="float32",
         kv_cache_memory_gib=0.01, max_num_seqs=8,
     )  # fmt: skip
     prompts = [[(7 * i + j) % 500 for j in range(5 + 9 * i)] for i in range(6)]
@@ -43,4 +44,4 @@ def test_static_decode_path_equals_plain_path():
             a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids, strict=True
         ):
             assert abs(lp_a[tok].logprob - lp_b[tok].logprob) < 1e-5
-    assert llm.engine.kv_manager.usage == 0
+    assert llm.engine.stats().kv_cache_usage == 0

@@ -8,20 +8,20 @@ import dataclasses
 import pytest
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.build import engine_sharing_weights
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 
 def engine_like(base: LLM, *, cache: dict | None = None, scheduler: dict | None = None) -> LLM:
-    """A new engine over the same loaded model (the runner is shared, the scheduler is not)."""
+    """A new engine over the same loaded weights (its own runner, KV cache and scheduler)."""
     cfg = base.engine.config
     cfg = dataclasses.replace(
         cfg,
         cache=dataclasses.replace(cfg.cache, **(cache or {})),
         scheduler=dataclasses.replace(cfg.scheduler, **(scheduler or {})),
     )
-    return LLM.from_engine(LLMEngine(cfg, runner=base.engine.runner, loaded=base.engine.loaded))
+    return LLM.from_engine(engine_sharing_weights(base.engine, cfg))
 
 
 @pytest.fixture(scope="module")
@@ -86,20 +86,21 @@ def test_preempted_and_recomputed_equals_alone(llm_fp32, prompts, alone):
     )  # fmt: skip
     subset = sorted(range(32), key=lambda i: -len(prompts[i]))[:8]
     outputs = llm.generate([prompts[i] for i in subset], GREEDY, use_tqdm=False)
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.stats().num_preemptions > 0
     assert token_ids(outputs) == [alone[i] for i in subset]
-    assert llm.engine.kv_manager.usage == 0
+    assert llm.engine.stats().kv_cache_usage == 0
 
 
-def test_engines_sharing_a_runner_never_trust_overwritten_prefixes(llm_fp32, prompts, alone):
+def test_engines_sharing_weights_keep_their_own_kv_memory(llm_fp32, prompts, alone):
     first = engine_like(llm_fp32, cache={"num_blocks": 24})
     assert token_ids(first.generate([prompts[-1]], GREEDY, use_tqdm=False)) == [alone[-1]]
-    # A second engine over the same KV memory writes all 24 blocks with other tokens.
+    # A second engine over the same weights fills all of its own 24 blocks with other tokens.
     other = engine_like(llm_fp32, cache={"num_blocks": 24, "enable_prefix_caching": False})
     filler = (prompts[-2] + prompts[-3] + prompts[-4])[: 24 * 16 - 16]
     other.generate([filler], SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)
+    # The first engine's cached prefix was not touched: it hits and still answers the same.
     again = first.generate([prompts[-1]], GREEDY, use_tqdm=False)[0]
-    assert again.num_cached_tokens == 0
+    assert again.num_cached_tokens == (len(prompts[-1]) - 1) // 16 * 16
     assert again.outputs[0].token_ids == alone[-1]
 
 
@@ -116,9 +117,9 @@ def test_seeded_sampling_is_independent_of_the_batch(llm_fp32, prompts):
 def test_n_samples_share_the_prompt_blocks(llm_fp32, prompts):
     llm = engine_like(llm_fp32)
     prompt = prompts[-1]  # 170 tokens: 10 full blocks
-    before = llm.engine.kv_manager.prefix_hits
+    before = llm.engine.stats().prefix_cache_hits
     out = llm.generate([prompt], SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=7))[0]
     assert len(out.outputs) == 4
     assert len({tuple(o.token_ids) for o in out.outputs}) > 1  # different samples
     # Three of the four children found the first child's prompt blocks in the cache.
-    assert llm.engine.kv_manager.prefix_hits - before >= 3 * 160
+    assert llm.engine.stats().prefix_cache_hits - before >= 3 * 160

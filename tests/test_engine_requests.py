@@ -9,6 +9,7 @@ import pytest
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.errors import ContextLengthError, InvalidRequestError, ModelLoadError
+from tokenmill.outputs import OutputKind
 
 PROMPT = "Write a short poem about the sea."
 
@@ -128,7 +129,7 @@ def test_bad_prompts_fail_alone_and_the_engine_keeps_serving(llm_fp32):
             if out.request_id == "survivor" and out.finished:
                 result = out.outputs[0].token_ids
     assert result == expected
-    assert engine.kv_manager.usage == 0
+    assert engine.stats().kv_cache_usage == 0
 
 
 def test_abort_midway_frees_blocks(llm_fp32):
@@ -140,25 +141,34 @@ def test_abort_midway_frees_blocks(llm_fp32):
     engine.abort_request("a")
     while engine.has_unfinished_requests():
         engine.step()
-    assert engine.kv_manager.usage == 0
+    assert engine.stats().kv_cache_usage == 0
     engine.kv_manager.check_invariants()
 
 
-def test_final_only_requests_report_once_with_the_streamed_result(llm_fp32):
+def test_output_kinds_report_the_same_result(llm_fp32):
     engine = llm_fp32.engine
     ids = chat_ids(llm_fp32, PROMPT)
-    engine.add_request("streamed", ids, greedy(12, stop=["\n\n"]))
-    engine.add_request("final", ids, greedy(12, stop=["\n\n"]), final_only=True)
-    seen: dict[str, list] = {"streamed": [], "final": []}
+    kinds = {"cumulative": OutputKind.CUMULATIVE, "delta": OutputKind.DELTA}
+    kinds["final"] = OutputKind.FINAL_ONLY
+    for name, kind in kinds.items():
+        engine.add_request(name, ids, greedy(12, stop=["\n\n"], logprobs=1), output_kind=kind)
+    seen: dict[str, list] = {name: [] for name in kinds}
     while engine.has_unfinished_requests():
         for out in engine.step():
             seen[out.request_id].append(out)
-    assert len(seen["streamed"]) > 1
+    assert len(seen["cumulative"]) > 1 and len(seen["delta"]) == len(seen["cumulative"])
     assert len(seen["final"]) == 1 and seen["final"][0].finished
-    streamed, final = seen["streamed"][-1].outputs[0], seen["final"][0].outputs[0]
-    assert final.text == streamed.text and final.token_ids == streamed.token_ids
-    assert final.finish_reason == streamed.finish_reason
-    assert final.text_delta == final.text  # the only report carries all the text
+    whole = seen["cumulative"][-1].outputs[0]
+    assert seen["final"][0].outputs[0] == whole
+    deltas = [out.outputs[0] for out in seen["delta"]]
+    assert "".join(d.text for d in deltas) == whole.text
+    assert sum((d.token_ids for d in deltas), []) == whole.token_ids
+    assert sum((d.logprobs for d in deltas), []) == whole.logprobs
+    assert deltas[-1].finish_reason == whole.finish_reason
+    assert deltas[-1].cumulative_logprob == whole.cumulative_logprob
+    # A cumulative output is a snapshot: later steps do not change what it reported.
+    first = seen["cumulative"][0].outputs[0]
+    assert len(first.token_ids) == 1 and len(first.logprobs) == 1
     assert engine.kv_manager.usage == 0
 
 

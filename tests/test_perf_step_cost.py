@@ -8,13 +8,16 @@ from tokenmill.perf import (
     HardwareProfile,
     MemoryTier,
     Precision,
+    kv_bytes_per_block,
     kv_bytes_per_token,
     model_flops_per_token,
+    num_kv_blocks,
     num_params,
     roofline_time,
     step_cost,
     weight_bytes,
 )
+from tokenmill.perf.step_cost import RequestShape
 from tokenmill.plan.models import get_model
 
 # hidden 8, intermediate 16, 2 layers, 2 heads, 1 KV head, head_dim 4, vocab 32, untied.
@@ -79,6 +82,24 @@ def test_weight_bytes_group_scales_and_kv():
     assert kv_bytes_per_token(TINY, "fp8") == 2 * 8
     # int8 KV: 4 bytes + one bf16 scale per (token, head) vector, K and V, 2 layers
     assert kv_bytes_per_token(TINY, "int8") == 2 * 2 * (4 + 2)
+
+
+def test_kv_blocks_in_a_memory_budget():
+    # A block of 16 tokens: K and V, 1 head of 4 elements, 2 layers; fp32 = 4 bytes each.
+    assert kv_bytes_per_block(TINY, 16, "float32") == 2 * 2 * 16 * 1 * 4 * 4 == 1024
+    assert kv_bytes_per_block(TINY, 16, "bfloat16") == kv_bytes_per_block(TINY, 16, "bf16") == 512
+    assert num_kv_blocks(TINY, 16, "float32", 1.0) == 2**30 // 1024
+    assert num_kv_blocks(TINY, 16, "float32", 1e-9) == 1  # always at least one block
+
+
+def test_which_requests_run_prompt_tokens():
+    assert RequestShape(3, 0).is_prompt  # a prompt's first chunk
+    assert RequestShape(64, 128, 0).is_prompt  # a later chunk that samples nothing yet
+    assert not RequestShape(1, 40).is_prompt  # a decode
+    assert not RequestShape(5, 40, 5).is_prompt  # verifying 4 drafts samples every token
+    b = BatchShape.from_requests([RequestShape(64, 128, 0), (1, 40), (5, 40, 5)])
+    assert (b.num_prefill_tokens, b.num_prefill_reqs, b.num_logits) == (64, 1, 6)
+    assert b.has_prompt_tokens and not BatchShape.from_requests([(1, 40)]).has_prompt_tokens
 
 
 def test_published_parameter_counts():

@@ -27,6 +27,14 @@ def test_record_from_scheduler_output_and_round_trip(tmp_path):
     assert read_trace(path) == [rec, rec]
 
 
+def test_prompt_steps_and_step_kinds():
+    rec = StepRecord.from_scheduler_output(_sched_out(), 0.5)
+    assert rec.has_prompt_tokens and rec.kind == "mixed"
+    assert StepRecord(6, 0, 1, 6, 0.1).kind == "prefill"
+    decode = StepRecord(0, 2, 2, 30, 0.1)
+    assert not decode.has_prompt_tokens and decode.kind == "decode"
+
+
 def test_batch_shape_without_per_request_shapes_spreads_context():
     rec = StepRecord(6, 2, 3, 2 + 6 + 100, 0.1)
     shape = rec.batch_shape()

@@ -5,17 +5,10 @@ import pytest
 from tokenmill.errors import ConfigError
 from tokenmill.perf import Precision, StepRecord, roofline_time, step_cost
 from tokenmill.perf.trace import write_trace
-from tokenmill.plan.calibrate import (
-    CalibrationSettings,
-    CalibrationTrace,
-    Scenario,
-    StepFeatures,
-    fit_calibration,
-    fit_trace,
-    profile_dict,
-    read_calibration,
-    write_calibration,
-)
+from tokenmill.plan.calibrate import fit_calibration
+from tokenmill.plan.calibrate_fit import StepFeatures, fit_trace
+from tokenmill.plan.calibrate_profile import profile_dict, read_calibration, write_calibration
+from tokenmill.plan.calibrate_scenarios import CalibrationSettings, CalibrationTrace, Scenario
 from tokenmill.plan.hardware import get_hardware, spec_from_dict
 from tokenmill.plan.models import get_model
 from tokenmill.plan.placement import place
@@ -194,7 +187,7 @@ def test_real_engine_calibration_predicts_a_held_out_step(tmp_path, served):
     serve` as streamed requests: every shape is timed, each step lands in its own scenario, and
     the fit predicts a step it did not see within a loose bound (this machine may be shared, so
     only the order of magnitude is asserted)."""
-    from tokenmill.plan.calibrate import record_calibration_trace
+    from tokenmill.plan.calibrate_scenarios import record_calibration_trace
 
     settings = CalibrationSettings(
         dtype="float32", kv_cache_memory_gib=0.05, prefill_lens=(16, 64), batch_sizes=(1, 3),
@@ -204,10 +197,7 @@ def test_real_engine_calibration_predicts_a_held_out_step(tmp_path, served):
     )  # fmt: skip
     trace = record_calibration_trace(settings, work_dir=tmp_path)
     assert len(trace.records) == len(trace.groups) == len(trace.holdout) >= 15
-    assert {"prefill", "decode", "mixed"} <= {
-        "mixed" if r.num_prefill_tokens and r.num_decode_tokens else
-        "prefill" if r.num_prefill_tokens else "decode" for r in trace.records
-    }  # fmt: skip
+    assert {"prefill", "decode", "mixed"} <= {r.kind for r in trace.records}
 
     # Each step is attributed to the scenario that ran it (served requests arrive one by one,
     # so a scenario's steps may mix prompts and decodes; its token totals are exact).

@@ -10,11 +10,12 @@ from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.perf.trace import StepRecord, first_schedule_mismatch
-from tokenmill.plan.metrics import parse_slo, summarize
+from tokenmill.plan.metrics import summarize
 from tokenmill.plan.sim_runner import ConstantStepTime, SimRunner, SpecDecodeConfig
 from tokenmill.plan.simulate import SimConfig, SimulationError, replay_schedule, simulate
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.workload import ArrivalSpec, build_workload
+from tokenmill.workload.slo import parse_slo
 
 DT = 0.01
 SCHED = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=48)

@@ -12,24 +12,27 @@ from tokenmill.bench.serve_process import parse_engine_counters
 from tokenmill.cli.main import main
 from tokenmill.errors import ConfigError
 from tokenmill.perf import Precision, StepRecord, step_cost
+from tokenmill.perf.kv_memory import num_kv_blocks
 from tokenmill.perf.trace import read_trace
-from tokenmill.plan.calibrate import fit_trace, profile_dict, write_calibration
+from tokenmill.plan.calibrate_fit import fit_trace
+from tokenmill.plan.calibrate_profile import profile_dict, write_calibration
 from tokenmill.plan.models import get_model
 from tokenmill.plan.validate import (
-    RunMetrics,
-    ValidationReport,
-    ValidationRow,
     ValidationSettings,
     _served_steps,
     build_validation_workload,
     check_calibration,
     measure,
     predict,
-    server_kv_blocks,
     speed_probe,
-    summarize_runs,
 )
 from tokenmill.plan.validate_report import format_markdown, validation_command
+from tokenmill.plan.validate_results import (
+    RunMetrics,
+    ValidationReport,
+    ValidationRow,
+    summarize_runs,
+)
 
 ARCH = get_model("smollm2-135m").arch
 FP32 = Precision(weights="fp32")
@@ -70,7 +73,7 @@ def test_kv_blocks_match_what_the_engine_allocates(dtype):
     engine = LLM(
         load_format="dummy", dummy_config=TINY, dtype=dtype, kv_cache_memory_gib=0.01
     ).engine
-    assert server_kv_blocks(engine.arch, dtype, 16, 0.01) == engine.kv_manager.num_blocks
+    assert num_kv_blocks(engine.arch, 16, dtype, 0.01) == engine.stats().num_kv_blocks
 
 
 @pytest.mark.parametrize("rate", [0.5, math.inf])
@@ -168,7 +171,7 @@ def test_cpu_taken_by_other_processes_is_seen():
     import subprocess
     import sys
 
-    from tokenmill.plan.calibrate import cpu_seconds, others_cpu_since
+    from tokenmill.bench.machine_load import cpu_seconds, others_cpu_since
 
     before = cpu_seconds()
     busy = (

@@ -118,6 +118,50 @@ def test_n2_streamed_and_whole(server):
     assert by_index[0] == by_index[1] and by_index[2] == by_index[3]  # greedy: samples agree
 
 
+def test_n3_streams_each_finish_once_with_whole_usage(server):
+    # Samples that stop at different steps: every chunk carries only news, each choice's
+    # finish comes once, and the streamed usage adds the deltas up to the whole response's.
+    client = server.client()
+    kwargs = dict(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=24, temperature=1.0, seed=5, n=3,
+        stop=[" ", ","],
+    )  # fmt: skip
+    whole = client.chat.completions.create(**kwargs)
+    finishes: dict[int, int] = {}
+    texts: dict[int, str] = {}
+    usage = None
+    stream = client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True}, **kwargs
+    )
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            finishes[choice.index] = finishes.get(choice.index, 0) + (
+                choice.finish_reason is not None
+            )
+    assert finishes == {0: 1, 1: 1, 2: 1}
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert usage.model_dump() == whole.usage.model_dump()
+    completion = dict(kwargs, prompt=PROMPT, stop=[" the", ","])
+    del completion["messages"]
+    whole = client.completions.create(**completion)
+    finishes, texts = {}, {}
+    stream = client.completions.create(
+        stream=True, stream_options={"include_usage": True}, **completion
+    )
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            finishes[choice.index] = finishes.get(choice.index, 0) + (
+                choice.finish_reason is not None
+            )
+    assert finishes == {0: 1, 1: 1, 2: 1}
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert usage.model_dump() == whole.usage.model_dump()
+
+
 def test_stop_string(server):
     client = server.client()
     base = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=16, temperature=0)

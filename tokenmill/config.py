@@ -18,7 +18,9 @@ class ModelConfig:
     """Which model to load and how. `model=None` means the bundled default (SmolLM2-135M)."""
 
     model: str | None = None
-    dtype: str = "float32"
+    # "auto": bfloat16 on CPUs that compute it natively, float32 on other CPUs, the checkpoint's
+    # own dtype on a GPU (settled when the engine is built; tokenmill/engine/build.py).
+    dtype: str = "auto"
     load_format: str = "auto"  # auto | gguf | hf | dummy
     # For load_format="dummy": a Hugging Face style config (dict or config.json path).
     dummy_config: dict | str | None = None
@@ -27,8 +29,8 @@ class ModelConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ConfigError(f"dtype must be auto or one of {DTYPES}, got {self.dtype!r}")
         if self.load_format not in ("auto", "gguf", "hf", "dummy"):
             raise ConfigError(
                 f"load_format must be auto, gguf, hf or dummy, got {self.load_format!r}"

@@ -14,10 +14,12 @@ from typing import Any
 from tqdm import tqdm
 
 from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tokenmill.engine.build import build_engine
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.errors import InvalidRequestError
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import OutputKind, RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.tokenizer.chat_template import apply_chat_template, with_end_of_turn
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -27,7 +29,7 @@ class LLM:
         self,
         model: str | None = None,
         *,
-        dtype: str = "float32",
+        dtype: str = "auto",
         load_format: str = "auto",
         dummy_config: dict | str | None = None,
         max_model_len: int | None = None,
@@ -64,7 +66,7 @@ class LLM:
             cpu_fused_decode=cpu_fused_decode,
             record_step_trace=record_step_trace,
         )  # fmt: skip
-        self.engine = LLMEngine(config)
+        self.engine = build_engine(config)
         self._ids = itertools.count()
 
     @classmethod
@@ -98,8 +100,9 @@ class LLM:
             for prompt, p, prio in zip(prompt_list, params, priorities, strict=True):
                 request_id = str(next(self._ids))
                 self.engine.add_request(
-                    request_id, _prompt_value(prompt), p, priority=prio, final_only=True
-                )
+                    request_id, _prompt_value(prompt), p, priority=prio,
+                    output_kind=OutputKind.FINAL_ONLY,
+                )  # fmt: skip
                 ids.append(request_id)
         except Exception:
             self.engine.abort_request(ids)
@@ -113,20 +116,25 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
+        chat_template: str | None = None,
     ) -> list[RequestOutput]:
-        """One conversation (a list of messages) or a batch of them, through the chat template."""
+        """One conversation (a list of messages) or a batch of them, through the chat template
+        (`chat_template`, a jinja2 source, instead of the model's own if given). A reply ends at
+        the template's end-of-turn token, which is not part of its text."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer, so no chat template")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
-            tokenizer.apply_chat_template(
-                conv, add_generation_prompt=add_generation_prompt, tokenize=True,
+            apply_chat_template(
+                tokenizer, conv, chat_template, add_generation_prompt,
                 **(chat_template_kwargs or {}),
             )
             for conv in conversations
         ]  # fmt: skip
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        params = _broadcast(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        params = [with_end_of_turn(p, tokenizer, chat_template) for p in params]
+        return self.generate(prompts, params, use_tqdm=use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}

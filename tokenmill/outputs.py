@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import Enum
+
+
+class OutputKind(Enum):
+    """What each RequestOutput of a request carries (vLLM's RequestOutputKind).
+
+    CUMULATIVE: everything generated so far, every step (O(n) per step: for callers that
+        want snapshots). DELTA: only what is new since the request's previous output; a stream
+        of n tokens costs O(n) in all. FINAL_ONLY: one cumulative output, when it finishes.
+    """
+
+    CUMULATIVE = "cumulative"
+    DELTA = "delta"
+    FINAL_ONLY = "final_only"
 
 
 @dataclass
@@ -18,17 +32,16 @@ SampleLogprobs = list[dict[int, Logprob]]
 
 @dataclass
 class CompletionOutput:
+    """One sample's text, token ids and logprobs: all of them so far (CUMULATIVE, FINAL_ONLY)
+    or only what is new since the previous output of the request (DELTA)."""
+
     index: int
     text: str
     token_ids: list[int]
     logprobs: SampleLogprobs | None = None
-    cumulative_logprob: float | None = None
+    cumulative_logprob: float | None = None  # of all tokens so far, in every output kind
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token that ended it
-    # Streaming: what this output gained since the previous RequestOutput of the same request.
-    text_delta: str = ""
-    token_ids_delta: list[int] = field(default_factory=list)
-    logprobs_delta: SampleLogprobs | None = None
 
     @property
     def finished(self) -> bool:
@@ -48,6 +61,9 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
+    """A request's progress. In DELTA mode `outputs` holds only the samples with news, and
+    `prompt_logprobs` comes with the first output alone."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]

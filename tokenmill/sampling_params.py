@@ -122,6 +122,11 @@ class SamplingParams:
         """Greedy with no penalties and no logprobs: the argmax is the whole answer."""
         return self.is_greedy and self.logprobs is None and not self.has_penalties
 
+    def can_stop(self, num_output_tokens: int) -> bool:
+        """min_tokens: EOS, stop token ids and stop strings may end the output only once it has
+        this many tokens (before that, EOS and stop ids are also masked in sampling)."""
+        return num_output_tokens >= self.min_tokens
+
     def for_child(self, index: int) -> SamplingParams:
         """The parameters of the index-th of n parallel samples: n=1, and a distinct seed."""
         seed = None if self.seed is None else self.seed + index

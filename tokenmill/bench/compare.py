@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tokenmill.bench import report
 from tokenmill.bench.llamacpp import LlamaCppBuild, LlamaServer, llama_bench
+from tokenmill.bench.machine_load import load_average
 from tokenmill.bench.serve import ServeTarget, first_model, run_load
 from tokenmill.bench.serve_process import ServeProcess
 from tokenmill.workload import ArrivalSpec, Workload, build_workload
@@ -236,7 +237,7 @@ class Comparison:
                 )
                 shift = rep % max(len(engines), 1)
                 for engine in engines[shift:] + engines[:shift]:
-                    self.start_load = os.getloadavg()[0]
+                    self.start_load = (load_average() or (float("nan"),))[0]
                     progress(f"[rep {rep + 1}/{self.cfg.repetitions}] {scenario}: {engine} "
                              f"(load {self.start_load:.2f})")  # fmt: skip
                     runners[scenario](engine, rep)

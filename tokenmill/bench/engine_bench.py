@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass, field
 from tokenmill.bench.ceilings import Ceilings, measure
 from tokenmill.perf import Precision, step_cost
 
-PERF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
 
 @dataclass
 class Phase:
@@ -44,7 +42,7 @@ class EngineBenchResult:
 
 def _phase(name, dtype, llm, shapes, step_time, num_tokens, ceilings: Ceilings) -> Phase:
     arch = llm.engine.arch
-    cost = step_cost(arch, shapes, Precision(weights=PERF_DTYPE[dtype]))
+    cost = step_cost(arch, shapes, Precision(weights=dtype))
     floor = max(
         cost.flops / ceilings.matmul_flops[dtype], cost.total_bytes / ceilings.copy_bytes_per_s
     )
@@ -83,7 +81,7 @@ def _decode(llm, dtype, batch, prompt_len, output_len, ceilings) -> Phase:
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     llm.generate(_prompts(batch, prompt_len, base=3000 + batch), params, use_tqdm=False)
     decode_steps = [
-        s for s in llm.engine.step_trace if s.num_prefill_tokens == 0 and s.num_reqs == batch
+        s for s in llm.engine.step_trace if not s.has_prompt_tokens and s.num_reqs == batch
     ]
     if not decode_steps:
         raise RuntimeError(

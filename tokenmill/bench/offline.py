@@ -23,8 +23,6 @@ from dataclasses import asdict, dataclass, field
 from tokenmill.perf import Precision, step_cost
 from tokenmill.workload import Workload
 
-PERF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
 
 @dataclass
 class OfflineResult:
@@ -77,7 +75,7 @@ def workload_gflop(
     arch, prompts: Sequence[Sequence[int]], output_lens: Sequence[int], dtype: str
 ) -> float:
     shapes = [(len(p) + o - 1, 0, o) for p, o in zip(prompts, output_lens, strict=True)]
-    return step_cost(arch, shapes, Precision(weights=PERF_DTYPE[dtype])).flops / 1e9
+    return step_cost(arch, shapes, Precision(weights=dtype)).flops / 1e9
 
 
 def run_tokenmill(

@@ -3,7 +3,8 @@
 Percentiles interpolate linearly between samples (numpy's default), as vLLM's serving benchmark
 does, so numbers compare across tools. ITL statistics pool every gap of every request; TTFT,
 TPOT and end-to-end latency take one sample per completed request (TPOT only from requests with
-at least two output tokens). Goodput counts the completed requests that met every SLO given.
+at least two output tokens). Goodput counts the completed requests that met every SLO target
+given (tokenmill.workload.slo).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from tokenmill.bench.machine_load import load_average
 from tokenmill.bench.serve import LoadRun, RequestResult
+from tokenmill.platform_info import cpu_model_name
+from tokenmill.workload.slo import SLO
 
 PERCENTILES = (50, 90, 99)
-SLO_KEYS = ("ttft", "tpot", "e2el")
 
 
 @dataclass(frozen=True)
@@ -57,34 +60,20 @@ class ServeMetrics:
     itl: Stat
     e2el: Stat
     max_in_flight: int = 0
-    goodput: float | None = None  # requests / s meeting every SLO
-    slo_ms: dict[str, float] = field(default_factory=dict)
+    goodput: float | None = None  # requests / s meeting every SLO target
+    slo_ms: dict[str, float] = field(default_factory=dict)  # the targets: key -> ms
     output_len_mismatches: int = 0  # completed requests that got other than max_tokens tokens
 
 
-def parse_slos(text: str | None) -> dict[str, float]:
-    """`ttft:500,tpot:50` (milliseconds) -> {"ttft": 500.0, "tpot": 50.0}."""
-    slos: dict[str, float] = {}
-    for item in filter(None, (s.strip() for s in (text or "").split(","))):
-        key, sep, value = item.partition(":")
-        if not sep or key not in SLO_KEYS:
-            raise ValueError(f"bad SLO {item!r}; use e.g. ttft:500,tpot:50,e2el:10000 (ms)")
-        ms = float(value)
-        if not ms > 0:
-            raise ValueError(f"SLO {key} must be > 0 ms, got {value}")
-        slos[key] = ms
-    return slos
-
-
-def meets_slos(result: RequestResult, slo_ms: Mapping[str, float]) -> bool:
-    values = {"ttft": result.ttft_s, "tpot": result.tpot_s or 0.0, "e2el": result.latency_s}
-    return result.ok and all(values[k] * 1e3 <= limit for k, limit in slo_ms.items())
+def meets_slo(result: RequestResult, slo: SLO) -> bool:
+    itl_max = max(result.itl_s) if result.itl_s else None
+    return result.ok and slo.is_met(result.ttft_s, result.tpot_s, itl_max, result.latency_s)
 
 
 def summarize(
     results: Sequence[RequestResult],
     duration_s: float,
-    slo_ms: Mapping[str, float] | None = None,
+    slo: SLO | None = None,
     max_in_flight: int = 0,
 ) -> ServeMetrics:
     done = [r for r in results if r.ok]
@@ -92,8 +81,8 @@ def summarize(
     total_out = sum(r.output_len for r in done)
     tpots = [t for r in done if (t := r.tpot_s) is not None]
     goodput = None
-    if slo_ms:
-        goodput = sum(meets_slos(r, slo_ms) for r in done) / duration_s
+    if slo is not None:
+        goodput = sum(meets_slo(r, slo) for r in done) / duration_s
     return ServeMetrics(
         num_completed=len(done),
         num_failed=len(results) - len(done),
@@ -109,13 +98,13 @@ def summarize(
         e2el=Stat.of([r.latency_s for r in done]),
         max_in_flight=max_in_flight,
         goodput=goodput,
-        slo_ms=dict(slo_ms or {}),
+        slo_ms=slo.targets_ms() if slo is not None else {},
         output_len_mismatches=sum(r.output_len != r.expected_output_len for r in done),
     )
 
 
-def summarize_run(run: LoadRun, slo_ms: Mapping[str, float] | None = None) -> ServeMetrics:
-    return summarize(run.results, run.duration_s, slo_ms, run.max_in_flight)
+def summarize_run(run: LoadRun, slo: SLO | None = None) -> ServeMetrics:
+    return summarize(run.results, run.duration_s, slo, run.max_in_flight)
 
 
 def machine_info() -> dict:
@@ -126,26 +115,15 @@ def machine_info() -> dict:
     info = {
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "host": platform.node(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model_name(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }
-    if hasattr(os, "getloadavg"):
-        info["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    if load := load_average():
+        info["loadavg_1_5_15"] = list(load)
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def format_serve_markdown(m: ServeMetrics, title: str = "") -> str:

@@ -124,7 +124,6 @@ async def send_request(
     url = target.base_url.rstrip("/") + ENDPOINTS[target.endpoint]
     sent = time.perf_counter()
     result.start_s = sent - t0
-    last = sent
     try:
         async with client.stream(
             "POST", url, json=build_payload(target, req, index), headers=headers
@@ -133,31 +132,8 @@ async def send_request(
                 body = (await response.aread()).decode(errors="replace")
                 result.error = f"HTTP {response.status_code}: {body[:300]}"
                 return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    result.error = str(chunk["error"])[:300]
-                    return result
-                now = time.perf_counter()
-                if _chunk_text(chunk, target.endpoint):
-                    if result.num_chunks == 0:
-                        result.ttft_s = now - sent
-                        if first_token is not None:
-                            first_token.set()
-                    else:
-                        result.itl_s.append(now - last)
-                    result.num_chunks += 1
-                    last = now
-                usage = chunk.get("usage")
-                if usage:
-                    result.usage_reported = True
-                    result.output_len = int(usage.get("completion_tokens") or 0)
-                    result.prompt_len = int(usage.get("prompt_tokens") or req.prompt_len)
+            if not await _read_stream(response, result, target.endpoint, sent, first_token):
+                return result
         result.latency_s = time.perf_counter() - sent  # the whole response, usage included
         if not result.usage_reported:
             result.output_len = result.num_chunks
@@ -170,6 +146,40 @@ async def send_request(
         if first_token is not None:
             first_token.set()
     return result
+
+
+async def _read_stream(
+    response: httpx.Response, result: RequestResult, endpoint: str, sent: float,
+    first_token: asyncio.Event | None,
+) -> bool:  # fmt: skip
+    """Time the server-sent events of one response into `result`; False when the stream
+    reported an error (in `result.error`)."""
+    last = sent
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            result.error = str(chunk["error"])[:300]
+            return False
+        now = time.perf_counter()
+        if _chunk_text(chunk, endpoint):
+            if result.num_chunks == 0:
+                result.ttft_s = now - sent
+                if first_token is not None:
+                    first_token.set()
+            else:
+                result.itl_s.append(now - last)
+            result.num_chunks += 1
+            last = now
+        if usage := chunk.get("usage"):
+            result.usage_reported = True
+            result.output_len = int(usage.get("completion_tokens") or 0)
+            result.prompt_len = int(usage.get("prompt_tokens") or result.prompt_len)
+    return True
 
 
 def make_client(target: ServeTarget, max_connections: int) -> httpx.AsyncClient:

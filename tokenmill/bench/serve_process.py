@@ -3,7 +3,6 @@ stopped with SIGTERM. Shared by `tokenmill bench compare` and `tokenmill plan va
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -11,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from tokenmill.bench.machine_load import process_cpu_seconds
 from tokenmill.errors import ConfigError
 
 _BANNER = re.compile(r"serving '.*' on http://[^:]+:(\d+)")
@@ -60,12 +60,7 @@ class ServeProcess:
 
     def cpu_seconds(self) -> float:
         """CPU-seconds the server process (and its waited children) has used."""
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, AttributeError, IndexError):
-            return 0.0
-        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        return 0.0 if self.proc is None else process_cpu_seconds(self.proc.pid)
 
     def engine_counters(self) -> tuple[float, float, float, float]:
         """(engine steps, seconds inside LLMEngine.step(), of them in steps with prompt tokens,

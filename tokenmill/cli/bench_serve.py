@@ -35,7 +35,9 @@ def register(kinds) -> None:
     group.add_argument("--max-concurrency", type=int, default=None)
     group.add_argument("--num-warmup", type=int, default=1, help="unmeasured requests first")
     out = parser.add_argument_group("output")
-    out.add_argument("--slo", default=None, help="goodput SLOs in ms, e.g. ttft:1000,tpot:100")
+    out.add_argument(
+        "--slo", default=None, help="goodput targets, e.g. ttft=1s,tpot=100ms[,itl=..,e2e=..]"
+    )
     out.add_argument("--json", default=None, help="write the result to this file")
     out.add_argument("--per-request", action="store_true", help="include each request in JSON")
     out.add_argument("--no-progress", action="store_true")
@@ -55,9 +57,9 @@ def build_workload_from_args(args: argparse.Namespace, arrivals=None):
 def run(args: argparse.Namespace) -> int:
     from tokenmill.bench import report
     from tokenmill.bench.serve import ServeTarget, first_model, run_load
-    from tokenmill.workload import ArrivalSpec
+    from tokenmill.workload import ArrivalSpec, parse_slo
 
-    slos = report.parse_slos(args.slo)
+    slo = parse_slo(args.slo) if args.slo else None
     arrivals = ArrivalSpec(args.request_rate, args.burstiness, args.max_concurrency)
     workload = build_workload_from_args(args, arrivals)
     model = args.model or first_model(args.base_url, args.api_key)
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"{workload.description} -> {args.base_url} ({model})", flush=True)
     load = run_load(target, workload, args.num_warmup, progress=not args.no_progress)
-    metrics = report.summarize_run(load, slos)
+    metrics = report.summarize_run(load, slo)
     print(report.format_serve_markdown(metrics, f"bench serve: {model}"))
     if args.json:
         config = {**vars(args), "workload_description": workload.description}

@@ -22,10 +22,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.engine.build import build_engine
+    from tokenmill.outputs import OutputKind
+    from tokenmill.tokenizer.chat_template import with_end_of_turn
 
-    engine = LLMEngine(engine_config_from_args(args))
-    params = sampling_params_from_args(args)
+    engine = build_engine(engine_config_from_args(args))
+    params = with_end_of_turn(sampling_params_from_args(args), engine.tokenizer)
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         prompt = engine.tokenizer.apply_chat_template(messages, tokenize=True)
         request_id = f"chat-{turn}"
         turn += 1
-        engine.add_request(request_id, prompt, params)
+        engine.add_request(request_id, prompt, params, output_kind=OutputKind.DELTA)
         print("assistant> ", end="", flush=True)
         reply = _stream(engine, request_id)
         messages.append({"role": "assistant", "content": reply})
@@ -58,15 +60,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _stream(engine, request_id: str) -> str:
-    text = ""
+    pieces = []
     try:
         while engine.has_unfinished_requests():
             for out in engine.step():
-                delta = out.outputs[0].text_delta
-                print(delta, end="", flush=True)
-                text = out.outputs[0].text
+                for o in out.outputs:  # deltas
+                    print(o.text, end="", flush=True)
+                    pieces.append(o.text)
     except KeyboardInterrupt:
         engine.abort_request(request_id)
         print(" [interrupted]", end="")
     print()
-    return text
+    return "".join(pieces)

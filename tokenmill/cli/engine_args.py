@@ -14,7 +14,13 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
             help="a GGUF file or a Hugging Face folder (default: the bundled SmolLM2-135M-Instruct)",
         )  # fmt: skip
     group = parser.add_argument_group("engine")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX), else float32; on a GPU "
+        "the checkpoint's own dtype",
+    )
     group.add_argument("--load-format", default="auto", choices=["auto", "gguf", "hf", "dummy"])
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument("--max-num-seqs", type=int, default=64)

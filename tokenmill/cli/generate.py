@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.engine.build import build_engine
     from tokenmill.errors import InvalidRequestError
     from tokenmill.llm import LLM
 
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompts:
         raise InvalidRequestError('no prompt given: tokenmill generate "your prompt"')
     params = sampling_params_from_args(args, n=args.n)
-    llm = LLM.from_engine(LLMEngine(engine_config_from_args(args)))
+    llm = LLM.from_engine(build_engine(engine_config_from_args(args)))
     if args.chat:
         conversations = [[{"role": "user", "content": p}] for p in prompts]
         outputs = llm.chat(conversations, params)

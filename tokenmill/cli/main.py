@@ -19,7 +19,6 @@ SUBCOMMAND_MODULES = (
     "tokenmill.cli.serve",
     "tokenmill.cli.bench",
     "tokenmill.cli.plan",
-    "tokenmill.cli.quant_eval",
 )
 
 
@@ -28,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue  # not built yet
-            raise
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 
+from tokenmill.cli import plan_calibrate, plan_validate
 from tokenmill.errors import ConfigError
 
 DEFAULT_PLOT = "plan-pareto.png"
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chips", type=int, help="chips per replica (default: the fewest that fit)")
     p.add_argument("--tp", type=int, help="tensor-parallel width")
     p.add_argument("--replicas", type=int, default=1, help="identical replicas sharing the load")
-    p.add_argument("--slo", help="e.g. ttft=500ms,tpot=50ms[,pct=99]")
+    p.add_argument("--slo", help="e.g. ttft=500ms,tpot=50ms[,itl=..,e2e=..][,pct=99]")
     p.add_argument("--spec-decode", help="speculative decoding: k=4,accept=0.7[,cost=0.05]")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -67,8 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=run)  # fmt: skip
     modes = p.add_subparsers(dest="plan_mode", metavar="{calibrate,validate}")
-    _register_calibrate(modes)
-    _register_validate(modes)
+    plan_calibrate.register(modes)
+    plan_validate.register(modes)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _plan_request(args: argparse.Namespace):
     from tokenmill.perf.dtypes import Precision
-    from tokenmill.plan.metrics import parse_slo
     from tokenmill.plan.planner import PlanRequest
+    from tokenmill.workload.slo import parse_slo
 
     if args.burstiness <= 0 or not math.isfinite(args.burstiness):
         raise ConfigError(f"--burstiness must be a positive number, got {args.burstiness}")
@@ -257,7 +258,8 @@ def _compare_text(comparison, request, plot: str) -> str:
 def _calibrate(args: argparse.Namespace) -> int:
     from tokenmill.perf.dtypes import Precision
     from tokenmill.perf.trace import read_trace
-    from tokenmill.plan.calibrate import fit_trace, profile_dict, write_calibration
+    from tokenmill.plan.calibrate_fit import fit_trace
+    from tokenmill.plan.calibrate_profile import profile_dict, write_calibration
     from tokenmill.plan.models import get_model
 
     try:
@@ -295,216 +297,3 @@ def _list_text() -> str:
             f"({hw.display_name})"
         )
     return "\n".join(lines)
-
-
-# ---- `tokenmill plan calibrate` and `tokenmill plan validate` --------------------------------
-
-
-def _add_engine_settings(p: argparse.ArgumentParser) -> None:
-    group = p.add_argument_group("engine (as `tokenmill serve` takes them)")
-    group.add_argument(
-        "--model", default=None, help="GGUF file or HF folder (default: the bundled SmolLM2-135M)"
-    )
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    group.add_argument("--max-num-seqs", type=int, default=64)
-    group.add_argument("--max-num-batched-tokens", type=int, default=512)
-    group.add_argument("--block-size", type=int, default=16)
-    group.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV cache")
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _rates(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected rates like 0.25,0.5,inf, got {text!r}"
-        ) from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"rates must be > 0 (or inf), got {text!r}")
-    return values
-
-
-def _add_calibration_args(p: argparse.ArgumentParser) -> None:
-    group = p.add_argument_group("calibration shapes")
-    group.add_argument("--prefill-lens", type=_ints, default=(16, 64, 128, 256, 384, 512, 1024))
-    group.add_argument("--batch-sizes", type=_ints, default=(1, 2, 4, 8, 16, 32, 64),
-                       help="decode batches at a 32-token context")  # fmt: skip
-    group.add_argument("--long-prompt-len", type=int, default=400)
-    group.add_argument("--long-batch-sizes", type=_ints, default=(1, 4, 16, 32, 48),
-                       help="decode batches at --long-prompt-len context")  # fmt: skip
-    group.add_argument("--decode-steps", type=int, default=10)
-    group.add_argument(
-        "--combine", default="auto", choices=["auto", "sum", "max"],
-        help="per operator: compute + memory time, or their max; auto: the lower held-out error",
-    )  # fmt: skip
-    group.add_argument("--calibration-seed", type=int, default=0)
-    group.add_argument(
-        "--served", action="store_true",
-        help="send the scenarios to a `tokenmill serve` as streamed requests and fit the steps "
-        "it records (default: an engine in this process)",
-    )  # fmt: skip
-
-
-def _register_calibrate(modes) -> None:
-    p = modes.add_parser(
-        "calibrate", help="run the engine through serving's batch shapes and fit this-machine",
-        description="Run the real engine on this machine (in this process; --served: a "
-        "`tokenmill serve` fed streamed requests) through prefill chunks, decode batches "
-        "and mixed steps, fit this-machine's profile to the step times (some scenarios held out "
-        "to measure the prediction error) and write it to $TOKENMILL_HOME/this-machine.json.",
-    )  # fmt: skip
-    _add_engine_settings(p)
-    _add_calibration_args(p)
-    p.add_argument("--out", default=None, help="profile path (default: this-machine.json)")
-    p.add_argument("--json", action="store_true", help="print the calibration summary as JSON")
-    p.set_defaults(func=_run_calibrate)
-
-
-def _register_validate(modes) -> None:
-    p = modes.add_parser(
-        "validate", help="predicted vs measured serving on this machine, as a table",
-        description="Serve the engine here with `tokenmill serve`, load it with `tokenmill bench "
-        "serve` at several request rates, simulate the same workloads on the calibrated "
-        "this-machine, and write the comparison (markdown and JSON).",
-    )  # fmt: skip
-    _add_engine_settings(p)
-    group = p.add_argument_group("workload (as `tokenmill bench serve` takes it)")
-    group.add_argument("--workload", default="sharegpt")
-    group.add_argument("--num-prompts", type=int, default=48, help="requests per rate")
-    group.add_argument("--rates", type=_rates, default=(0.5, 1.0, 2.0, math.inf),
-                       help="requests/s, comma-separated; inf: all at once")  # fmt: skip
-    group.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1: Poisson")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--num-warmup", type=int, default=1)
-    p.add_argument("--speed-probe-prompts", type=int, default=16,
-                   help="requests of the speed probe before each run (its measured / predicted "
-                   "engine time scales that run's prediction); 0: no probe")  # fmt: skip
-    p.add_argument("--repeats", type=int, default=1,
-                   help="measured runs per rate, in turn over the rates; the table shows their "
-                   "medians and ranges")  # fmt: skip
-    p.add_argument("--calibrate", action="store_true", help="calibrate this-machine first")
-    _add_calibration_args(p)
-    p.add_argument("--predict-only", action="store_true", help="no server: predictions alone")
-    p.add_argument("--jitter", action="store_true", help="simulate step-time jitter")
-    p.add_argument("--out-md", default="docs/planner-validation.md", help="'none': no file")
-    p.add_argument("--out-json", default="docs/planner-validation.json", help="'none': no file")
-    p.add_argument("--work-dir", default=None, help="server log and bench JSON (default: temp)")
-    p.set_defaults(func=_run_validate)
-
-
-def _calibration_settings(args: argparse.Namespace):
-    from tokenmill.plan.calibrate import CalibrationSettings
-
-    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "decode_steps"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-    return CalibrationSettings(
-        model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-        kv_cache_memory_gib=args.kv_cache_memory, prefill_lens=args.prefill_lens,
-        batch_sizes=args.batch_sizes, long_prompt_len=args.long_prompt_len,
-        long_batch_sizes=args.long_batch_sizes, decode_steps=args.decode_steps,
-        seed=args.calibration_seed, served=args.served,
-    )  # fmt: skip
-
-
-def _do_calibrate(args: argparse.Namespace, out: str | None = None):
-    from pathlib import Path
-
-    from tokenmill.plan.calibrate import calibrate
-
-    settings = _calibration_settings(args)
-    how = "through tokenmill serve" if args.served else "in this process"
-    print(
-        f"calibrating this machine ({settings.dtype}, {how}); load average {_loadavg_text()}",
-        flush=True,
-    )
-    report, trace, path = calibrate(
-        settings, args.combine, Path(out) if out else None,
-        progress=lambda msg: print(f"  {msg}", flush=True),
-    )  # fmt: skip
-    return report, trace, path
-
-
-def _run_calibrate(args: argparse.Namespace) -> int:
-    report, trace, path = _do_calibrate(args, args.out)
-    if args.json:
-        print(json.dumps(report.summary(), indent=2))
-    else:
-        print(_calibration_text(report, trace, path))
-    return 0
-
-
-def _calibration_text(report, trace, path) -> str:
-    fit = report.fit
-    attn = fit.attention_flops_per_s
-    lines = [
-        f"fitted {fit.num_steps} steps ({fit.num_outliers} dropped as disturbed) in "
-        f"{trace.elapsed_s:.0f} s, load average {trace.loadavg_before[:1]} -> "
-        f"{trace.loadavg_after[:1]}",
-        f"  model: per operator {'max' if fit.overlap else 'sum'}(compute, memory); held-out RMS "
-        + ", ".join(f"{k} {v:.1%}" for k, v in report.candidates.items()),
-        f"  per step {fit.per_step_s * 1e3:.3f} ms, per request {fit.per_request_s * 1e3:.3f} ms,"
-        f" per prompt segment {fit.per_prefill_s * 1e3:.3f} ms,"
-        f" {fit.flops_per_s / 1e9:,.1f} GFLOP/s (attention "
-        + (f"{attn / 1e9:,.1f} GFLOP/s" if attn < 1e17 else "free")
-        + f"), {fit.bytes_per_s / 1e9:,.2f} GB/s",
-        f"  fit on all steps: rel. RMS {fit.rel_rms_error:.1%}, median "
-        f"{fit.median_abs_rel_error:.1%}",
-    ]
-    for kind, err in report.holdout_errors.items():
-        if err.num_steps:
-            lines.append(f"  held out, {kind}: {err.describe()}")
-    lines.append(f"wrote {path}")
-    return "\n".join(lines)
-
-
-def _loadavg_text() -> str:
-    import os
-
-    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-
-
-def _run_validate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from tokenmill.plan.validate import ValidationSettings, run_validation
-    from tokenmill.plan.validate_report import format_markdown, write_report
-
-    settings = ValidationSettings(
-        model=args.model, dtype=args.dtype, workload=args.workload, num_prompts=args.num_prompts,
-        rates=args.rates, burstiness=args.burstiness, seed=args.seed,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
-        num_warmup=args.num_warmup, jitter=args.jitter,
-        speed_probe_prompts=args.speed_probe_prompts, repeats=args.repeats,
-    )  # fmt: skip
-    if args.calibrate:
-        report, trace, path = _do_calibrate(args)
-        print(_calibration_text(report, trace, path), flush=True)
-    print(f"validating; load average {_loadavg_text()}", flush=True)
-    result = run_validation(
-        settings, do_measure=not args.predict_only,
-        work_dir=Path(args.work_dir) if args.work_dir else None,
-        log=lambda msg: print(msg, flush=True),
-    )  # fmt: skip
-    print(format_markdown(result))
-    md = None if args.out_md == "none" else Path(args.out_md)
-    js = None if args.out_json == "none" else Path(args.out_json)
-    write_report(result, md, js)
-    for path in (md, js):
-        if path is not None:
-            print(f"wrote {path}")
-    return 0

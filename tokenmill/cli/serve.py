@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -13,6 +15,8 @@ from tokenmill.cli.engine_args import add_engine_args, engine_config_from_args
 from tokenmill.errors import ConfigError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
@@ -49,7 +53,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill import native
     from tokenmill.server import ServerConfig, create_app
     from tokenmill.server.launch import run_server
 
@@ -58,29 +62,64 @@ def run(args: argparse.Namespace) -> int:
     engine_config = engine_config_from_args(args, max_waiting=args.max_queue)
     if args.step_trace:
         engine_config = dataclasses.replace(engine_config, record_step_trace=True)
-    engine = AsyncEngine.from_config(engine_config)
-    trace = _TraceWriter(args.step_trace, engine.engine.step_trace) if args.step_trace else None
-    if trace is not None:
-        engine.idle_hook = trace.flush
     config = ServerConfig(
         model_name=args.served_model_name or served_model_name(args.model),
         api_key=args.api_key,
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout_s=args.shutdown_timeout,
     )
-    app = create_app(engine, config, model_root=args.model)
+    app = create_app(None, config, model_root=args.model)
+    startup = _EngineStartup(app, engine_config, args.step_trace)
+    if native.needs_build():
+        # Minutes of compiling: listen meanwhile, /health answering "starting".
+        logger.warning("%s; /health answers 'starting' until then", native.build_notice())
+        startup.start()
+    else:
+        startup.run()
     _print_banner(args.host, sock.getsockname()[1], config)
     code = run_server(
         app,
-        engine,
         sock,
         log_level=args.log_level.lower(),
         access_log=args.access_log,
         shutdown_timeout_s=args.shutdown_timeout,
     )
-    if trace is not None:
-        trace.flush()
-    return code
+    if startup.trace is not None:
+        startup.trace.flush()
+    return 1 if startup.failed else code
+
+
+class _EngineStartup:
+    """Builds the AsyncEngine (the native kernels first) and hands it to the app: before the
+    server listens, or on a thread of its own while the server answers 503 "starting"."""
+
+    def __init__(self, app, engine_config, trace_path: str | None) -> None:
+        self.app, self.engine_config, self.trace_path = app, engine_config, trace_path
+        self.trace: _TraceWriter | None = None
+        self.failed = False
+
+    def run(self) -> None:
+        from tokenmill import native
+        from tokenmill.engine.async_engine import AsyncEngine
+        from tokenmill.server.app import attach_engine
+
+        native.kernels()  # compiles them if they are not built yet (a subprocess: no torch work)
+        engine = AsyncEngine.from_config(self.engine_config)
+        if self.trace_path:
+            self.trace = _TraceWriter(self.trace_path, engine.step_trace)
+            engine.idle_hook = self.trace.flush
+        attach_engine(self.app, engine)
+
+    def start(self) -> None:
+        threading.Thread(target=self._run_or_stop, name="tokenmill-startup", daemon=True).start()
+
+    def _run_or_stop(self) -> None:
+        try:
+            self.run()
+        except Exception:
+            logger.exception("the engine failed to start; stopping the server")
+            self.failed = True
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _TraceWriter:

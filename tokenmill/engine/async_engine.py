@@ -22,12 +22,20 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine.build import build_engine
 from tokenmill.engine.llm_engine import LLMEngine
-from tokenmill.errors import InvalidRequestError, TokenmillError
-from tokenmill.outputs import RequestOutput
+from tokenmill.engine.request_stream import (
+    EngineInternalError,
+    EngineStoppedError,
+    RequestObserver,
+    RequestStream,
+)
+from tokenmill.engine.stats import EngineStats
+from tokenmill.errors import InvalidRequestError
+from tokenmill.outputs import OutputKind, RequestOutput
+from tokenmill.perf.trace import StepRecord
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -37,87 +45,18 @@ logger = logging.getLogger(__name__)
 _NO_PROGRESS_BACKOFF_S = 0.005
 
 
-class EngineStoppedError(TokenmillError):
-    """The engine is shutting down (or its loop has stopped) and takes no new requests."""
-
-
-class EngineInternalError(TokenmillError):
-    """An unexpected fault inside the engine step ended this request."""
-
-
 @dataclass(frozen=True)
-class EngineStats:
-    """A consistent snapshot of the engine, taken by the loop thread after each iteration."""
+class ServingStats:
+    """A consistent snapshot, taken by the loop thread after each iteration: the engine's own
+    stats and the loop's."""
 
-    num_running: int = 0
-    num_waiting: int = 0
+    engine: EngineStats = EngineStats()
     num_streams: int = 0  # requests with a consumer attached (running, waiting or being added)
-    kv_cache_usage: float = 0.0  # fraction of KV blocks referenced by requests
-    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
-    prefix_cache_hits: int = 0  # tokens found there
-    num_prompt_tokens: int = 0  # prompt tokens computed (prefill), total
-    num_generation_tokens: int = 0  # tokens sampled, total
-    num_preemptions: int = 0
-    num_steps: int = 0
     step_time_total_s: float = 0.0  # wall time spent in LLMEngine.step(), summed
-    prompt_step_time_total_s: float = 0.0  # of it, in steps that computed prompt tokens
     # Wall time of the loop's iterations that ran the model: taking in new requests, the step,
     # handing out its outputs; what a request waits per step (step_time_total_s and the rest).
     loop_time_total_s: float = 0.0
     is_running: bool = False  # the loop thread is alive and serving
-
-
-class RequestObserver(Protocol):
-    """Per-request latency events, called on the loop thread (keep them cheap and thread-safe)."""
-
-    def on_first_token(self, ttft_s: float) -> None: ...
-
-    def on_inter_token(self, itl_s: float) -> None: ...
-
-    def on_finished(self, finish_reason: str, e2e_s: float) -> None: ...
-
-
-class RequestStream:
-    """The outputs of one request, in order; the last one has `finished` set.
-
-    Iterate it with `async for`. Call `abort()` when the consumer goes away before the end (it is
-    a no-op once finished), so the engine frees the request's KV blocks at the next step.
-    """
-
-    def __init__(self, engine: AsyncEngine, request_id: str, loop: asyncio.AbstractEventLoop):
-        self.request_id = request_id
-        self.finished = False
-        self._engine = engine
-        self._loop = loop
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self._close()
-            raise item
-        if item.finished:
-            self._close()
-        return item
-
-    def abort(self) -> None:
-        if not self.finished:
-            self._close()
-            self._engine._post(_Abort(self))
-            # Wake any other task still waiting on this stream: it ends instead of hanging.
-            self._queue.put_nowait(StopAsyncIteration())
-
-    def _close(self) -> None:
-        self.finished = True
-        self._engine._open_streams.discard(self)
-
-    def _put(self, item: RequestOutput | BaseException) -> None:
-        self._queue.put_nowait(item)
 
 
 # ---- commands from the asyncio side to the loop thread ------------------------------------
@@ -131,6 +70,7 @@ class _Add:
     priority: int
     added: asyncio.Future  # resolved on the stream's loop: None, or the add_request exception
     arrival: float  # time.monotonic() when the caller asked, so TTFT includes the hand-over
+    output_kind: OutputKind = OutputKind.DELTA
 
 
 @dataclass
@@ -152,6 +92,8 @@ class _Track:
     stream: RequestStream
     arrival: float
     last_token_time: float | None = None
+    output_kind: OutputKind = OutputKind.DELTA
+    num_output_tokens: int = 0  # the most of any sample's tokens seen in outputs so far
 
 
 class AsyncEngine:
@@ -178,8 +120,7 @@ class AsyncEngine:
         self._tracks: dict[str, _Track] = {}  # loop thread only
         self._observers: tuple[RequestObserver, ...] = ()
         self._accepting = True
-        self._stats = EngineStats()
-        self._num_steps = 0
+        self._stats = ServingStats()
         self._step_time_total_s = 0.0
         self._loop_time_total_s = 0.0
         # Called on the loop thread each time it finds no request left (the server's step-trace
@@ -199,7 +140,21 @@ class AsyncEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
-        return cls(build=lambda: LLMEngine(config))
+        return cls(build=lambda: build_engine(config))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def step_trace(self) -> list[StepRecord]:
+        """The engine's step trace (EngineConfig.record_step_trace); read it on the loop thread
+        (e.g. from `idle_hook`), where it is not being appended to."""
+        return self.engine.step_trace
 
     # ---- asyncio side ------------------------------------------------------------------
 
@@ -210,7 +165,7 @@ class AsyncEngine:
     def add_observer(self, observer: RequestObserver) -> None:
         self._observers = (*self._observers, observer)
 
-    def stats(self) -> EngineStats:
+    def stats(self) -> ServingStats:
         """The latest snapshot (taken on the loop thread; never touches the engine)."""
         return self._stats
 
@@ -220,15 +175,19 @@ class AsyncEngine:
         prompt: str | list[int],
         params: SamplingParams,
         priority: int = 0,
+        output_kind: OutputKind = OutputKind.DELTA,
     ) -> RequestStream:
-        """Add a request and return its output stream once the engine has accepted it."""
+        """Add a request and return its output stream once the engine has accepted it.
+
+        `output_kind`: DELTA (each output carries only what is new), FINAL_ONLY or CUMULATIVE.
+        """
         if not self.is_running:
             raise EngineStoppedError("the engine is shutting down and takes no new requests")
         loop = asyncio.get_running_loop()
         stream = RequestStream(self, request_id, loop)
         self._open_streams.add(stream)
         added = loop.create_future()
-        self._post(_Add(stream, prompt, params, priority, added, time.monotonic()))
+        self._post(_Add(stream, prompt, params, priority, added, time.monotonic(), output_kind))
         try:
             error = await added
         except BaseException:
@@ -245,9 +204,10 @@ class AsyncEngine:
         prompt: str | list[int],
         params: SamplingParams,
         priority: int = 0,
+        output_kind: OutputKind = OutputKind.DELTA,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs; aborts it if the consumer stops early or is cancelled."""
-        stream = await self.add_request(request_id, prompt, params, priority)
+        stream = await self.add_request(request_id, prompt, params, priority, output_kind)
         try:
             async for output in stream:
                 yield output
@@ -270,6 +230,9 @@ class AsyncEngine:
         self._accepting = False
         self._post(_Stop("the engine was closed"))
         self._thread.join(5.0)
+
+    def _request_abort(self, stream: RequestStream) -> None:
+        self._post(_Abort(stream))
 
     def _post(self, command: object) -> None:
         self._commands.put(command)
@@ -340,9 +303,15 @@ class AsyncEngine:
         else:
             try:
                 self.engine.add_request(
-                    stream.request_id, command.prompt, command.params, priority=command.priority
+                    stream.request_id,
+                    command.prompt,
+                    command.params,
+                    priority=command.priority,
+                    output_kind=command.output_kind,
                 )
-                self._tracks[stream.request_id] = _Track(stream, command.arrival)
+                self._tracks[stream.request_id] = _Track(
+                    stream, command.arrival, output_kind=command.output_kind
+                )
             except Exception as exc:  # noqa: BLE001 - handed to the caller, who raises it
                 error = exc
         _call_in_loop(stream._loop, _resolve, command.added, error)
@@ -371,7 +340,7 @@ class AsyncEngine:
     def _step(self) -> bool:
         """One engine step and its outputs handed out; True when it ran the model."""
         engine = self.engine
-        tokens_before = engine.num_computed_tokens_total
+        steps_before = self._stats.engine.num_model_steps
         start = time.perf_counter()
         try:
             outputs = engine.step()
@@ -381,10 +350,9 @@ class AsyncEngine:
             return False
         finally:
             self._step_time_total_s += time.perf_counter() - start
-        ran = engine.num_computed_tokens_total != tokens_before
-        self._num_steps += ran  # one per record of the engine's step trace
         self._dispatch(outputs)
         self._snapshot()
+        ran = self._stats.engine.num_model_steps != steps_before
         if not outputs and not ran:
             self._wakeup.wait(_NO_PROGRESS_BACKOFF_S)
         return ran
@@ -409,7 +377,12 @@ class AsyncEngine:
                     self._apply_abort(stream)
 
     def _observe_tokens(self, track: _Track, output: RequestOutput, now: float) -> None:
-        num_new = max((len(o.token_ids_delta) for o in output.outputs), default=0)
+        num_tokens = max((len(o.token_ids) for o in output.outputs), default=0)
+        if track.output_kind == OutputKind.DELTA:
+            num_new = num_tokens  # the most any sample gained this step
+        else:
+            num_new = max(num_tokens - track.num_output_tokens, 0)
+            track.num_output_tokens = max(track.num_output_tokens, num_tokens)
         if not num_new:
             return
         last, track.last_token_time = track.last_token_time, now
@@ -431,20 +404,10 @@ class AsyncEngine:
                 logger.exception("request observer %r failed on %s", observer, event)
 
     def _snapshot(self, is_running: bool = True) -> None:
-        engine = self.engine
-        self._stats = EngineStats(
-            num_running=engine.scheduler.num_running,
-            num_waiting=engine.scheduler.num_waiting,
+        self._stats = ServingStats(
+            engine=self.engine.stats(),
             num_streams=len(self._tracks),
-            kv_cache_usage=engine.kv_manager.usage,
-            prefix_cache_queries=engine.kv_manager.prefix_queries,
-            prefix_cache_hits=engine.kv_manager.prefix_hits,
-            num_prompt_tokens=engine.num_prompt_tokens_total,
-            num_generation_tokens=engine.num_generation_tokens_total,
-            num_preemptions=engine.scheduler.num_preemptions,
-            num_steps=self._num_steps,
             step_time_total_s=self._step_time_total_s,
-            prompt_step_time_total_s=engine.prompt_step_time_total_s,
             loop_time_total_s=self._loop_time_total_s,
             is_running=is_running,
         )

@@ -14,7 +14,10 @@ from tokenmill.sampling_params import SamplingParams
 
 @dataclass
 class NewRequestData:
-    """Sent once, the first time a request is scheduled: what the runner keeps per request."""
+    """Sent once, the first time a request is scheduled: what the runner keeps per request.
+
+    The runner owns its copies from then on: its block table (extended by each step's
+    `ScheduledRequest.new_block_ids`) and its output tokens (extended by what it samples)."""
 
     req_id: str
     prompt_token_ids: list[int]
@@ -23,23 +26,24 @@ class NewRequestData:
 
 @dataclass
 class ScheduledRequest:
-    """One request's share of a step.
+    """One request's share of a step. Every list is the runner's own (a copy or a diff).
 
     token_ids   = all_token_ids[num_computed_tokens : num_computed_tokens + len]
                   (+ spec_token_ids at the end when verifying drafts)
     positions   = num_computed_tokens ... num_computed_tokens + len - 1
+    block table = runner's table[:block_table_start] + new_block_ids
+                  (start 0 when the request is new or resumes after preemption)
     """
 
     req_id: str
     token_ids: list[int]
     num_computed_tokens: int  # tokens already in the cache before this step
-    block_ids: list[int]  # the request's whole block table (read-only for the runner)
+    new_block_ids: list[int]  # blocks appended to the request's table since the last step
     # True when this step computes the last known token, so a new token is sampled.
     do_sample: bool
-    # Output tokens so far (for penalties). Read-only; shared with the scheduler.
-    output_token_ids: list[int] = field(default_factory=list)
+    block_table_start: int = 0  # where new_block_ids go in the runner's table
     spec_token_ids: list[int] = field(default_factory=list)
-    # Prompt positions whose logprobs are wanted this step (prompt_logprobs requests only).
+    # This step computes prompt tokens (a prompt chunk, or a whole prompt).
     is_prompt_step: bool = False
 
     @property
@@ -55,7 +59,6 @@ class SchedulerOutput:
     finished_req_ids: list[str]
     num_prefill_tokens: int = 0  # tokens of requests still in their prompt
     num_decode_tokens: int = 0
-    num_preempted: int = 0
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -89,7 +92,6 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
     # Requests whose computation failed; the engine fails them alone.
     failed: dict[str, str] = field(default_factory=dict)
-    execute_time_s: float = 0.0
 
 
 class BaseRunner(ABC):
@@ -97,9 +99,22 @@ class BaseRunner(ABC):
 
     Implementations: the ModelRunner (a real model on a device) and the planner's SimRunner (a
     cost model advancing a virtual clock). Both see the same SchedulerOutput stream.
+
+    A runner serves one engine: its KV memory and per-request state mirror that engine's
+    scheduler, so a second engine on the same runner would read blocks it never wrote.
     """
 
-    kv_owner: object | None = None  # set by the engine that last wrote the KV memory
+    num_blocks: int  # KV blocks the runner allocated
+    _engine: object | None = None
+
+    def bind(self, engine: object) -> None:
+        """Claim the runner for one engine; a second engine is refused."""
+        if self._engine is not None and self._engine is not engine:
+            raise RuntimeError(
+                "this runner already serves another engine; build one runner per engine "
+                "(ModelRunner.sharing_weights reuses loaded weights)"
+            )
+        self._engine = engine
 
     @abstractmethod
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:

@@ -13,15 +13,14 @@ import time
 from tokenmill.config import EngineConfig
 from tokenmill.engine.interfaces import BaseRunner, RunnerOutput, SchedulerOutput
 from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.limits import check_prompt_fits
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
-from tokenmill.errors import (
-    ContextLengthError,
-    EngineOverloadedError,
-    InvalidRequestError,
-)
-from tokenmill.outputs import RequestOutput
+from tokenmill.engine.stats import EngineStats
+from tokenmill.errors import EngineOverloadedError, InvalidRequestError
+from tokenmill.loader.base import LoadedModel
+from tokenmill.outputs import OutputKind, RequestOutput
 from tokenmill.perf.trace import StepRecord
 from tokenmill.sampling_params import SamplingParams
 
@@ -29,38 +28,32 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, runner: BaseRunner | None = None, loaded=None):
-        self.config = config
-        if runner is None:
-            from tokenmill.loader.registry import open_model
-            from tokenmill.worker.model_runner import ModelRunner
+    """Owns the scheduler, the KV cache manager and the output processor of one runner.
 
-            loaded = open_model(config.model)
-            runner = ModelRunner(
-                loaded, config.model, config.cache, config.attention_backend,
-                eos_token_ids=loaded.arch.eos_token_ids or _tokenizer_eos(loaded.tokenizer),
-                decode_graphs=config.decode_graphs, max_num_seqs=config.scheduler.max_num_seqs,
-                cpu_fused_decode=config.cpu_fused_decode,
-            )  # fmt: skip
+    The runner is built outside (`tokenmill.engine.build.build_engine` for a real model, the
+    planner's SimRunner for a simulated one) and serves this engine alone.
+    """
+
+    def __init__(self, config: EngineConfig, runner: BaseRunner, loaded: LoadedModel | None = None):
+        self.config = config
+        runner.bind(self)
         self.runner = runner
         self.loaded = loaded
         self.arch = loaded.arch if loaded is not None else None
         self.tokenizer = loaded.tokenizer if loaded is not None else None
-        self.eos_token_ids = tuple(
-            (self.arch.eos_token_ids if self.arch else ()) or _tokenizer_eos(self.tokenizer)
-        )
-        # A config may use fewer blocks than the runner allocated (tests, shared runners).
-        num_blocks = min(runner.num_blocks, config.cache.num_blocks or runner.num_blocks)
+        self.eos_token_ids = loaded.eos_token_ids if loaded is not None else ()
         block_size = config.cache.block_size
-        self.max_model_len = self._max_model_len(num_blocks * block_size)
-        self.kv_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.max_model_len = self._max_model_len(runner.num_blocks * block_size)
+        self.kv_manager = KVCacheManager(
+            runner.num_blocks, block_size, config.cache.enable_prefix_caching
+        )
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.step_trace: list[StepRecord] = []
-        self.num_generation_tokens_total = 0  # tokens sampled
-        self.num_computed_tokens_total = 0  # tokens run through the model (work done)
-        self.prompt_step_time_total_s = 0.0  # wall time of the steps that computed prompt tokens
-        self._kv_token = object()  # which engine last wrote the runner's KV memory
+        self._num_generation_tokens = 0
+        self._num_computed_tokens = 0
+        self._num_model_steps = 0
+        self._prompt_step_time_s = 0.0
 
     def _max_model_len(self, cache_tokens: int) -> int:
         limit = self.arch.max_position_embeddings if self.arch else cache_tokens
@@ -94,11 +87,7 @@ class LLMEngine:
                 raise InvalidRequestError(
                     f"prompt token id {t!r} is out of range: ids must be integers in [0, {vocab})"
                 )
-        if len(token_ids) >= self.max_model_len:
-            raise ContextLengthError(
-                f"prompt has {len(token_ids)} tokens but the context window is "
-                f"{self.max_model_len} tokens: at most {self.max_model_len - 1} prompt tokens fit"
-            )
+        check_prompt_fits(len(token_ids), self.max_model_len)
 
     def add_request(
         self,
@@ -107,10 +96,10 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
         arrival_time: float | None = None,
-        final_only: bool = False,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
     ) -> None:
-        """`final_only`: step() reports this request once, when it finishes (callers that
-        never stream, like LLM.generate, skip building an output per token)."""
+        """`output_kind`: what step() reports of this request (outputs.OutputKind): DELTA for
+        streams, FINAL_ONLY for callers that never stream, like LLM.generate."""
         text, token_ids = self.encode_prompt(prompt)
         self.validate_prompt_tokens(token_ids, params)
         if self.output_processor.has_request(request_id):
@@ -126,7 +115,7 @@ class LLMEngine:
             for i in range(params.n)
         ]
         self.output_processor.add_request(
-            request_id, text, token_ids, children, arrival_time, final_only=final_only
+            request_id, text, token_ids, children, arrival_time, output_kind=output_kind
         )
         for child_id, child_params in children:
             self.scheduler.add_request(
@@ -140,20 +129,37 @@ class LLMEngine:
             children = self.output_processor.remove(request_id)
             self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
 
-    @property
-    def num_prompt_tokens_total(self) -> int:
-        """Prompt tokens of requests that got their first token, prefix-cache hits included
-        (vLLM's meaning of the prompt-token counter)."""
-        return self.output_processor.num_prompt_tokens_total
-
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        kv, scheduler = self.kv_manager, self.scheduler
+        return EngineStats(
+            num_running=scheduler.num_running,
+            num_waiting=scheduler.num_waiting,
+            num_kv_blocks=kv.num_blocks,
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits,
+            num_prompt_tokens=self.output_processor.num_prompt_tokens_total,
+            num_generation_tokens=self._num_generation_tokens,
+            num_computed_tokens=self._num_computed_tokens,
+            num_preemptions=scheduler.num_preemptions,
+            num_model_steps=self._num_model_steps,
+            prompt_step_time_s=self._prompt_step_time_s,
+        )
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (benchmarks that must not hit the cache); returns how many
+        blocks were dropped. Refused while requests hold blocks."""
+        if self.kv_manager.pool.num_used_blocks:
+            raise RuntimeError("cannot reset the prefix cache while requests hold KV blocks")
+        return self.kv_manager.reset_prefix_cache()
 
     # ---- the step ----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
-        self._claim_kv_memory()
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             if sched_out.finished_req_ids:
@@ -168,22 +174,6 @@ class LLMEngine:
         # The whole step (schedule, forward, sampling, detokenization): what the planner models.
         self._account(sched_out, runner_out, time.perf_counter() - start)
         return outputs
-
-    def _claim_kv_memory(self) -> None:
-        """Engines that share a runner share its KV memory: when another engine has written it
-        since this one last stepped, none of this engine's cached prefixes can be trusted."""
-        owner = getattr(self.runner, "kv_owner", None)
-        if owner is self._kv_token:
-            return
-        if owner is not None:
-            if self.kv_manager.pool.num_used_blocks:
-                raise RuntimeError(
-                    "another engine ran on this model runner while this engine had requests "
-                    "in flight; their KV blocks were overwritten"
-                )
-            dropped = self.kv_manager.reset_prefix_cache()
-            logger.debug("runner's KV memory changed hands: dropped %d cached blocks", dropped)
-        self.runner.kv_owner = self._kv_token
 
     def _execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
         try:
@@ -209,13 +199,10 @@ class LLMEngine:
         return merged
 
     def _account(self, sched_out: SchedulerOutput, runner_out: RunnerOutput, wall: float) -> None:
-        self.num_computed_tokens_total += sched_out.num_scheduled_tokens
+        self._num_model_steps += 1
+        self._num_computed_tokens += sched_out.num_scheduled_tokens
         if sched_out.num_prefill_tokens:
-            self.prompt_step_time_total_s += wall
-        self.num_generation_tokens_total += sum(len(t) for t in runner_out.sampled.values())
+            self._prompt_step_time_s += wall
+        self._num_generation_tokens += sum(len(t) for t in runner_out.sampled.values())
         if self.config.record_step_trace:
             self.step_trace.append(StepRecord.from_scheduler_output(sched_out, wall))
-
-
-def _tokenizer_eos(tokenizer) -> tuple[int, ...]:
-    return tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()

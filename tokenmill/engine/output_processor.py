@@ -1,37 +1,23 @@
 """From sampled token ids to user-facing outputs: detokenize, match stop strings, gather logprobs,
-and fold the n samples of a request into one RequestOutput.
+and fold the n samples of a request into one RequestOutput of the request's OutputKind.
 
 Streaming and non-streaming see the same text: when stop strings are set, the last
-(longest stop string - 1) characters are held back from deltas until the request ends, since
-they may turn out to be the start of a stop string that is cut from the output.
+(longest stop string - 1) characters are held back from every output until the request ends,
+since they may turn out to be the start of a stop string that is cut from the output
+(sample_text.py). Each token is detokenized and searched once, so a DELTA stream of n tokens
+costs O(n) in all.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tokenmill.engine.interfaces import TokenLogprobs
 from tokenmill.engine.request import Request, RequestStatus
-from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from tokenmill.engine.sample_text import SampleText
+from tokenmill.outputs import Logprob, OutputKind, RequestMetrics, RequestOutput
 from tokenmill.sampling_params import SamplingParams
-
-
-@dataclass
-class _SampleState:
-    """One of the n samples of a request (one scheduler Request)."""
-
-    index: int
-    params: SamplingParams
-    detokenizer: object | None  # IncrementalDetokenizer; None for token-only models
-    text: str = ""
-    num_text_emitted: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    num_tokens_emitted: int = 0
-    logprobs: list[dict[int, Logprob]] | None = None
-    cumulative_logprob: float = 0.0
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -39,15 +25,16 @@ class _ParentState:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    samples: list[_SampleState]
+    samples: list[SampleText]
     metrics: RequestMetrics
+    kind: OutputKind
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0
-    final_only: bool = False  # report only the finished request, not every step's progress
+    num_outputs: int = 0
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
+        return all(s.is_finished for s in self.samples)
 
 
 class OutputProcessor:
@@ -64,7 +51,7 @@ class OutputProcessor:
         prompt_token_ids: list[int],
         children: list[tuple[str, SamplingParams]],
         arrival_time: float,
-        final_only: bool = False,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
     ) -> None:
         samples = []
         for index, (child_id, params) in enumerate(children):
@@ -75,16 +62,12 @@ class OutputProcessor:
                 detok = IncrementalDetokenizer(
                     self.tokenizer, prompt_token_ids, params.skip_special_tokens
                 )
-            samples.append(
-                _SampleState(
-                    index, params, detok, logprobs=[] if params.logprobs is not None else None
-                )
-            )
+            samples.append(SampleText(index, params, detok, output_kind))
             self._child_of[child_id] = (request_id, index)
         want_prompt_lp = children[0][1].prompt_logprobs is not None
         self._parents[request_id] = _ParentState(
             request_id, prompt, prompt_token_ids, samples, RequestMetrics(arrival_time),
-            prompt_logprobs=[None] if want_prompt_lp else None, final_only=final_only,
+            output_kind, prompt_logprobs=[None] if want_prompt_lp else None,
         )  # fmt: skip
 
     def has_request(self, request_id: str) -> bool:
@@ -121,7 +104,7 @@ class OutputProcessor:
             if parent is None:
                 continue
             sample = parent.samples[index]
-            new_ids = request.output_token_ids[len(sample.token_ids) :]
+            new_ids = request.output_token_ids[sample.num_output_tokens :]
             if self._update_sample(sample, request, new_ids, logprobs.get(request.request_id)):
                 stopped.append(request.request_id)
             m = parent.metrics
@@ -138,87 +121,62 @@ class OutputProcessor:
             finished = parent.finished
             if finished:
                 parent.metrics.finished_time = now
-            elif parent.final_only:
-                continue
-            outputs.append(self._make_output(parent))
-            if finished:
                 self.remove(parent.request_id)
+            elif parent.kind == OutputKind.FINAL_ONLY:
+                continue
+            output = self._make_output(parent)
+            if output is not None:
+                outputs.append(output)
         return outputs, stopped
 
-    def _update_sample(self, sample: _SampleState, request: Request, new_ids, new_logprobs) -> bool:
+    def _update_sample(
+        self,
+        sample: SampleText,
+        request: Request,
+        new_ids: list[int],
+        new_logprobs: list[TokenLogprobs] | None,
+    ) -> bool:
         """Fold new tokens into a sample; True when a stop string ended it."""
         params = sample.params
         status = request.status
         stop_token_ended = status == RequestStatus.FINISHED_STOPPED
         for i, token in enumerate(new_ids):
-            sample.token_ids.append(token)
-            if new_logprobs and i < len(new_logprobs):
-                lp = new_logprobs[i]
-                sample.cumulative_logprob += lp.logprob
-                if sample.logprobs is not None:
-                    sample.logprobs.append(self._to_logprob_dict(lp))
+            lp = new_logprobs[i] if new_logprobs and i < len(new_logprobs) else None
+            has_lp = lp is not None and sample.logprobs is not None
+            lp_dict = self._to_logprob_dict(lp) if has_lp else None
+            sample.add_token(token, lp_dict, lp.logprob if lp is not None else 0.0)
             is_last = i == len(new_ids) - 1
             if sample.detokenizer is None or (
                 is_last and stop_token_ended and not params.include_stop_str_in_output
             ):
                 continue
-            prev_len = len(sample.text)
-            sample.text += sample.detokenizer.add_tokens([token])
-            can_stop = params.stop and len(sample.token_ids) >= params.min_tokens
-            if can_stop and self._match_stop(sample, prev_len):
+            piece = sample.detokenizer.add_tokens([token])
+            if sample.add_text(piece, params.can_stop(sample.num_output_tokens)):
                 return True
-        if status.is_finished and sample.finish_reason is None:
-            sample.finish_reason = status.finish_reason
-            if stop_token_ended:
-                sample.stop_reason = request.stop_reason
+        if status.is_finished and not sample.is_finished:
+            stop_reason = request.stop_reason if stop_token_ended else None
+            sample.finish(status.finish_reason, stop_reason, flush=True)
         return False
 
-    def _match_stop(self, sample: _SampleState, prev_len: int) -> bool:
-        longest = max(len(s) for s in sample.params.stop)
-        search_from = max(0, prev_len - longest + 1)
-        hits = [(sample.text.find(s, search_from), s) for s in sample.params.stop]
-        hits = [(pos, s) for pos, s in hits if pos >= 0]
-        if not hits:
-            return False
-        pos, stop = min(hits)
-        end = pos + len(stop) if sample.params.include_stop_str_in_output else pos
-        sample.text = sample.text[:end]
-        sample.finish_reason, sample.stop_reason = "stop", stop
-        return True
-
-    def _make_output(self, parent: _ParentState) -> RequestOutput:
-        outputs = []
-        for s in parent.samples:
-            done = s.finish_reason is not None
-            holdback = 0 if done or not s.params.stop else max(len(x) for x in s.params.stop) - 1
-            visible = max(s.num_text_emitted, len(s.text) - holdback)
-            text_delta = s.text[s.num_text_emitted : visible]
-            s.num_text_emitted = visible
-            ids_delta = s.token_ids[s.num_tokens_emitted :]
-            lp_delta = s.logprobs[s.num_tokens_emitted :] if s.logprobs is not None else None
-            s.num_tokens_emitted = len(s.token_ids)
-            outputs.append(
-                CompletionOutput(
-                    index=s.index,
-                    text=s.text,
-                    token_ids=list(s.token_ids),
-                    logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                    cumulative_logprob=s.cumulative_logprob,
-                    finish_reason=s.finish_reason,
-                    stop_reason=s.stop_reason,
-                    text_delta=text_delta,
-                    token_ids_delta=ids_delta,
-                    logprobs_delta=lp_delta,
-                )
-            )
+    def _make_output(self, parent: _ParentState) -> RequestOutput | None:
+        """The parent's next output; None in DELTA mode when no sample has news."""
+        samples = parent.samples
+        if parent.kind == OutputKind.DELTA:
+            samples = [s for s in samples if s.has_news]
+            if not samples:
+                return None
+        prompt_logprobs = parent.prompt_logprobs
+        if parent.kind == OutputKind.DELTA and parent.num_outputs:
+            prompt_logprobs = None  # sent with the first output
+        parent.num_outputs += 1
         return RequestOutput(
             request_id=parent.request_id,
             prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids,
-            outputs=outputs,
+            outputs=[s.take_output() for s in samples],
             finished=parent.finished,
             metrics=parent.metrics,
-            prompt_logprobs=parent.prompt_logprobs,
+            prompt_logprobs=prompt_logprobs,
             num_cached_tokens=parent.num_cached_tokens,
         )
 

@@ -69,10 +69,10 @@ class Request:
         self.num_preemptions = 0
         # Draft tokens proposed for this step; scheduled after the known tokens.
         self.spec_token_ids: list[int] = []
+        # Leading entries of the block table the runner already has (0 after preemption).
+        self.num_block_ids_sent = 0
         # Hashes of this request's full blocks, filled lazily by the KV cache manager.
         self.block_hashes: list[bytes] = []
-        # Set by the engine once the context limit is known: no token may go past it.
-        self.max_total_tokens: int | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -93,6 +93,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    def is_prompt_position(self, position: int) -> bool:
+        """A step starting at `position` is a prompt step: it computes prompt tokens (after
+        preemption, a recompute of the prompt counts as one too)."""
+        return position < self.num_prompt_tokens
 
     @property
     def sort_key(self) -> tuple[int, float, int]:

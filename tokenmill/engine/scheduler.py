@@ -40,7 +40,6 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        request.max_total_tokens = self.max_model_len
         self.requests[request.request_id] = request
         self.waiting.push(request)
 
@@ -132,7 +131,7 @@ class Scheduler:
             budget -= num_new
 
         finished, self._finished_ids = self._finished_ids, []
-        return self._build_output(scheduled, new_requests, finished, num_preempted)
+        return self._build_output(scheduled, new_requests, finished)
 
     def update_from_output(
         self, sched_out: SchedulerOutput, runner_out: RunnerOutput
@@ -166,14 +165,6 @@ class Scheduler:
             touched.append(request)
         return touched
 
-    def rollback_step(self, sched_out: SchedulerOutput) -> None:
-        """The runner failed on this step: undo the computed-token grants and cache entries."""
-        self.kv.rollback_step()
-        for sched in sched_out.scheduled:
-            request = self.requests.get(sched.req_id)
-            if request is not None and request.num_computed_tokens > sched.num_computed_tokens:
-                request.num_computed_tokens = sched.num_computed_tokens
-
     # ---- helpers -----------------------------------------------------------------------
 
     def _num_tokens_to_schedule(self, request: Request, budget: int) -> int:
@@ -191,7 +182,7 @@ class Scheduler:
             self._announced.add(request.request_id)
             new_requests.append(
                 NewRequestData(
-                    request.request_id, request.prompt_token_ids, request.sampling_params
+                    request.request_id, list(request.prompt_token_ids), request.sampling_params
                 )
             )
         start = request.num_computed_tokens
@@ -200,15 +191,19 @@ class Scheduler:
         token_ids = request.all_token_ids[start:known_end]
         spec = request.spec_token_ids[: end - known_end] if end > request.num_tokens else []
         request.num_computed_tokens = end
+        # The runner gets the blocks it has not seen: a diff of the table, never the table.
+        table = self.kv.block_ids(request.request_id)
+        table_start = request.num_block_ids_sent
+        request.num_block_ids_sent = len(table)
         return ScheduledRequest(
             req_id=request.request_id,
             token_ids=token_ids + spec,
             num_computed_tokens=start,
-            block_ids=self.kv.block_ids(request.request_id),
+            new_block_ids=table[table_start:],
             do_sample=end >= request.num_tokens,
-            output_token_ids=request.output_token_ids,
+            block_table_start=table_start,
             spec_token_ids=spec,
-            is_prompt_step=start < request.num_prompt_tokens,
+            is_prompt_step=request.is_prompt_position(start),
         )
 
     def _pick_victim(self, candidates: list[Request]) -> Request:
@@ -221,6 +216,7 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_block_ids_sent = 0
         request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -229,7 +225,7 @@ class Scheduler:
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params
         is_stop_token = token in request.eos_token_ids or token in request.stop_token_ids
-        if is_stop_token and request.num_output_tokens >= params.min_tokens:
+        if is_stop_token and params.can_stop(request.num_output_tokens):
             request.stop_reason = token if token in request.stop_token_ids else None
             return RequestStatus.FINISHED_STOPPED
         if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
@@ -256,7 +252,6 @@ class Scheduler:
         scheduled: list[ScheduledRequest],
         new_requests: list[NewRequestData],
         finished: list[str],
-        num_preempted: int,
     ) -> SchedulerOutput:
         num_prefill = sum(len(s.token_ids) for s in scheduled if s.is_prompt_step)
         total = sum(len(s.token_ids) for s in scheduled)
@@ -266,5 +261,4 @@ class Scheduler:
             finished_req_ids=finished,
             num_prefill_tokens=num_prefill,
             num_decode_tokens=total - num_prefill,
-            num_preempted=num_preempted,
         )

@@ -28,3 +28,10 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     source: str  # path of the file or folder, or "dummy"
     format: str  # "gguf" | "hf" | "dummy"
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The model's end-of-sequence ids: the architecture's, else the tokenizer's."""
+        if self.arch.eos_token_ids:
+            return tuple(self.arch.eos_token_ids)
+        return tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ()

@@ -38,6 +38,8 @@ class ArchConfig:
     sliding_window_pattern: int | None = None
     rope_local_base_freq: float | None = None
     query_pre_attn_scalar: float | None = None
+    # The checkpoint's own dtype ("bfloat16", ...) when it says so (config.json); None for GGUF.
+    torch_dtype: str | None = None
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -72,6 +74,7 @@ class ArchConfig:
             "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
             "max_position_embeddings": cfg.get("max_position_embeddings", 2048),
             "eos_token_ids": eos_ids,
+            "torch_dtype": cfg.get("torch_dtype") or cfg.get("dtype"),
         }
         for key in known - kwargs.keys() - {"extra"}:
             if cfg.get(key) is not None:

@@ -1,8 +1,9 @@
 """The matmul every linear layer calls: PyTorch's, except on CPUs with AVX-512, where
 tokenmill's native GEMMs run on a copy of the weight packed once into their panel layout:
-bfloat16 with AVX512-BF16 (tokenmill/csrc/gemm_bf16_cpu.cpp) and float32
-(tokenmill/csrc/gemm_f32_cpu.cpp). Both beat the library GEMM at every batch size measured here
-(BENCHMARKS.md), most at decode sizes, where the library repacks the weight on every call.
+bfloat16 with AVX512-BF16 (tokenmill/native/csrc/gemm_bf16_cpu.cpp) and float32
+(tokenmill/native/csrc/gemm_f32_cpu.cpp). Both beat the library GEMM at every batch size
+measured here (BENCHMARKS.md), most at decode sizes, where the library repacks the weight on
+every call.
 RMSNorm of bfloat16 rows on such CPUs also goes native: PyTorch's bf16 kernel is ~10x slower."""
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ _PACKED_ATTR = "_tokenmill_packed"
 @functools.cache
 def _native_gemm(dtype: torch.dtype):
     """(pack, gemm) of the native kernel for this dtype, or None where it is not built."""
-    from tokenmill.attention.backends.cpu_kernels import cpu_kernels
+    from tokenmill.native import kernels as native_kernels
 
-    kernels = cpu_kernels()
+    kernels = native_kernels()
     if kernels is None:
         return None
     if dtype == torch.bfloat16 and kernels.has_avx512_bf16():
@@ -32,9 +33,9 @@ def _native_gemm(dtype: torch.dtype):
 
 @functools.cache
 def _native_rms_norm():
-    from tokenmill.attention.backends.cpu_kernels import cpu_kernels
+    from tokenmill.native import kernels as native_kernels
 
-    kernels = cpu_kernels()
+    kernels = native_kernels()
     return kernels.rms_norm_bf16 if kernels is not None and kernels.has_avx512f() else None
 
 
@@ -80,10 +81,10 @@ def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     native = _native_gemm(x.dtype)
     if native is None:
         return None
-    from tokenmill.attention.backends.cpu_kernels import cpu_kernels
+    from tokenmill.native import kernels as native_kernels
 
     pack, _ = native
-    return cpu_kernels().gemm_bf16_argmax(x.contiguous(), packed_weight(pack, weight))
+    return native_kernels().gemm_bf16_argmax(x.contiguous(), packed_weight(pack, weight))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Sizes of a Llama-family model: parameters, weight bytes, KV bytes per token, FLOPs per token.
+"""Sizes of a Llama-family model: parameters, weight bytes, FLOPs per token (KV bytes: kv_memory).
 
 Every linear layer is a (out_features, in_features) matrix; group-wise scales run along the input
 dimension. The embedding table and lm_head are kept at the activation dtype (see Precision).
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenmill.models.arch_config import ArchConfig
-from tokenmill.perf.dtypes import KV_FORMATS, WEIGHT_FORMATS, Precision
+from tokenmill.perf.dtypes import WEIGHT_FORMATS, Precision
 
 
 @dataclass(frozen=True)
@@ -90,17 +90,6 @@ def weight_bytes(arch: ArchConfig, dtype: str | Precision = "bf16") -> float:
         + num_tables * table_bytes(arch, precision)
         + arch.hidden_size * precision.act_bytes  # final norm
     )
-
-
-def kv_bytes_per_token_per_layer(arch: ArchConfig, kv_dtype: str = "bf16") -> float:
-    """K and V of one token in one layer, scales included."""
-    fmt = KV_FORMATS[Precision(kv=kv_dtype).kv]
-    return 2 * fmt.nbytes(arch.num_key_value_heads, arch.head_dim)
-
-
-def kv_bytes_per_token(arch: ArchConfig, kv_dtype: str = "bf16") -> float:
-    """K and V of one token across all layers."""
-    return arch.num_hidden_layers * kv_bytes_per_token_per_layer(arch, kv_dtype)
 
 
 def model_flops_per_token(arch: ArchConfig, context_len: int) -> float:

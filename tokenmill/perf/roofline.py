@@ -1,4 +1,4 @@
-"""Roofline time of a step on one chip, and the rates a measured step achieved.
+"""Roofline time of a step on one chip.
 
 Each operator takes max(compute time, memory time) (or their sum on profiles that do not
 overlap them); memory time is the slowest tier's bytes / effective bandwidth when an operator
@@ -84,31 +84,3 @@ def roofline_time(cost: StepCost, profile: HardwareProfile) -> RooflineTime:
         memory_sum += memory * times
     overhead = step_overhead(profile, cost.batch, cost.num_kernels)
     return RooflineTime(total + overhead, compute_sum, memory_sum, overhead)
-
-
-@dataclass(frozen=True)
-class AchievedRates:
-    """What a measured step achieved, for benchmark reports."""
-
-    flops_per_s: float
-    bytes_per_s: float
-    mfu: float | None  # fraction of peak FLOP/s (needs a profile)
-    mbu: float | None  # fraction of the weight tier's bandwidth
-    roofline_fraction: float | None  # roofline time / measured time
-
-
-def achieved_rates(
-    cost: StepCost, wall_time_s: float, profile: HardwareProfile | None = None, dtype: str = "bf16"
-) -> AchievedRates:
-    """Achieved FLOP/s and bytes/s of a step that took `wall_time_s`; with a profile, also the
-    fractions of its peaks and of its roofline time."""
-    if wall_time_s <= 0:
-        raise ValueError(f"wall_time_s must be > 0, got {wall_time_s}")
-    flops_s = cost.flops / wall_time_s
-    bytes_s = cost.total_bytes / wall_time_s
-    if profile is None:
-        return AchievedRates(flops_s, bytes_s, None, None, None)
-    peak = profile.peak_for(dtype)
-    bandwidth = profile.tier_for("weights").bandwidth_bytes_s
-    ideal = roofline_time(cost, profile).seconds
-    return AchievedRates(flops_s, bytes_s, flops_s / peak, bytes_s / bandwidth, ideal / wall_time_s)

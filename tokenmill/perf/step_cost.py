@@ -7,8 +7,8 @@ A step is any mix of prefill chunks and decode tokens: each scheduled request br
     new token j (0-based) attends to c_i + j + 1 keys, so the request's (query, key) pairs are
     n_i * c_i + n_i * (n_i + 1) / 2, and attention reads the K/V of c_i + n_i tokens once.
 
-Only aggregates of the batch enter the formulas (BatchShape), which keeps a simulated step cheap.
-Each operator is counted as its own kernel that reads its inputs and writes its outputs; fused
+Only aggregates of the batch enter the formulas (a BatchShape, summed over one RequestShape per
+request), which keeps a simulated step cheap. Each operator is counted as its own kernel that reads its inputs and writes its outputs; fused
 kernels move fewer activation bytes, which the efficiency factors of a profile absorb.
 """
 
@@ -16,16 +16,44 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from tokenmill.models.arch_config import ArchConfig
 from tokenmill.perf.dtypes import Precision
-from tokenmill.perf.model import kv_bytes_per_token_per_layer, layer_shapes
+from tokenmill.perf.kv_memory import kv_bytes_per_token_per_layer
+from tokenmill.perf.model import layer_shapes
 
 if TYPE_CHECKING:
-    from tokenmill.engine.interfaces import SchedulerOutput
+    from tokenmill.engine.interfaces import ScheduledRequest, SchedulerOutput
 
 LOGITS_BYTES = 4  # logits are produced and sampled in fp32
+
+
+class RequestShape(NamedTuple):
+    """One scheduled request of a step: `num_new_tokens` computed after `num_context_tokens`
+    already cached, and `num_logits` rows of the lm_head (1 when it samples, k + 1 when it
+    verifies k drafts, 0 for a prompt chunk that does not sample yet)."""
+
+    num_new_tokens: int
+    num_context_tokens: int
+    num_logits: int = 1
+
+    @classmethod
+    def of(cls, s: ScheduledRequest) -> RequestShape:
+        return cls(
+            len(s.token_ids), s.num_computed_tokens, (1 + len(s.spec_token_ids)) * s.do_sample
+        )
+
+    @property
+    def is_prompt(self) -> bool:
+        """A prompt (or a chunk of one) runs: the request starts here, or computes tokens it does
+        not sample from. A one-token last chunk after a cached prefix counts as a decode: the
+        two cost the same."""
+        return self.num_context_tokens == 0 or self.num_new_tokens > self.num_logits
+
+
+def request_shapes(sched_out: SchedulerOutput) -> list[RequestShape]:
+    return [RequestShape.of(s) for s in sched_out.scheduled]
 
 
 @dataclass(frozen=True)
@@ -41,41 +69,26 @@ class BatchShape:
     num_prefill_reqs: int = 0  # requests whose prompt (or a chunk of it) runs this step
 
     @classmethod
-    def from_requests(cls, requests: Iterable[tuple[int, ...]]) -> BatchShape:
-        """From (num_new_tokens, num_context_tokens[, num_logits]) per scheduled request.
-        num_logits defaults to 1. Requests with num_context_tokens == 0 count as prefill."""
+    def from_requests(cls, requests: Iterable[RequestShape | tuple[int, ...]]) -> BatchShape:
+        """From a RequestShape, or a (num_new_tokens, num_context_tokens[, num_logits]) tuple,
+        per scheduled request."""
         num_tokens = num_reqs = pairs = kv_read = logits = prefill = prefill_reqs = 0
         for item in requests:
-            n, c = item[0], item[1]
+            req = item if isinstance(item, RequestShape) else RequestShape(*item)
+            n, c = req.num_new_tokens, req.num_context_tokens
             num_tokens += n
             num_reqs += 1
             pairs += n * c + n * (n + 1) // 2
             kv_read += c + n
-            logits += item[2] if len(item) > 2 else 1
-            if c == 0 or n > 1:
+            logits += req.num_logits
+            if req.is_prompt:
                 prefill += n
                 prefill_reqs += 1
         return cls(num_tokens, num_reqs, pairs, kv_read, logits, prefill, prefill_reqs)
 
-    @classmethod
-    def from_scheduler_output(cls, sched_out: SchedulerOutput) -> BatchShape:
-        num_tokens = pairs = kv_read = logits = 0
-        for s in sched_out.scheduled:
-            n, c = len(s.token_ids), s.num_computed_tokens
-            num_tokens += n
-            pairs += n * c + n * (n + 1) // 2
-            kv_read += c + n
-            if s.do_sample:
-                logits += 1 + len(s.spec_token_ids)
-        return cls(
-            num_tokens,
-            len(sched_out.scheduled),
-            pairs,
-            kv_read,
-            logits,
-            sched_out.num_prefill_tokens,
-            sum(1 for s in sched_out.scheduled if s.is_prompt_step),
-        )
+    @property
+    def has_prompt_tokens(self) -> bool:
+        return self.num_prefill_tokens > 0
 
 
 @dataclass(frozen=True)
@@ -137,7 +150,7 @@ def _as_batch(batch: BatchShape | SchedulerOutput | Iterable[tuple[int, ...]]) -
     if isinstance(batch, BatchShape):
         return batch
     if hasattr(batch, "scheduled"):
-        return BatchShape.from_scheduler_output(batch)  # type: ignore[arg-type]
+        return BatchShape.from_requests(request_shapes(batch))  # type: ignore[arg-type]
     return BatchShape.from_requests(batch)  # type: ignore[arg-type]
 
 
@@ -146,8 +159,8 @@ def step_cost(
     batch: BatchShape | SchedulerOutput | Iterable[tuple[int, ...]],
     precision: Precision | None = None,
 ) -> StepCost:
-    """FLOPs and bytes of one step of `batch`: a BatchShape, a SchedulerOutput, or
-    (num_new_tokens, num_context_tokens[, num_logits]) per scheduled request."""
+    """FLOPs and bytes of one step of `batch`: a BatchShape, a SchedulerOutput, or a
+    RequestShape (or its tuple) per scheduled request."""
     shape = _as_batch(batch)
     precision = precision or Precision()
     ops = _layer_ops(arch, shape, precision) + _edge_ops(arch, shape, precision)

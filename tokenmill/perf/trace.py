@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tokenmill.perf.step_cost import BatchShape
+from tokenmill.perf.step_cost import BatchShape, RequestShape, request_shapes
 
 if TYPE_CHECKING:
     from tokenmill.engine.interfaces import SchedulerOutput
@@ -30,30 +30,38 @@ class StepRecord:
     wall_time_s: float
     # (req_id, num_scheduled_tokens) in scheduling order; empty when not recorded.
     scheduled: tuple[tuple[str, int], ...] = ()
-    # (num_new_tokens, num_context_tokens_before, num_logits) per request, same order; optional,
-    # makes calibration exact instead of spreading the context evenly over requests.
-    shapes: tuple[tuple[int, int, int], ...] = ()
+    # One per request, same order; optional, makes calibration exact instead of spreading the
+    # context evenly over requests.
+    shapes: tuple[RequestShape, ...] = ()
 
     @classmethod
     def from_scheduler_output(cls, sched_out: SchedulerOutput, wall_time_s: float) -> StepRecord:
-        scheduled, shapes = [], []
-        for s in sched_out.scheduled:
-            n = len(s.token_ids)
-            scheduled.append((s.req_id, n))
-            shapes.append((n, s.num_computed_tokens, (1 + len(s.spec_token_ids)) * s.do_sample))
+        shapes = request_shapes(sched_out)
         return cls(
             num_prefill_tokens=sched_out.num_prefill_tokens,
             num_decode_tokens=sched_out.num_decode_tokens,
-            num_reqs=len(scheduled),
-            num_context_tokens=sum(n + c for n, c, _ in shapes),
+            num_reqs=len(shapes),
+            num_context_tokens=sum(r.num_new_tokens + r.num_context_tokens for r in shapes),
             wall_time_s=wall_time_s,
-            scheduled=tuple(scheduled),
+            scheduled=tuple((s.req_id, len(s.token_ids)) for s in sched_out.scheduled),
             shapes=tuple(shapes),
         )
 
     @property
     def num_tokens(self) -> int:
         return self.num_prefill_tokens + self.num_decode_tokens
+
+    @property
+    def has_prompt_tokens(self) -> bool:
+        """A prompt step: some request computed prompt tokens in it (the rest, if any, decoded)."""
+        return self.num_prefill_tokens > 0
+
+    @property
+    def kind(self) -> str:
+        """prefill (prompt tokens only), decode (none) or mixed (both)."""
+        if not self.has_prompt_tokens:
+            return "decode"
+        return "mixed" if self.num_decode_tokens else "prefill"
 
     def batch_shape(self) -> BatchShape:
         """The step's BatchShape; without per-request shapes, decodes are taken as one token
@@ -62,15 +70,14 @@ class StepRecord:
             return BatchShape.from_requests(self.shapes)
         num_decode_reqs = min(self.num_decode_tokens, self.num_reqs)
         num_prefill_reqs = max(self.num_reqs - num_decode_reqs, 0)
-        requests: list[tuple[int, int]] = [(1, 0)] * num_decode_reqs
+        new_tokens = [1] * num_decode_reqs
         if num_prefill_reqs:
             chunk, extra = divmod(self.num_prefill_tokens, num_prefill_reqs)
-            requests += [(chunk + (i < extra), 0) for i in range(num_prefill_reqs)]
-        new_total = sum(n for n, _ in requests)
-        context_total = max(self.num_context_tokens - new_total, 0)
-        per_req, extra = divmod(context_total, max(len(requests), 1))
+            new_tokens += [chunk + (i < extra) for i in range(num_prefill_reqs)]
+        context_total = max(self.num_context_tokens - sum(new_tokens), 0)
+        per_req, extra = divmod(context_total, max(len(new_tokens), 1))
         return BatchShape.from_requests(
-            (n, per_req + (i < extra)) for i, (n, _) in enumerate(requests)
+            RequestShape(n, per_req + (i < extra)) for i, n in enumerate(new_tokens)
         )
 
 
@@ -89,7 +96,7 @@ def read_trace(path: str | Path) -> list[StepRecord]:
             if line.strip():
                 raw = json.loads(line)
                 raw["scheduled"] = tuple(tuple(x) for x in raw.get("scheduled", ()))
-                raw["shapes"] = tuple(tuple(x) for x in raw.get("shapes", ()))
+                raw["shapes"] = tuple(RequestShape(*x) for x in raw.get("shapes", ()))
                 records.append(StepRecord(**raw))
     return records
 

@@ -7,7 +7,18 @@ on GPUs, SRAM inference chips and CPUs.
     step_time.py  a step's time on a placement (per-chip roofline + links)
     sim_runner.py the SimRunner: BaseRunner on a virtual clock
     simulate.py   the engine step loop driving the real Scheduler and KVCacheManager
-    metrics.py    TTFT / TPOT / ITL / E2E, throughput, goodput under SLOs
+    metrics.py    TTFT / TPOT / ITL / E2E, throughput, goodput under SLOs (workload/slo.py)
     economics.py  $ per million tokens, joules per token
-    planner.py    one plan end to end; compare.py ranks hardware; calibrate.py fits this machine
+    planner.py    one plan end to end; compare.py ranks hardware
+
+Measuring this machine (apart from what it measures):
+
+    calibrate.py            `tokenmill plan calibrate`: record, fit, write this-machine
+    calibrate_scenarios.py  the engine run through serving's batch shapes
+    calibrate_served.py     the same scenarios sent to `tokenmill serve`
+    calibrate_fit.py        the step-time fit and its errors
+    calibrate_profile.py    the fit as a catalogue profile, written and read
+    served_steps.py         the fit scored on a server's recorded steps
+    validate.py             `tokenmill plan validate`: predicted vs measured serving
+    validate_results.py     its per-run numbers; validate_report.py its table
 """

@@ -2,17 +2,15 @@
 
 On a machine whose cores also stream the tokens, a served step is slower than the same step run
 in-process: the server's event loop (SSE chunks) and the client (parsing them) take CPU from the
-engine's threads. Measured here with a throwaway script (not kept), alternating the two on
-one decode shape (2 requests, 300-token prompts): streamed steps +7% (median of 8 pairs, -4% to +18%), non-streamed +0.5%. So
-`tokenmill plan calibrate --served` fits the step times the server itself records
-(`--step-trace`) while the scenarios arrive over HTTP, streamed as `tokenmill bench serve`
+engine's threads. So `tokenmill plan calibrate --served` fits the step times the server itself
+records (`--step-trace`) while the scenarios arrive over HTTP, streamed as `tokenmill bench serve`
 streams them. Each scenario's steps are found by the server's step counter
 (`tokenmill:engine_steps_total`, one per trace record) before and after it. Requests arrive one
 by one, so a scenario's steps are less regular than in-process (a batch may start before all of
-its prompts arrived), and short scenarios carry the requests' start and end work: on this
-machine its held-out error was 14% RMS against 4.6% in-process (2026-11-26), which is why the
-in-process engine stays the default and the validation's speed probe (served requests) carries
-the serving overhead instead.
+its prompts arrived) and short scenarios carry the requests' start and end work: the fit is
+noisier (docs/planner.md, `tokenmill plan calibrate`, gives both held-out errors), which is why
+the in-process engine stays the default and the validation's speed probe (served requests)
+carries the serving overhead instead.
 """
 
 from __future__ import annotations
@@ -23,11 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenmill.bench.machine_load import cpu_seconds, others_cpu_since
 from tokenmill.bench.serve import ServeTarget, first_model, make_client, send_request
 from tokenmill.bench.serve_process import ServeProcess
 from tokenmill.errors import ConfigError
 from tokenmill.perf.trace import StepRecord, read_trace
-from tokenmill.plan.calibrate import cpu_seconds, others_cpu_since
 from tokenmill.workload import WorkloadRequest
 
 # Prompt seeds far from the validation workloads' request indices, so no prompt repeats.

@@ -3,23 +3,19 @@
 TTFT: send -> first token. TPOT: (finish - first token) / (output tokens - 1), per request.
 ITL: gaps between a request's successive token-bearing steps. E2E: send -> finish. Throughput
 over the run's duration (first send at 0 to last finish). Goodput: requests per second that met
-every per-request target. A run meets the SLO when at least the SLO's percentile of requests
-(99% by default, as MLPerf's server scenario) met every target.
+every per-request target. A run meets the SLO (tokenmill.workload.slo) when at least the SLO's
+percentile of requests met every target.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from tokenmill.errors import ConfigError
 from tokenmill.plan.simulate import RequestRecord, SimResult
-
-_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
-_SLO_KEYS = ("ttft", "tpot", "itl", "e2e")
+from tokenmill.workload.slo import SLO
 
 
 @dataclass(frozen=True)
@@ -39,70 +35,6 @@ def stats(values: Sequence[float]) -> Stats:
     arr = np.asarray(values, dtype=float)
     p50, p90, p99 = np.percentile(arr, [50, 90, 99])
     return Stats(float(arr.mean()), float(p50), float(p90), float(p99))
-
-
-@dataclass(frozen=True)
-class SLO:
-    """Latency targets in seconds; None: no target. `percentile` (50, 90 or 99) is the share of
-    requests a configuration must serve within the targets to meet the SLO."""
-
-    ttft_s: float | None = None
-    tpot_s: float | None = None
-    itl_s: float | None = None
-    e2e_s: float | None = None
-    percentile: float = 99.0
-
-    def met_by(self, rec: RequestRecord, itl_max: float | None) -> bool:
-        ttft = rec.first_token_s - rec.sent_s
-        checks = (
-            (self.ttft_s, ttft),
-            (self.tpot_s, _tpot(rec)),
-            (self.itl_s, itl_max),
-            (self.e2e_s, rec.finish_s - rec.sent_s),
-        )
-        return all(limit is None or value is None or value <= limit for limit, value in checks)
-
-    def describe(self) -> str:
-        parts = [
-            f"{key} <= {getattr(self, key + '_s') * 1e3:g} ms"
-            for key in _SLO_KEYS
-            if getattr(self, key + "_s") is not None
-        ]
-        return f"p{self.percentile:g} " + ", ".join(parts) if parts else "none"
-
-
-def parse_slo(text: str) -> SLO:
-    """`ttft=500ms,tpot=50ms[,itl=..][,e2e=10s][,pct=90]` -> SLO; ConfigError when malformed."""
-    values: dict[str, float] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        key, sep, raw = item.partition("=")
-        key = key.strip().lower()
-        if not sep or key not in (*_SLO_KEYS, "pct"):
-            raise ConfigError(
-                f"bad SLO item {item!r}; use ttft=500ms,tpot=50ms[,itl=..,e2e=..,pct=99]"
-            )
-        if key == "pct":
-            values["percentile"] = _number(raw, item)
-            if values["percentile"] not in (50, 90, 99):
-                raise ConfigError(f"SLO pct must be 50, 90 or 99, got {raw}")
-            continue
-        match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*(s|ms|us)?\s*", raw)
-        if not match:
-            raise ConfigError(f"bad SLO value {item!r}: give a duration like 500ms or 0.5s")
-        seconds = _number(match.group(1), item) * _UNITS[match.group(2) or "ms"]
-        if not seconds > 0:
-            raise ConfigError(f"SLO {key} must be a positive duration, got {raw}")
-        values[f"{key}_s"] = seconds
-    if not any(k.endswith("_s") for k in values):
-        raise ConfigError(f"SLO {text!r} sets no target")
-    return SLO(**values)
-
-
-def _number(raw: str, item: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"bad SLO value {item!r}") from None
 
 
 def _tpot(rec: RequestRecord) -> float | None:
@@ -142,9 +74,12 @@ def summarize(result: SimResult, slo: SLO | None = None) -> SimMetrics:
     goodput = attainment = meets = None
     if slo is not None:
         ok = [
-            slo.met_by(r, float(np.max(i)) if len(i) else None)
+            slo.is_met(
+                r.first_token_s - r.sent_s, _tpot(r), float(np.max(i)) if len(i) else None,
+                r.finish_s - r.sent_s,
+            )
             for r, i in zip(recs, itls_by_req, strict=True)
-        ]
+        ]  # fmt: skip
         attainment = sum(ok) / max(len(ok), 1)
         goodput = sum(ok) / duration
         meets = attainment >= slo.percentile / 100 - 1e-9

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from tokenmill.errors import ConfigError
 from tokenmill.models.arch_config import ArchConfig
 from tokenmill.perf.dtypes import Precision
+from tokenmill.perf.kv_memory import kv_bytes_per_token, kv_bytes_per_token_per_layer
 from tokenmill.perf.model import layer_weight_bytes, table_bytes, weight_bytes
 from tokenmill.plan.hardware import HardwareSpec
 
@@ -43,7 +44,6 @@ class Placement:
     replicas: int
     stages: tuple[Stage, ...]
     chip_capacity_bytes: float  # usable bytes per chip for weights + KV
-    kv_bytes_per_token_per_chip_layer: float
     kv_capacity_tokens: int  # KV tokens one replica can hold
     explanation: str
 
@@ -65,8 +65,7 @@ class _Sizes:
 
 
 def _sizes(arch: ArchConfig, p: Precision, tp: int) -> _Sizes:
-    heads_per_chip = math.ceil(arch.num_key_value_heads / tp)
-    kv = 2 * p.kv_format.nbytes(heads_per_chip, arch.head_dim)
+    kv = kv_bytes_per_token_per_layer(arch, p.kv, tp)
     table = table_bytes(arch, p) / tp
     return _Sizes(
         layer_weight_bytes(arch, p) / tp, table, table + arch.hidden_size * p.act_bytes, kv
@@ -217,7 +216,6 @@ def place(
         replicas=replicas,
         stages=tuple(stages),
         chip_capacity_bytes=cap,
-        kv_bytes_per_token_per_chip_layer=sizes.kv_token_layer,
         kv_capacity_tokens=_kv_capacity(stages, sizes, cap),
         explanation="",
     )
@@ -229,9 +227,7 @@ def _shortfall(
     arch: ArchConfig, hw: HardwareSpec, p: Precision, kv_tokens: int, chips: int | None, name: str
 ) -> str:
     cap = hw.profile.state_capacity_bytes()
-    need = weight_bytes(arch, p) + kv_tokens * 2 * arch.num_hidden_layers * p.kv_format.nbytes(
-        arch.num_key_value_heads, arch.head_dim
-    )
+    need = weight_bytes(arch, p) + kv_tokens * kv_bytes_per_token(arch, p.kv)
     what = (
         f"{name} ({p.weights} weights) with KV for {kv_tokens:,} tokens needs {need / 1e9:,.1f} GB"
     )
@@ -260,12 +256,7 @@ def explain(
     chips: int | None,
 ) -> str:
     w = weight_bytes(arch, p) / 1e9
-    kv = (
-        kv_tokens
-        * 2
-        * arch.num_hidden_layers
-        * p.kv_format.nbytes(arch.num_key_value_heads, arch.head_dim)
-    )
+    kv = kv_tokens * kv_bytes_per_token(arch, p.kv)
     cap = pl.chip_capacity_bytes / 1e9
     how = "as asked" if chips else "the fewest that fit"
     parts = [

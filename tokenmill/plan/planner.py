@@ -17,7 +17,7 @@ from tokenmill.errors import ConfigError
 from tokenmill.perf.dtypes import Precision
 from tokenmill.plan.economics import Economics, economics
 from tokenmill.plan.hardware import THIS_MACHINE, HardwareSpec, get_hardware
-from tokenmill.plan.metrics import SLO, SimMetrics, summarize
+from tokenmill.plan.metrics import SimMetrics, summarize
 from tokenmill.plan.models import ModelEntry, get_model
 from tokenmill.plan.placement import Placement, place
 from tokenmill.plan.sim_runner import CostModelStepTime, SimRunner, SpecDecodeConfig
@@ -25,6 +25,7 @@ from tokenmill.plan.simulate import SimConfig, SimResult, simulate
 from tokenmill.plan.step_time import LayoutStepTime
 from tokenmill.workload.arrivals import ArrivalSpec
 from tokenmill.workload.sharegpt import TextEncoder
+from tokenmill.workload.slo import SLO
 from tokenmill.workload.spec import LengthSpec, build_workload, parse_workload
 from tokenmill.workload.types import Workload
 

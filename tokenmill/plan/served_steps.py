@@ -17,7 +17,7 @@ import numpy as np
 from tokenmill.models.arch_config import ArchConfig
 from tokenmill.perf.dtypes import Precision
 from tokenmill.perf.trace import StepRecord
-from tokenmill.plan.calibrate import CalibrationFit, StepFeatures, evaluate
+from tokenmill.plan.calibrate_fit import CalibrationFit, StepFeatures, evaluate
 
 KINDS = ("all", "decode", "prefill", "mixed")
 
@@ -44,12 +44,12 @@ def fit_serving_cost(
     is the last group's. None with too few such steps or batch sizes. A server streams each
     token around the engine's step, which a calibration in one process never sees: on a 2-core
     machine that cost grows with the batch (docs/planner.md, "The cost per streamed token"),
-    so one factor cannot carry it. The validation fits one probe at a time (one group): pooling
-    every probe so far (2026-11-26 18:58 UTC) kept finding no cost per request and did worse."""
+    so one factor cannot carry it. The validation fits one probe at a time (one group): pooled
+    probes found no cost per request and predicted worse (the same section)."""
     steps, group = [], []
     for g, records in enumerate(groups):
         kept = [
-            r for r in records if r.wall_time_s > 0 and r.num_reqs > 0 and not r.num_prefill_tokens
+            r for r in records if r.wall_time_s > 0 and r.num_reqs > 0 and not r.has_prompt_tokens
         ]
         steps += kept
         group += [g] * len(kept)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from tokenmill.engine.interfaces import BaseRunner, RunnerOutput, SchedulerOutput
 from tokenmill.errors import ConfigError
-from tokenmill.perf.step_cost import BatchShape
+from tokenmill.perf.step_cost import BatchShape, RequestShape
 from tokenmill.perf.trace import StepRecord
 from tokenmill.plan.step_time import LayoutStepTime
 
@@ -27,6 +27,10 @@ PLACEHOLDER_TOKEN = 0
 class StepTiming:
     seconds: float
     prefill_fraction: float  # share of the step's time spent on prompt tokens (for economics)
+
+    @property
+    def has_prompt_tokens(self) -> bool:
+        return self.prefill_fraction > 0
 
 
 class BaseStepTimer(Protocol):
@@ -92,14 +96,10 @@ class CostModelStepTime:
         self.spec = spec
 
     def step_time(self, sched_out: SchedulerOutput) -> StepTiming:
-        prefill, decode = [], []
+        prefill: list[RequestShape] = []
+        decode: list[RequestShape] = []
         for s in sched_out.scheduled:
-            shape = (
-                len(s.token_ids),
-                s.num_computed_tokens,
-                (1 + len(s.spec_token_ids)) * s.do_sample,
-            )
-            (prefill if s.is_prompt_step else decode).append(shape)
+            (prefill if s.is_prompt_step else decode).append(RequestShape.of(s))
         seconds = self.model.seconds(BatchShape.from_requests(prefill + decode))
         if prefill and decode:
             t_pre = self.model.seconds(BatchShape.from_requests(prefill))
@@ -109,7 +109,9 @@ class CostModelStepTime:
             share = 1.0 if prefill else 0.0
         if self.spec is not None and decode:
             # Drafting proposes tokens one at a time for every decoding request.
-            one_token = BatchShape.from_requests((1, c + n - 1) for n, c, _ in decode)
+            one_token = BatchShape.from_requests(
+                RequestShape(1, r.num_context_tokens + r.num_new_tokens - 1) for r in decode
+            )
             draft = (
                 self.spec.num_draft_tokens * self.spec.draft_cost * self.model.seconds(one_token)
             )
@@ -158,7 +160,7 @@ class SimRunner(BaseRunner):
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         timing = self.timer.step_time(scheduler_output)
-        if timing.prefill_fraction == 0:
+        if not timing.has_prompt_tokens:
             seconds = (
                 timing.seconds * self.decode_time_scale + self.decode_per_step_s
                 + self.decode_per_request_s * len(scheduler_output.scheduled)
@@ -167,7 +169,7 @@ class SimRunner(BaseRunner):
             seconds = timing.seconds * self.prompt_time_scale
         if self._sigma:
             seconds *= math.exp(self._rng.gauss(-(self._sigma**2) / 2, self._sigma))
-        if timing.prefill_fraction == 0:
+        if not timing.has_prompt_tokens:
             self.decode_step_time_s += seconds
         self.now += seconds
         self.num_steps += 1
@@ -178,7 +180,7 @@ class SimRunner(BaseRunner):
             for s in scheduler_output.scheduled
             if s.do_sample
         }
-        return RunnerOutput(sampled=sampled, execute_time_s=seconds)
+        return RunnerOutput(sampled=sampled)
 
     def _num_accepted(self, num_drafts: int) -> int:
         if not num_drafts or self.acceptance_rate is None:

@@ -17,7 +17,6 @@ is the longer wait (small batches, many stages: an SRAM chip's regime).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from tokenmill.models.arch_config import ArchConfig
 from tokenmill.perf.dtypes import Precision
@@ -30,15 +29,6 @@ _REPLICATED = frozenset(
     {"input_norm", "post_attn_norm", "attn_residual", "mlp_residual", "final_norm"}
 )
 _HEAD_OPS = frozenset({"final_norm", "lm_head", "sampling"})
-
-
-@dataclass(frozen=True)
-class StepTimeBreakdown:
-    seconds: float
-    stage_s: tuple[float, ...]  # each stage's busy time for one micro-batch
-    comm_s: float  # tensor-parallel collectives and pipeline hops on the critical path
-    overhead_s: float
-    num_micro_batches: int
 
 
 class LayoutStepTime:
@@ -60,9 +50,6 @@ class LayoutStepTime:
         return self.hw.scale_out
 
     def seconds(self, batch: BatchShape) -> float:
-        return self.breakdown(batch).seconds
-
-    def breakdown(self, batch: BatchShape) -> StepTimeBreakdown:
         pl, prof = self.placement, self.profile
         cost = step_cost(self.arch, batch, self.precision)
         m = max(1, min(pl.pp, batch.num_reqs))
@@ -95,9 +82,7 @@ class LayoutStepTime:
             + prof.per_request_overhead_s * batch.num_reqs
             + prof.per_prefill_overhead_s * batch.num_prefill_reqs
         )
-        comm = sum(st.num_layers for st in pl.stages) * tp_layer + tp_embed + tp_head
-        comm += (pl.pp - 1) * hop
-        return StepTimeBreakdown(step + overhead, tuple(stages), comm, overhead, m)
+        return step + overhead
 
     def _op_groups(self, ops: tuple[OpCost, ...], scale: float) -> tuple[float, float, float]:
         """Per-chip time of one layer, of the embedding, and of the head, at `scale` batch."""

@@ -13,9 +13,9 @@ and the table compares median TPOT and output throughput (target: within 10%) an
 (within 25%). The server's own counters (/metrics: engine steps and their summed time) split a
 miss between the step-time model (busy time) and what happens outside the engine's steps.
 
-This machine's speed drifts by 10-20% from minute to minute (the same decode step measured 13
-and 17 ms a minute apart), more than the TPOT target, and decode steps (memory-bound) and steps
-with prompt chunks (compute-bound) drift differently. So before each measured run a short speed
+A shared machine's speed drifts from minute to minute by more than the TPOT target, and decode
+steps (memory-bound) and steps with prompt chunks (compute-bound) drift differently
+(docs/planner.md, "The speed probe"). So before each measured run a short speed
 probe (a few other requests of the same workload, all at once) goes to the same server; its
 measured over predicted time, for the steps without and with prompt tokens apart (the server
 counts both), scales the two kinds of steps in that run's prediction; the probe's own served
@@ -28,27 +28,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tokenmill.bench.machine_load import cpu_seconds, load_average, others_cpu_since
 from tokenmill.bench.serve_process import ServeProcess
-from tokenmill.config import SchedulerConfig
+from tokenmill.config import DTYPES, SchedulerConfig
 from tokenmill.errors import ConfigError
 from tokenmill.models.arch_config import ArchConfig
 from tokenmill.perf.dtypes import Precision
+from tokenmill.perf.kv_memory import num_kv_blocks
 from tokenmill.perf.trace import read_trace
-from tokenmill.plan.calibrate import (
-    PERF_DTYPE,
-    cpu_seconds,
-    others_cpu_since,
-    read_calibration,
-)
+from tokenmill.plan.calibrate_profile import read_calibration
 from tokenmill.plan.calibrate_served import engine_serve_args
 from tokenmill.plan.hardware import THIS_MACHINE, get_hardware
 from tokenmill.plan.metrics import summarize
@@ -57,10 +52,15 @@ from tokenmill.plan.served_steps import fit_serving_cost, served_step_errors
 from tokenmill.plan.sim_runner import CostModelStepTime, SimRunner
 from tokenmill.plan.simulate import SimConfig, simulate
 from tokenmill.plan.step_time import LayoutStepTime
-from tokenmill.plan.validate_report import TARGETS, format_row
+from tokenmill.plan.validate_report import format_row
+from tokenmill.plan.validate_results import (
+    RunMetrics,
+    ValidationReport,
+    ValidationRow,
+    rate_json,
+    summarize_runs,
+)
 from tokenmill.workload import ArrivalSpec, Workload, build_workload, parse_workload
-
-_KV_ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,8 @@ class ValidationSettings:
     repeats: int = 1  # measured runs per rate (in turn over the rates); the table: their medians
 
     def __post_init__(self) -> None:
-        if self.dtype not in PERF_DTYPE:
-            raise ConfigError(f"dtype must be one of {', '.join(PERF_DTYPE)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.num_prompts < 1:
             raise ConfigError(f"--num-prompts must be >= 1, got {self.num_prompts}")
         if self.speed_probe_prompts < 0:
@@ -100,15 +100,6 @@ class ValidationSettings:
         return [*engine_serve_args(self), "--max-queue", str(max(4096, self.num_prompts))]
 
 
-def server_kv_blocks(arch: ArchConfig, dtype: str, block_size: int, memory_gib: float) -> int:
-    """The KV blocks `tokenmill serve --kv-cache-memory` allocates (the ModelRunner's rule)."""
-    per_block = (
-        2 * arch.num_hidden_layers * block_size * arch.num_key_value_heads * arch.head_dim
-        * _KV_ELEMENT_BYTES[dtype]
-    )  # fmt: skip
-    return max(1, int(memory_gib * 2**30) // per_block)
-
-
 def build_validation_workload(settings: ValidationSettings, rate: float, tokenizer) -> Workload:
     """What `tokenmill bench serve --workload W --num-prompts N --seed S --request-rate R`
     sends (tokenmill.cli.bench_serve builds it the same way)."""
@@ -116,29 +107,6 @@ def build_validation_workload(settings: ValidationSettings, rate: float, tokeniz
     arrivals = ArrivalSpec(rate, settings.burstiness, None)
     tok = tokenizer if spec.needs_tokenizer else None
     return build_workload(spec, settings.num_prompts, arrivals, tokenizer=tok, seed=settings.seed)
-
-
-@dataclass
-class RunMetrics:
-    """The compared numbers of one run, predicted or measured (times in ms)."""
-
-    tpot_median_ms: float
-    output_tok_s: float
-    ttft_p99_ms: float
-    ttft_median_ms: float
-    e2e_median_ms: float
-    duration_s: float
-    num_requests: int
-    output_tokens: int
-    num_steps: int | None = None  # engine steps (server: from /metrics)
-    busy_s: float | None = None  # summed step time (server: from /metrics)
-    # Cores' worth of CPU other processes (not the server, not the client) used meanwhile.
-    others_cpu_share: float | None = None
-    first_step: int | None = None  # the server's step count when the run began
-    prompt_busy_s: float | None = None  # of busy_s, the steps that computed prompt tokens
-    # The server's engine-loop iterations that ran a step: busy_s and the time around each step
-    # (taking in requests, handing out outputs), which a request also waits (server: /metrics).
-    loop_s: float | None = None
 
 
 def predict(
@@ -153,9 +121,10 @@ def predict(
     hw = get_hardware(THIS_MACHINE)
     if not hw.calibrated:
         raise ConfigError("this-machine is not calibrated; run `tokenmill plan calibrate` first")
-    precision = Precision(weights=PERF_DTYPE[settings.dtype])
-    num_blocks = server_kv_blocks(
-        arch, settings.dtype, settings.block_size, settings.kv_cache_memory_gib
+    precision = Precision(weights=settings.dtype)
+    # The blocks `tokenmill serve --kv-cache-memory` allocates.
+    num_blocks = num_kv_blocks(
+        arch, settings.block_size, settings.dtype, settings.kv_cache_memory_gib
     )
     placement = place(arch, hw, precision, 0, chips=1)
     runner = SimRunner(
@@ -225,77 +194,6 @@ def measure(
     )  # fmt: skip
 
 
-@dataclass
-class ValidationRow:
-    rate: float
-    predicted: RunMetrics
-    measured: RunMetrics | None
-    loadavg_before: tuple[float, ...] = ()
-    loadavg_after: tuple[float, ...] = ()
-    served_steps: dict = field(default_factory=dict)  # step kind -> the fit's errors on them
-    # The speed probe: factors of the steps without and with prompt tokens, and seconds per
-    # request and per step added to the steps without (see speed_probe).
-    speed: tuple[float, ...] | None = None
-    unscaled: RunMetrics | None = None  # the prediction before the probe's scaling
-    repeat: int = 0  # which of the rate's measured runs (a summary row: its number of runs)
-    # A summary row: the lowest and highest measured value of each compared metric.
-    spread: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-    def errors(self, predicted: RunMetrics | None = None) -> dict[str, float]:
-        """(predicted - measured) / measured per compared metric (of `predicted`, by default
-        the row's prediction)."""
-        predicted = predicted or self.predicted
-        if self.measured is None:
-            return {}
-        return {
-            key: getattr(predicted, key) / getattr(self.measured, key) - 1
-            for key, _, _ in TARGETS
-            if getattr(self.measured, key)
-        }
-
-    def passes(self) -> dict[str, bool]:
-        errs = self.errors()
-        return {key: abs(errs[key]) <= tol for key, _, tol in TARGETS if key in errs}
-
-
-@dataclass
-class ValidationReport:
-    settings: ValidationSettings
-    rows: list[ValidationRow] = field(default_factory=list)  # per rate (medians over runs)
-    calibration: dict | None = None
-    machine: dict = field(default_factory=dict)
-    elapsed_s: float = 0.0
-    runs: list[ValidationRow] = field(default_factory=list)  # every measured run, in order
-
-    def as_dict(self) -> dict:
-        settings = asdict(self.settings)
-        settings["rates"] = [_rate_json(r) for r in self.settings.rates]
-        rows, runs = [], []
-        for out, source in ((rows, self.rows), (runs, self.runs)):
-            for row in source:
-                out.append({
-                    **asdict(row), "rate": _rate_json(row.rate), "errors": row.errors(),
-                    "passes": row.passes(),
-                })  # fmt: skip
-        calib = {
-            k: v for k, v in (self.calibration or {}).items() if k not in ("groups", "holdout")
-        }
-        return {
-            "settings": settings, "rows": rows, "runs": runs, "calibration": calib,
-            "machine": self.machine,
-            "elapsed_s": round(self.elapsed_s, 1),
-            "targets": {key: tol for key, _, tol in TARGETS},
-        }  # fmt: skip
-
-
-def _rate_json(rate: float) -> float | str:
-    return "inf" if math.isinf(rate) else rate
-
-
-def _loadavg() -> tuple[float, ...]:
-    return tuple(round(x, 2) for x in os.getloadavg()) if hasattr(os, "getloadavg") else ()
-
-
 def check_calibration(settings: ValidationSettings) -> dict:
     calibration = read_calibration()
     if calibration is None or not get_hardware(THIS_MACHINE).calibrated:
@@ -343,7 +241,7 @@ def run_validation(
                 log(format_row(run))
     if trace_path.exists():  # written as the server stopped
         served = read_trace(trace_path)
-        precision = Precision(weights=PERF_DTYPE[settings.dtype])
+        precision = Precision(weights=settings.dtype)
         for run in report.runs:
             m = run.measured
             run.served_steps = served_step_errors(
@@ -362,7 +260,7 @@ def _measure_run(
 ) -> ValidationRow:  # fmt: skip
     """One measured run of `row`'s rate (after its speed probe, which scales its prediction)."""
     run = ValidationRow(row.rate, row.predicted, None, repeat=repeat)
-    name = f"rate-{_rate_json(row.rate)}" + (f"-{repeat + 1}" if settings.repeats > 1 else "")
+    name = f"rate-{rate_json(row.rate)}" + (f"-{repeat + 1}" if settings.repeats > 1 else "")
     if settings.speed_probe_prompts:
         run.speed = speed_probe(
             server, settings, info, work_dir / f"probe-{name}.json",
@@ -370,44 +268,10 @@ def _measure_run(
         )  # fmt: skip
         run.unscaled = row.predicted
         run.predicted = predict(workload, info.arch, settings, run.speed)
-    run.loadavg_before = _loadavg()
+    run.loadavg_before = load_average()
     run.measured = measure(server, settings, row.rate, work_dir / f"bench-{name}.json")
-    run.loadavg_after = _loadavg()
+    run.loadavg_after = load_average()
     return run
-
-
-def summarize_runs(row: ValidationRow, runs: list[ValidationRow]) -> ValidationRow:
-    """A rate's row from its measured runs: the median of each prediction and measurement (and
-    probe factor), the measurements' lowest and highest values, `repeat` = the number of runs."""
-    if not runs:
-        return row
-    measured = [r.measured for r in runs]
-    spread = {
-        key: (min(getattr(m, key) for m in measured), max(getattr(m, key) for m in measured))
-        for key, _, _ in TARGETS
-    }
-    speeds = [r.speed for r in runs if r.speed]
-    return ValidationRow(
-        row.rate, median_metrics([r.predicted for r in runs]), median_metrics(measured),
-        runs[0].loadavg_before, runs[-1].loadavg_after,
-        served_steps=runs[0].served_steps if len(runs) == 1 else {},
-        speed=tuple(statistics.median(s[i] for s in speeds) for i in range(len(speeds[0])))
-        if speeds else None,
-        unscaled=runs[0].unscaled, repeat=len(runs), spread=spread,
-    )  # fmt: skip
-
-
-def median_metrics(items: list[RunMetrics]) -> RunMetrics:
-    """Field by field, the median of `items` (a field None in any of them stays None)."""
-    values = {}
-    for f in fields(RunMetrics):
-        column = [getattr(m, f.name) for m in items]
-        if any(v is None for v in column):
-            values[f.name] = None
-        else:
-            mid = statistics.median(column)
-            values[f.name] = round(mid) if isinstance(column[0], int) else mid
-    return RunMetrics(**values)
 
 
 def speed_probe(
@@ -446,7 +310,7 @@ def speed_probe(
     )
     cost = None
     if steps:
-        precision = Precision(weights=PERF_DTYPE[settings.dtype])
+        precision = Precision(weights=settings.dtype)
         cost = fit_serving_cost([steps], read_calibration(), info.arch, precision)
     if cost is None:  # no trace to fit: one factor, nothing added per request or step
         return factors[0], factors[1], 0.0, 0.0

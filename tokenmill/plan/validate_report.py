@@ -7,11 +7,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tokenmill.plan.calibrate import DISTURBED_SHARE
+from tokenmill.bench.machine_load import DISTURBED_SHARE
 from tokenmill.plan.served_steps import format_served_steps
 
 if TYPE_CHECKING:
-    from tokenmill.plan.validate import ValidationReport, ValidationRow, ValidationSettings
+    from tokenmill.plan.validate import ValidationSettings
+    from tokenmill.plan.validate_results import ValidationReport, ValidationRow
 
 # (metric, what it is, tolerance): the issue's targets.
 TARGETS = (
@@ -70,23 +71,43 @@ def _fmt_share(share: float | None) -> str:
     return f"{share:.0%}" + (" DISTURBED" if share > DISTURBED_SHARE else "")
 
 
+_HEAD = (
+    "| arrivals | TPOT p50 pred ms | meas ms | err | out tok/s pred | meas | err "
+    "| TTFT p99 pred ms | meas ms | err | speed probe decode / prompt | TPOT err unprobed "
+    "| engine busy pred / meas (run) | others' CPU | load before |"
+)
+_RULE = "|" + "---|" * 15
+
+
 def format_markdown(report: ValidationReport) -> str:
-    s, cal = report.settings, report.calibration or {}
-    holdout = cal.get("holdout_errors", {}).get("all", {})
-    head = (
-        "| arrivals | TPOT p50 pred ms | meas ms | err | out tok/s pred | meas | err "
-        "| TTFT p99 pred ms | meas ms | err | speed probe decode / prompt | TPOT err unprobed "
-        "| engine busy pred / meas (run) | others' CPU | load before |"
-    )
     runs = max((r.repeat for r in report.rows), default=1)
     each = (
         [f"Each run, in the order measured ({runs} per rate, in turn over the rates):", "",
-         head, "|" + "---|" * 15,
-         *(format_row(r, f" #{r.repeat + 1}") for r in report.runs), ""]
+         _HEAD, _RULE, *(format_row(r, f" #{r.repeat + 1}") for r in report.runs), ""]
         if runs > 1 else []
     )  # fmt: skip
-    served = report.runs if runs > 1 else report.rows
+    medians = (
+        [f"Medians of {runs} runs per rate; in brackets the lowest and highest measured.", ""]
+        if runs > 1
+        else []
+    )
+    served = [
+        (_arrivals(r.rate) + (f" #{r.repeat + 1}" if runs > 1 else ""), r.served_steps)
+        for r in (report.runs if runs > 1 else report.rows)
+    ]
     lines = [
+        *_setup_lines(report), "", *medians, _HEAD, _RULE,
+        *(format_row(row) for row in report.rows), "", *each, *format_served_steps(served),
+        *_load_warning(report), _footnote(report.settings),
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _setup_lines(report: ValidationReport) -> list[str]:
+    """The workload, engine, calibration and machine the table was measured with."""
+    s, cal, machine = report.settings, report.calibration or {}, report.machine
+    holdout = cal.get("holdout_errors", {}).get("all", {})
+    return [
         f"Workload: {s.workload}, {s.num_prompts} requests per run, seed {s.seed}, "
         f"burstiness {s.burstiness:g}; engine: {s.dtype}, max_num_seqs {s.max_num_seqs}, "
         f"max_num_batched_tokens {s.max_num_batched_tokens}, block size {s.block_size}, "
@@ -96,27 +117,14 @@ def format_markdown(report: ValidationReport) -> str:
         f"median {holdout.get('median_abs', float('nan')):.1%}, RMS "
         f"{holdout.get('rms', float('nan')):.1%}; {cal.get('num_disturbed_steps', '?')} steps "
         f"left out as disturbed, 1-min load average before {cal.get('loadavg_before', ['?'])[0]}.",
-        f"Machine: {report.machine.get('cpu', '?')}, {report.machine.get('cpu_count', '?')} CPUs, "
-        f"torch {report.machine.get('torch', '?')} with {report.machine.get('torch_threads', '?')}"
-        f" threads; {report.machine.get('time', '')}.",
-        "",
-        *(
-            [f"Medians of {runs} runs per rate; in brackets the lowest and highest measured.", ""]
-            if runs > 1
-            else []
-        ),
-        head,
-        "|" + "---|" * 15,
-        *(format_row(row) for row in report.rows),
-        "",
-        *each,
-        *format_served_steps(
-            [
-                (_arrivals(r.rate) + (f" #{r.repeat + 1}" if runs > 1 else ""), r.served_steps)
-                for r in served
-            ]
-        ),  # fmt: skip
-        *_load_warning(report),
+        f"Machine: {machine.get('cpu', '?')}, {machine.get('cpu_count', '?')} CPUs, "
+        f"torch {machine.get('torch', '?')} with {machine.get('torch_threads', '?')}"
+        f" threads; {machine.get('time', '')}.",
+    ]
+
+
+def _footnote(s: ValidationSettings) -> str:
+    return (
         "err = (predicted - measured) / measured; targets: median TPOT and output throughput "
         "within 10%, p99 TTFT within 25%. Speed probe: this machine's speed drifts by 10-20% "
         "from minute to minute, so just before each run a short burst of requests "
@@ -128,11 +136,11 @@ def format_markdown(report: ValidationReport) -> str:
         "steps instead (x0.93 +0.43 ms/req: streaming each token costs CPU the engine's "
         "threads would use), plus the engine loop's time around each step; TPOT err unprobed "
         "is the prediction's error without that scaling. Engine busy: summed step time, "
-        "predicted vs the server's own counter; (run) is the measured run's duration. Others' CPU: the share of "
-        "a core other processes (neither the server nor the client) used during the run; above "
-        f"{DISTURBED_SHARE:.0%} the run measured a shared machine, not this one.",
-    ]
-    return "\n".join(lines)
+        "predicted vs the server's own counter; (run) is the measured run's duration. Others' "
+        "CPU: the share of a core other processes (neither the server nor the client) used "
+        f"during the run; above {DISTURBED_SHARE:.0%} the run measured a shared machine, not "
+        "this one."
+    )
 
 
 def _load_warning(report: ValidationReport) -> list[str]:

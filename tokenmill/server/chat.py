@@ -44,6 +44,7 @@ from tokenmill.server.streaming import (
     sse,
     sse_error,
 )
+from tokenmill.tokenizer.chat_template import with_end_of_turn
 
 
 @dataclass
@@ -83,7 +84,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     else:
         requested, field = body.max_tokens, "max_tokens"
     max_tokens = resolve_max_tokens(requested, len(prompt), state.max_model_len, field)
-    params = sampling_params(body, max_tokens, num_top)
+    params = with_end_of_turn(sampling_params(body, max_tokens, num_top), state.tokenizer)
     job = _Job(
         f"chatcmpl-{uuid.uuid4().hex}",
         int(time.time()),
@@ -91,7 +92,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         len(prompt),
         num_top,
     )
-    streams = await add_all(state.engine, job.request_id, [prompt], [params], body.priority)
+    streams = await add_all(
+        state.engine, job.request_id, [prompt], [params], body.priority, body.stream
+    )
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStreamResponse(_events(job, streams, include_usage), streams)
@@ -128,12 +131,13 @@ async def _events(
     job: _Job, streams: list[RequestStream], include_usage: bool
 ) -> AsyncIterator[str]:
     started: set[int] = set()
-    num_completion_tokens = 0
+    num_completion_tokens = 0  # outputs are deltas: their token counts add up
     try:
         async with contextlib.aclosing(merged(streams)) as outputs:
             async for _, out in outputs:
                 for o in out.outputs:
                     raise_if_failed(o)
+                    num_completion_tokens += len(o.token_ids)
                     if o.index not in started:
                         started.add(o.index)
                         delta = DeltaMessage(role="assistant", content="")
@@ -141,8 +145,6 @@ async def _events(
                     choice = _stream_choice(job, o)
                     if choice is not None:
                         yield job.chunk([choice])
-                if out.finished:
-                    num_completion_tokens = sum(len(o.token_ids) for o in out.outputs)
         if include_usage:
             yield job.chunk([], usage=job.usage(num_completion_tokens))
     except Exception as exc:  # noqa: BLE001 - after the 200 headers: an error event
@@ -152,13 +154,13 @@ async def _events(
 
 def _stream_choice(job: _Job, o: CompletionOutput) -> ChatStreamChoice | None:
     logprobs = None
-    if job.num_top_logprobs is not None and o.token_ids_delta:
-        logprobs = chat_logprobs(o.token_ids_delta, o.logprobs_delta or [], job.num_top_logprobs)
-    if not o.text_delta and logprobs is None and o.finish_reason is None:
+    if job.num_top_logprobs is not None and o.token_ids:
+        logprobs = chat_logprobs(o.token_ids, o.logprobs or [], job.num_top_logprobs)
+    if not o.text and logprobs is None and o.finish_reason is None:
         return None
     return ChatStreamChoice(
         index=o.index,
-        delta=DeltaMessage(content=o.text_delta or None),
+        delta=DeltaMessage(content=o.text or None),
         logprobs=logprobs,
         finish_reason=o.finish_reason,
         stop_reason=o.stop_reason if o.finish_reason == "stop" else None,

@@ -64,9 +64,9 @@ class _Job:
         tokenizer = self.state.tokenizer
         return tokenizer.decode(token_ids, skip_special_tokens=False) if tokenizer else ""
 
-    def usage(self, finals: list[RequestOutput]) -> UsageInfo:
+    def usage(self, num_completion_tokens: int) -> UsageInfo:
         prompt = sum(len(ids) for _, ids in self.prompts)
-        completion = sum(len(o.token_ids) for out in finals for o in out.outputs)
+        completion = num_completion_tokens
         return UsageInfo(
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
         )
@@ -89,7 +89,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     ]
     job = _Job(state, body, f"cmpl-{uuid.uuid4().hex}", int(time.time()), prompts)
     streams = await add_all(
-        state.engine, job.request_id, [ids for _, ids in prompts], params, body.priority
+        state.engine,
+        job.request_id,
+        [ids for _, ids in prompts],
+        params,
+        body.priority,
+        body.stream,
     )
     if body.stream:
         return EventStreamResponse(_events(job, streams), streams)
@@ -107,7 +112,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         created=job.created,
         model=state.config.model_name,
         choices=choices,
-        usage=job.usage(finals),
+        usage=job.usage(sum(len(o.token_ids) for out in finals for o in out.outputs)),
     )
     return Response(response.model_dump_json(), media_type="application/json")
 
@@ -136,11 +141,17 @@ def _final_choice(job: _Job, prompt_idx: int, out: RequestOutput, o: CompletionO
 async def _events(job: _Job, streams: list[RequestStream]) -> AsyncIterator[str]:
     body = job.body
     builders: dict[int, CompletionLogprobsBuilder] = {}
-    finals: dict[int, RequestOutput] = {}
+    num_completion_tokens = 0  # outputs are deltas: their token counts add up
+    # Delta outputs carry prompt logprobs once; a choice that starts later still echoes them.
+    prompt_logprobs: dict[int, list] = {}
     try:
         async with contextlib.aclosing(merged(streams)) as outputs:
             async for prompt_idx, out in outputs:
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs[prompt_idx] = out.prompt_logprobs
+                out.prompt_logprobs = prompt_logprobs.get(prompt_idx)
                 for o in out.outputs:
+                    num_completion_tokens += len(o.token_ids)
                     chunk = _chunk_choice(job, prompt_idx, out, o, builders)
                     if chunk is not None:
                         yield sse(
@@ -151,10 +162,8 @@ async def _events(job: _Job, streams: list[RequestStream]) -> AsyncIterator[str]
                                 choices=[chunk],
                             )
                         )
-                if out.finished:
-                    finals[prompt_idx] = out
         if body.stream_options is not None and body.stream_options.include_usage:
-            usage = job.usage(list(finals.values()))
+            usage = job.usage(num_completion_tokens)
             yield sse(
                 CompletionChunk(
                     id=job.request_id,
@@ -176,23 +185,23 @@ def _chunk_choice(
     o: CompletionOutput,
     builders: dict[int, CompletionLogprobsBuilder],
 ) -> CompletionChoice | None:
-    """This step's piece of one choice, or None when it has nothing new."""
+    """This step's piece of one choice (`o` is a delta), or None when it has nothing new."""
     raise_if_failed(o)
     index = job.choice_index(prompt_idx, o)
-    has_new = bool(o.token_ids_delta) or o.finish_reason is not None
+    has_new = bool(o.token_ids) or o.finish_reason is not None
     is_first = index not in builders and has_new
     want_logprobs = job.body.logprobs is not None
     if is_first:
         builders[index] = CompletionLogprobsBuilder(job.state.tokenizer)
-    text = o.text_delta
+    text = o.text
     logprobs = None
     if is_first and job.body.echo:
         text = job.prompt_text(prompt_idx) + text
         if want_logprobs:
             logprobs = _prompt_logprobs(builders[index], out)
-    if want_logprobs and index in builders and o.token_ids_delta:
+    if want_logprobs and index in builders and o.token_ids:
         logprobs = logprobs or CompletionLogprobs()
-        _extend(logprobs, builders[index].build(o.token_ids_delta, o.logprobs_delta or []))
+        _extend(logprobs, builders[index].build(o.token_ids, o.logprobs or []))
     if not text and logprobs is None and o.finish_reason is None:
         return None
     return CompletionChoice(

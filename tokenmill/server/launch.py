@@ -15,7 +15,7 @@ import socket
 
 import uvicorn
 
-from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.server.app import served_engine
 
 # uvicorn's own deadline is only a backstop behind the engine's.
 _UVICORN_GRACE_S = 5.0
@@ -24,9 +24,8 @@ _UVICORN_GRACE_S = 5.0
 class DrainingServer(uvicorn.Server):
     """A uvicorn server that starts the engine's drain when it is told to exit."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout_s: float):
+    def __init__(self, config: uvicorn.Config, shutdown_timeout_s: float):
         super().__init__(config)
-        self._engine = engine
         self._shutdown_timeout_s = shutdown_timeout_s
         self._drain: asyncio.Future | None = None
 
@@ -37,26 +36,28 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     def _start_drain(self) -> None:
-        self._drain = asyncio.ensure_future(self._engine.shutdown(self._shutdown_timeout_s))
+        engine = served_engine(self.config.app)
+        if engine is not None:  # else still starting: nothing in flight
+            self._drain = asyncio.ensure_future(engine.shutdown(self._shutdown_timeout_s))
 
 
 def run_server(
     app,
-    engine: AsyncEngine,
     sock: socket.socket,
     *,
     log_level: str = "warning",
     access_log: bool = False,
     shutdown_timeout_s: float = 10.0,
 ) -> int:
-    """Serve `app` on the bound socket until SIGTERM/SIGINT; returns the exit code."""
+    """Serve `app` (from create_app; it may still be starting) on the bound socket until
+    SIGTERM/SIGINT; returns the exit code."""
     config = uvicorn.Config(
         app,
         log_level=log_level,
         access_log=access_log,
         timeout_graceful_shutdown=shutdown_timeout_s + _UVICORN_GRACE_S,
     )
-    server = DrainingServer(config, engine, shutdown_timeout_s)
+    server = DrainingServer(config, shutdown_timeout_s)
 
     # uvicorn re-raises the signal it caught once it has shut down; with this handler in place
     # that is harmless and the process exits 0. It also stops a server signalled before uvicorn
@@ -70,5 +71,7 @@ def run_server(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        engine.close()
+        engine = served_engine(app)
+        if engine is not None:
+            engine.close()
     return 0 if server.started else 1

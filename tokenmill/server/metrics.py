@@ -87,7 +87,8 @@ class _EngineCollector(Collector):
         self._model_name = model_name
 
     def collect(self):
-        stats = self._engine.stats()
+        serving = self._engine.stats()
+        stats = serving.engine
         labels = [self._model_name]
         gauges = (
             ("num_requests_running", "Requests in the running batch.", stats.num_running),
@@ -108,12 +109,14 @@ class _EngineCollector(Collector):
             ("generation_tokens", "Tokens generated.", stats.num_generation_tokens),
             ("num_preemptions", "Requests preempted to free KV-cache blocks.",
              stats.num_preemptions),
-            ("engine_steps", "Engine steps that ran the model.", stats.num_steps),
-            ("engine_step_seconds", "Wall time spent in engine steps.", stats.step_time_total_s),
+            ("engine_steps", "Engine steps that ran the model.", stats.num_model_steps),
+            ("engine_step_seconds", "Wall time spent in engine steps.",
+             serving.step_time_total_s),
             ("engine_prompt_step_seconds", "Wall time of the engine steps that computed prompt "
-             "tokens.", stats.prompt_step_time_total_s),
+             "tokens.", stats.prompt_step_time_s),
             ("engine_loop_seconds", "Wall time of the engine loop's iterations that ran a step: "
-             "the step, taking in new requests, handing out outputs.", stats.loop_time_total_s),
+             "the step, taking in new requests, handing out outputs.",
+             serving.loop_time_total_s),
         )  # fmt: skip
         for name, doc, value in counters:
             family = CounterMetricFamily(f"{PREFIX}{name}", doc, labels=["model_name"])

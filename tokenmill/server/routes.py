@@ -18,7 +18,7 @@ from tokenmill.server.protocol import (
     ModelCard,
     ModelList,
 )
-from tokenmill.server.state import get_state
+from tokenmill.server.state import get_state, is_started
 
 _ERRORS = {
     status: {"model": ErrorResponse, "description": description}
@@ -28,7 +28,7 @@ _ERRORS = {
         (404, "unknown model"),
         (413, "request body too large"),
         (429, "waiting queue full"),
-        (503, "shutting down"),
+        (503, "starting, or shutting down"),
     )
 }
 _STREAM = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE if stream"}}
@@ -38,6 +38,8 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> Response:
+    if not is_started(request):
+        return JSONResponse({"status": "starting"}, status_code=503)
     state = get_state(request)
     if not state.engine.is_running:
         return APIError(503, "the engine is not running", None, "shutting_down").response()

@@ -6,7 +6,7 @@ prompt + max_tokens against it here and says both numbers when they do not fit.
 
 from __future__ import annotations
 
-from tokenmill.errors import ContextLengthError
+from tokenmill.engine.limits import check_request_fits
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.errors import APIError
 from tokenmill.server.protocol import (
@@ -64,22 +64,9 @@ def resolve_max_tokens(
     requested: int | None, prompt_len: int, max_model_len: int, field: str = "max_tokens"
 ) -> int:
     """The number of tokens to generate: `requested`, or what is left of the context if None."""
-    if prompt_len >= max_model_len:
-        raise ContextLengthError(
-            f"prompt has {prompt_len} tokens but this model's maximum context length is "
-            f"{max_model_len} tokens: at most {max_model_len - 1} prompt tokens fit"
-        )
-    if requested is None:
-        return max_model_len - prompt_len
-    if requested < 1:
+    if requested is not None and requested < 1:
         raise APIError(400, f"{field} must be at least 1, got {requested}", field)
-    if prompt_len + requested > max_model_len:
-        raise ContextLengthError(
-            f"{field}: this model's maximum context length is {max_model_len} tokens, but "
-            f"{prompt_len + requested} tokens were requested ({prompt_len} in the prompt + "
-            f"{requested} for the completion); shorten the prompt or lower {field}"
-        )
-    return requested
+    return check_request_fits(prompt_len, requested, max_model_len, field)
 
 
 # ---- /v1/completions -----------------------------------------------------------------------

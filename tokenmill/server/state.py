@@ -48,5 +48,19 @@ class ServerState:
             )
 
 
+def is_started(request: Request) -> bool:
+    """False while the app waits for its engine (native kernels compiling, model loading)."""
+    return request.app.state.tokenmill is not None
+
+
 def get_state(request: Request) -> ServerState:
-    return request.app.state.tokenmill
+    state = request.app.state.tokenmill
+    if state is None:
+        raise APIError(
+            503,
+            "the server is starting (compiling native kernels, loading the model); "
+            "retry when /health answers 200",
+            None,
+            "server_starting",
+        )
+    return state

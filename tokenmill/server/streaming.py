@@ -26,7 +26,7 @@ from tokenmill.engine.async_engine import (
     EngineStoppedError,
     RequestStream,
 )
-from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.outputs import CompletionOutput, OutputKind, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.errors import error_from_exception
 
@@ -81,13 +81,18 @@ async def add_all(
     prompts: list[list[int]],
     params: list[SamplingParams],
     priority: int,
+    is_streamed: bool,
 ) -> list[RequestStream]:
-    """Add one engine request per prompt; if any add fails, abort the ones already added."""
+    """Add one engine request per prompt; if any add fails, abort the ones already added.
+
+    A streamed response gets DELTA outputs (each chunk costs what it carries); a whole one a
+    single FINAL_ONLY output."""
+    kind = OutputKind.DELTA if is_streamed else OutputKind.FINAL_ONLY
     streams: list[RequestStream] = []
     try:
         for idx, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             sub_id = request_id if len(prompts) == 1 else f"{request_id}-{idx}"
-            streams.append(await engine.add_request(sub_id, prompt, p, priority))
+            streams.append(await engine.add_request(sub_id, prompt, p, priority, kind))
     except BaseException:
         abort_all(streams)
         raise

@@ -4,15 +4,19 @@ Same environment (sandboxed, immutable, trim_blocks + lstrip_blocks, loop contro
 helpers (`raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII characters) and
 same variables (messages, add_generation_prompt, bos_token, eos_token, ... and any extra
 keyword), so a template renders byte-identically here and there.
+
+Also the one rule for where a chat reply ends (`end_of_turn_token_ids`): every path that
+applies a chat template adds those tokens to the request's stop tokens (`with_end_of_turn`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from jinja2 import nodes
@@ -20,6 +24,16 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tokenmill.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from tokenmill.sampling_params import SamplingParams
+    from tokenmill.tokenizer.tokenizer import Tokenizer
+
+# End-of-turn tokens of well-known chat formats: Gemma, ChatML, Llama 3, Phi-3. A model
+# trained on one of them may emit its token even where the template in use does not show it.
+_KNOWN_END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
+# Stands in for an assistant reply, to see what the template writes after one.
+_PROBE_REPLY = "tokenmillprobereply"
 
 
 class _GenerationBlock(Extension):
@@ -123,3 +137,86 @@ def render_chat_template(
         raise InvalidRequestError(f"chat template error: {exc}") from exc
     except (TypeError, KeyError, AttributeError) as exc:
         raise InvalidRequestError(f"chat template cannot render these messages: {exc}") from exc
+
+
+def apply_chat_template(
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+    **variables: Any,
+) -> list[int]:
+    """The conversation as prompt token ids, through `chat_template` if given (instead of the
+    tokenizer's own), exactly as Tokenizer.apply_chat_template renders and tokenizes."""
+    if chat_template is None:
+        return list(
+            tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True, **variables
+            )
+        )
+    text = render_chat_template(
+        chat_template, messages, add_generation_prompt, **_token_variables(tokenizer), **variables
+    )
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if tokenizer.add_bos and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids.insert(0, tokenizer.bos_token_id)
+    return ids
+
+
+@lru_cache(maxsize=16)
+def end_of_turn_token_ids(
+    tokenizer: Tokenizer, chat_template: str | None = None
+) -> tuple[int, ...]:
+    """The special tokens that end an assistant turn: the first one the template (`chat_template`,
+    else the tokenizer's) writes after an assistant reply, and the known end-of-turn tokens
+    (`<end_of_turn>`, `<|im_end|>`, ...) that the vocabulary has as special tokens."""
+    special = tokenizer.all_special_ids
+    found = []
+    template = chat_template if chat_template is not None else tokenizer.chat_template
+    if template is not None:
+        found.extend(_template_end_of_turn(tokenizer, template))
+    for name in _KNOWN_END_OF_TURN:
+        token_id = tokenizer.backend.token_to_id(name)
+        if token_id is not None and token_id in special:
+            found.append(token_id)
+    return tuple(dict.fromkeys(t for t in found if t != tokenizer.bos_token_id))
+
+
+def with_end_of_turn(
+    params: SamplingParams, tokenizer: Tokenizer, chat_template: str | None = None
+) -> SamplingParams:
+    """`params` for a reply under a chat template: its end-of-turn tokens end it, like EOS (so
+    not with ignore_eos), and like EOS they are not part of the text."""
+    if params.ignore_eos:
+        return params
+    known = {*params.stop_token_ids, *tokenizer.eos_token_ids}
+    extra = [t for t in end_of_turn_token_ids(tokenizer, chat_template) if t not in known]
+    if not extra:
+        return params
+    return dataclasses.replace(params, stop_token_ids=(*params.stop_token_ids, *extra))
+
+
+def _token_variables(tokenizer: Tokenizer) -> dict[str, str | None]:
+    return {
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "unk_token": tokenizer.unk_token,
+        "pad_token": tokenizer.pad_token,
+    }
+
+
+def _template_end_of_turn(tokenizer: Tokenizer, template: str) -> list[int]:
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": _PROBE_REPLY},
+    ]
+    try:
+        text = render_chat_template(template, messages, False, **_token_variables(tokenizer))
+    except InvalidRequestError:
+        return []  # a template that wants another conversation shape: rely on known tokens
+    pos = text.rfind(_PROBE_REPLY)
+    if pos < 0:
+        return []
+    after = text[pos + len(_PROBE_REPLY) :].lstrip()
+    ids = tokenizer.encode(after, add_special_tokens=False)[:1] if after else []
+    return [t for t in ids if t in tokenizer.all_special_ids]

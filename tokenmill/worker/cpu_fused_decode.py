@@ -1,7 +1,7 @@
 """Pure-decode steps of Llama-family bf16 models on the CPU, one native call per layer.
 
 At batch 1 an eager decoder layer is ~25 PyTorch operator calls whose dispatch overhead is a
-third of the step; tokenmill/csrc/llama_decode_cpu.cpp runs the whole layer (norms, packed
+third of the step; tokenmill/native/csrc/llama_decode_cpu.cpp runs the whole layer (norms, packed
 GEMMs, rotary, K/V write, paged attention, SiLU*up, residuals) in one call. Like the CUDA
 graphs of cuda_graphs.py, this is a runner concern: the model file keeps the math, and steps
 with any prompt chunk run eagerly.
@@ -17,8 +17,8 @@ from tokenmill.worker.input_batch import StepInputs
 
 def fused_decode_for(model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
     """A FusedCpuDecode for this model, or None when it does not apply."""
-    from tokenmill.attention.backends.cpu_kernels import cpu_kernels
     from tokenmill.models.llama import LlamaForCausalLM
+    from tokenmill.native import kernels as native_kernels
 
     arch = getattr(model, "arch", None)
     if not isinstance(model, LlamaForCausalLM) or device.type != "cpu" or dtype != torch.bfloat16:
@@ -27,7 +27,7 @@ def fused_decode_for(model: torch.nn.Module, dtype: torch.dtype, device: torch.d
         return None
     if arch.head_dim % 16 or arch.head_dim > 256 or arch.hidden_act != "silu":
         return None
-    kernels = cpu_kernels()
+    kernels = native_kernels()
     if kernels is None or not kernels.has_avx512_bf16():
         return None
     return FusedCpuDecode(model, kernels)

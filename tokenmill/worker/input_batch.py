@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from tokenmill.attention.metadata import AttentionMetadata
-from tokenmill.engine.interfaces import SchedulerOutput
+from tokenmill.engine.interfaces import ScheduledRequest
 
 
 @dataclass
@@ -23,10 +23,14 @@ class StepInputs:
 
 
 def prepare_inputs(
-    sched_out: SchedulerOutput, block_size: int, device: torch.device, wants_prompt_logprobs
+    scheduled: list[ScheduledRequest],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device,
+    wants_prompt_logprobs,
 ) -> StepInputs:
-    """`wants_prompt_logprobs(req_id) -> bool` says which prompt chunks need all their logits."""
-    scheduled = sched_out.scheduled
+    """`block_tables[b]` is scheduled request b's block table (the runner's copy);
+    `wants_prompt_logprobs(req_id) -> bool` says which prompt chunks need all their logits."""
     q_lens = np.array([len(s.token_ids) for s in scheduled], dtype=np.int64)
     starts = np.zeros(len(scheduled) + 1, dtype=np.int64)
     np.cumsum(q_lens, out=starts[1:])
@@ -40,27 +44,14 @@ def prepare_inputs(
     req_idx = np.repeat(np.arange(len(scheduled)), q_lens)  # (T,) which request owns each token
     positions = np.arange(num_tokens, dtype=np.int64) - starts[req_idx] + computed[req_idx]
 
-    max_blocks = max(len(s.block_ids) for s in scheduled)
-    block_table = np.zeros((len(scheduled), max_blocks), dtype=np.int64)
-    for b, s in enumerate(scheduled):
-        block_table[b, : len(s.block_ids)] = s.block_ids
+    max_blocks = max(len(t) for t in block_tables)
+    block_table = np.zeros((len(scheduled), max_blocks), dtype=np.int64)  # (B, max_blocks)
+    for b, table in enumerate(block_tables):
+        block_table[b, : len(table)] = table
     slot_mapping = (
         block_table[req_idx, positions // block_size] * block_size + positions % block_size
     )
-
-    logits_idx: list[int] = []
-    sample_rows: list[tuple[int, int]] = []
-    prompt_rows: dict[int, tuple[int, int]] = {}
-    for b, s in enumerate(scheduled):
-        end = int(starts[b + 1])
-        if s.is_prompt_step and wants_prompt_logprobs(s.req_id):
-            prompt_rows[b] = (len(logits_idx), len(logits_idx) + int(q_lens[b]))
-            logits_idx.extend(range(int(starts[b]), end))
-            if s.do_sample:
-                sample_rows.append((b, len(logits_idx) - 1))
-        elif s.do_sample:
-            logits_idx.append(end - 1)
-            sample_rows.append((b, len(logits_idx) - 1))
+    logits_idx, sample_rows, prompt_rows = _logits_rows(scheduled, starts, wants_prompt_logprobs)
 
     def to_t(a) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -85,3 +76,22 @@ def prepare_inputs(
         sample_rows=sample_rows,
         prompt_logprob_rows=prompt_rows,
     )
+
+
+def _logits_rows(scheduled: list[ScheduledRequest], starts: np.ndarray, wants_prompt_logprobs):
+    """Which token rows get logits: the last of each sampling request, and every row of a
+    prompt chunk whose prompt logprobs are asked for."""
+    logits_idx: list[int] = []
+    sample_rows: list[tuple[int, int]] = []
+    prompt_rows: dict[int, tuple[int, int]] = {}
+    for b, s in enumerate(scheduled):
+        start, end = int(starts[b]), int(starts[b + 1])
+        if s.is_prompt_step and wants_prompt_logprobs(s.req_id):
+            prompt_rows[b] = (len(logits_idx), len(logits_idx) + end - start)
+            logits_idx.extend(range(start, end))
+            if s.do_sample:
+                sample_rows.append((b, len(logits_idx) - 1))
+        elif s.do_sample:
+            logits_idx.append(end - 1)
+            sample_rows.append((b, len(logits_idx) - 1))
+    return logits_idx, sample_rows, prompt_rows

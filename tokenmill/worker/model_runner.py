@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from tokenmill.attention.backends.base import BaseAttentionBackend
 from tokenmill.attention.backends.registry import get_backend
 from tokenmill.attention.context import forward_context
-from tokenmill.config import CacheConfig, ModelConfig
+from tokenmill.config import EngineConfig
 from tokenmill.engine.interfaces import (
     BaseRunner,
     NewRequestData,
@@ -20,8 +21,11 @@ from tokenmill.engine.interfaces import (
     TokenLogprobs,
 )
 from tokenmill.loader.base import LoadedModel
+from tokenmill.models.arch_config import ArchConfig
 from tokenmill.models.registry import build_model
 from tokenmill.models.weights import load_weights
+from tokenmill.perf.kv_memory import num_kv_blocks
+from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.cpu_fused_decode import fused_decode_for
 from tokenmill.worker.cuda_graphs import DecodeGraphs
 from tokenmill.worker.input_batch import StepInputs, prepare_inputs
@@ -34,50 +38,51 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 @dataclass
 class _RequestState:
-    params: object
+    """The runner's own copy of a request: its sampling state, block table and output tokens."""
+
+    params: SamplingParams
     prompt_token_ids: list[int]
     generator: torch.Generator
+    block_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
 
 
 class ModelRunner(BaseRunner):
+    """Runs a model's forward pass, KV cache and sampling for one engine.
+
+    `ModelRunner.load(loaded, config)` materialises a model from a checkpoint;
+    `runner.sharing_weights(config)` builds another runner (its own KV cache and request state)
+    over the same weights, for a second engine in one process.
+    """
+
     def __init__(
         self,
-        loaded: LoadedModel,
-        model_config: ModelConfig,
-        cache_config: CacheConfig,
-        attention_backend: str = "auto",
+        model: torch.nn.Module,
+        backend: BaseAttentionBackend,
+        arch: ArchConfig,
+        config: EngineConfig,
         eos_token_ids: tuple[int, ...] = (),
-        decode_graphs: str = "auto",
-        max_num_seqs: int = 64,
-        cpu_fused_decode: bool = True,
     ) -> None:
-        self.arch = loaded.arch
-        self.device = torch.device(model_config.device)
-        self.dtype = TORCH_DTYPES[model_config.dtype]
-        self.block_size = cache_config.block_size
+        self.model = model
+        self.arch = arch
+        self.config = config
+        self.device = torch.device(config.model.device)
+        self.dtype = TORCH_DTYPES[config.model.dtype]
+        self.block_size = config.cache.block_size
         self.eos_token_ids = tuple(eos_token_ids)
-        self.backend = get_backend(attention_backend, model_config.device)
-        start = time.perf_counter()
-        with torch.device("meta"):
-            model = build_model(loaded.arch, self.backend)
-        # Materialise on the target device, then fill from the checkpoint one tensor at a time.
-        self.model = model.to_empty(device=self.device).to(self.dtype)
-        _reset_buffers(self.model)
-        load_weights(self.model, loaded.iter_weights(self.dtype))
-        self.model.eval()
-        logger.info("loaded %s in %.1fs", loaded.source, time.perf_counter() - start)
-        self.kv_dtype = (
-            self.dtype
-            if cache_config.kv_cache_dtype == "auto"
-            else TORCH_DTYPES[cache_config.kv_cache_dtype]
+        self.backend = backend  # the attention backend the model was built with
+        kv_dtype = config.cache.kv_cache_dtype
+        kv_dtype = config.model.dtype if kv_dtype == "auto" else kv_dtype
+        self.kv_dtype = TORCH_DTYPES[kv_dtype]
+        self.num_blocks = config.cache.num_blocks or num_kv_blocks(
+            arch, self.block_size, kv_dtype, config.cache.kv_cache_memory_gib
         )
-        self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config)
         # One extra block past num_blocks belongs to no request: padding rows of captured decode
         # graphs write and read there.
         self.scratch_block = self.num_blocks
         shape = (
-            self.arch.num_hidden_layers, 2, self.num_blocks + 1, self.block_size,
-            self.arch.num_key_value_heads, self.arch.head_dim,
+            arch.num_hidden_layers, 2, self.num_blocks + 1, self.block_size,
+            arch.num_key_value_heads, arch.head_dim,
         )  # fmt: skip
         self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [
@@ -88,11 +93,34 @@ class ModelRunner(BaseRunner):
             self.num_blocks, self.block_size, self.kv_cache.nbytes / 2**30, self.kv_dtype,
         )  # fmt: skip
         self._states: dict[str, _RequestState] = {}
-        self._seed_source = random.Random(model_config.seed)
-        self.graphs = self._decode_graphs(decode_graphs, max_num_seqs)
+        self._seed_source = random.Random(config.model.seed)
+        self.graphs = self._decode_graphs(config.decode_graphs, config.scheduler.max_num_seqs)
         self.fused_decode = (
-            fused_decode_for(self.model, self.dtype, self.device) if cpu_fused_decode else None
+            fused_decode_for(model, self.dtype, self.device) if config.cpu_fused_decode else None
         )
+
+    @classmethod
+    def load(cls, loaded: LoadedModel, config: EngineConfig) -> ModelRunner:
+        """Build the model on the meta device, materialise it and fill it from the checkpoint."""
+        device = torch.device(config.model.device)
+        dtype = TORCH_DTYPES[config.model.dtype]
+        backend = get_backend(config.attention_backend, config.model.device)
+        start = time.perf_counter()
+        with torch.device("meta"):
+            model = build_model(loaded.arch, backend)
+        model = model.to_empty(device=device).to(dtype)
+        _reset_buffers(model)
+        load_weights(model, loaded.iter_weights(dtype))  # one tensor at a time
+        model.eval()
+        logger.info("loaded %s in %.1fs", loaded.source, time.perf_counter() - start)
+        return cls(model, backend, loaded.arch, config, loaded.eos_token_ids)
+
+    def sharing_weights(self, config: EngineConfig) -> ModelRunner:
+        """A new runner over this one's weights (read-only), with its own KV cache and state."""
+        same = (config.model.device, config.model.dtype, config.attention_backend)
+        if same != (str(self.device), self.config.model.dtype, self.config.attention_backend):
+            raise ValueError("a runner sharing weights needs the same device, dtype and backend")
+        return ModelRunner(self.model, self.backend, self.arch, config, self.eos_token_ids)
 
     def _decode_graphs(self, mode: str, max_num_seqs: int) -> DecodeGraphs | None:
         use = mode == "no-capture" or (
@@ -106,26 +134,23 @@ class ModelRunner(BaseRunner):
             self.scratch_block, max_num_seqs, capture=mode == "auto",
         )  # fmt: skip
 
-    @property
-    def bytes_per_block(self) -> int:
-        elt = torch.tensor([], dtype=self.kv_dtype).element_size()
-        a = self.arch
-        return 2 * a.num_hidden_layers * self.block_size * a.num_key_value_heads * a.head_dim * elt
-
-    def _blocks_for_budget(self, cache_config: CacheConfig) -> int:
-        return max(1, int(cache_config.kv_cache_memory_gib * 2**30) // self.bytes_per_block)
-
     @torch.inference_mode()
     def execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
-        start = time.perf_counter()
         for req_id in sched_out.finished_req_ids:
             self._states.pop(req_id, None)
         for new in sched_out.new_requests:
             self._states[new.req_id] = self._new_state(new)
         if sched_out.is_empty:
             return RunnerOutput(sampled={})
+        tables = []
+        for sched in sched_out.scheduled:
+            table = self._states[sched.req_id].block_ids
+            # Idempotent (a step retried request by request applies the same diff again).
+            del table[sched.block_table_start :]
+            table.extend(sched.new_block_ids)
+            tables.append(table)
         inputs = prepare_inputs(
-            sched_out, self.block_size, self.device,
+            sched_out.scheduled, tables, self.block_size, self.device,
             lambda rid: self._states[rid].params.prompt_logprobs is not None,
         )  # fmt: skip
         if self.graphs is not None and self.graphs.can_run(inputs):
@@ -140,7 +165,8 @@ class ModelRunner(BaseRunner):
             out = self._greedy(sched_out, inputs, rows)
         else:
             out = self._sample(sched_out, inputs, self.model.compute_logits(rows))  # (N, V)
-        out.execute_time_s = time.perf_counter() - start
+        for req_id, tokens in out.sampled.items():
+            self._states[req_id].output_token_ids.extend(tokens)
         return out
 
     def _new_state(self, new: NewRequestData) -> _RequestState:
@@ -165,11 +191,11 @@ class ModelRunner(BaseRunner):
             state = self._states[sched.req_id]
             rows.append(
                 SamplingRow(
-                    state.params, state.generator, state.prompt_token_ids, sched.output_token_ids
+                    state.params, state.generator, state.prompt_token_ids, state.output_token_ids
                 )
             )
-            short = len(sched.output_token_ids) < state.params.min_tokens
-            banned = (*self.eos_token_ids, *state.params.stop_token_ids) if short else ()
+            can_stop = state.params.can_stop(len(state.output_token_ids))
+            banned = () if can_stop else (*self.eos_token_ids, *state.params.stop_token_ids)
             forbidden.append([t for t in banned if t < logits.shape[1]])
         row_idx = [row for _, row in inputs.sample_rows]
         if row_idx != list(range(logits.shape[0])):  # indexing copies: `sample` may write
@@ -204,11 +230,10 @@ class ModelRunner(BaseRunner):
         if len(inputs.sample_rows) != num_rows:
             return False
         for i, (b, row) in enumerate(inputs.sample_rows):
-            sched = sched_out.scheduled[b]
-            params = self._states[sched.req_id].params
-            if row != i or not params.is_plain_greedy:
+            state = self._states[sched_out.scheduled[b].req_id]
+            if row != i or not state.params.is_plain_greedy:
                 return False
-            if len(sched.output_token_ids) < params.min_tokens:
+            if not state.params.can_stop(len(state.output_token_ids)):
                 return False  # EOS and stop ids are still forbidden
         return True
 

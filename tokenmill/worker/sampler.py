@@ -66,9 +66,9 @@ def sample(
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """argmax of each row [N, V] -> [N]; natively on CPUs (PyTorch's bf16 argmax is slow)."""
     if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float32):
-        from tokenmill.attention.backends.cpu_kernels import cpu_kernels
+        from tokenmill.native import kernels as native_kernels
 
-        kernels = cpu_kernels()
+        kernels = native_kernels()
         if kernels is not None:
             return kernels.argmax_last_dim(logits.contiguous())
     return logits.argmax(dim=-1)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backends.base import AttentionSpec, BaseAttentionBackend, write_kv
-from tokenmill.attention.backends.cpu_kernels import cpu_kernels
 from tokenmill.attention.metadata import AttentionMetadata
+from tokenmill.native import kernels as native_kernels
 
 # SDPA's grouped-query flag arrived in torch 2.5; older versions repeat the K/V heads instead.
 _HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -52,7 +52,7 @@ class TorchAttentionBackend(BaseAttentionBackend):
     name = "torch"
 
     def __init__(self, use_native: bool = True) -> None:
-        # On the CPU, decodes use the native paged kernel when it builds (tokenmill/csrc).
+        # On the CPU, decodes use the native paged kernel when it builds (tokenmill/native/csrc).
         self.use_native = use_native
 
     def forward(
@@ -84,7 +84,7 @@ class TorchAttentionBackend(BaseAttentionBackend):
             return None
         if q.dtype not in (torch.float32, torch.bfloat16) or q.shape[-1] % 16 or q.shape[-1] > 256:
             return None
-        return cpu_kernels()
+        return native_kernels()
 
 
 def _native_attention(kernels, spec: AttentionSpec, q, kv_cache, plan: _DecodePlan):

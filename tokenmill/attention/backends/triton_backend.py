@@ -31,6 +31,26 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 
 @triton.jit
+def _online_softmax_step(
+    q, k, v, allowed, scale_log2, m_i, l_i, acc, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr
+):
+    """Fold one tile of keys/values into the running (max, sum, output) of each query row."""
+    if DOT_FP32:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    # Scores in log2 units: exp2 is the cheaper instruction.
+    scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2
+    scores = tl.where(allowed, scores, float("-inf"))  # (R, N)
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    # Rows with nothing allowed yet keep m = -inf; guard exp(-inf - -inf).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_ptr, query_start_ptr, seq_lens_ptr,
     scale, window,
@@ -40,9 +60,7 @@ def _paged_attention_kernel(
     USE_WINDOW: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
-    req = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    tile = tl.program_id(2)
+    req, kv_head, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(query_start_ptr + req)
     q_len = tl.load(query_start_ptr + req + 1) - q_start
     if tile * BLOCK_M >= q_len:
@@ -83,22 +101,12 @@ def _paged_attention_kernel(
         base = block_id * stride_cb + (k_pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
         k = tl.load(k_cache_ptr + base[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
         v = tl.load(v_cache_ptr + base[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
-        if DOT_FP32:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        # Scores in log2 units: exp2 is the cheaper instruction.
-        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2
         allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
         if USE_WINDOW:
             allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
-        scores = tl.where(allowed, scores, float("-inf"))  # (R, N)
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        # Rows with nothing allowed yet keep m = -inf; guard exp(-inf - -inf).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(
+            q, k, v, allowed, scale_log2, m_i, l_i, acc, PRECISION, DOT_FP32
+        )
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_offs = (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

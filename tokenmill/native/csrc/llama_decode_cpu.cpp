@@ -12,7 +12,9 @@
 //   kv_cache     [2, NB, BS, Hkv, D] bf16; slot_mapping [T]; block_table [T, MB]; seq_lens [T]
 
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include "kernels.h"
 #include "simd.h"
@@ -27,8 +29,8 @@ using tokenmill::load16;
 using tokenmill::store16;
 #endif
 using bf16 = at::BFloat16;
-
-inline float to_float(bf16 v) { return static_cast<float>(v); }
+using tokenmill::kLanes;
+using tokenmill::to_float;
 
 // Row-wise element work, vectorised 16 lanes at a time with a scalar tail, rows in parallel.
 template <typename F>
@@ -59,6 +61,10 @@ void norm_row(const bf16* x, const bf16* w, int64_t dim, float eps, bf16* out) {
   }
   sum = _mm512_reduce_add_ps(acc);
 #endif
+  float lanes[kLanes] = {};
+  for (; d + kLanes <= dim; d += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += to_float(x[d + l]) * to_float(x[d + l]);
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
   for (; d < dim; ++d) sum += to_float(x[d]) * to_float(x[d]);
   const float inv = 1.f / std::sqrt(sum / dim + eps);
   d = 0;
@@ -122,7 +128,7 @@ void silu_mul(const bf16* gu, int64_t n, bf16* out) {
 #endif
   for (; i < n; ++i) {
     const float g = to_float(gu[i]), u = to_float(gu[n + i]);
-    out[i] = g / (1.f + std::exp(-g)) * u;
+    out[i] = g / (1.f + tokenmill::exp_lane(-g)) * u;
   }
 }
 

@@ -1,4 +1,6 @@
-// fp32 matmul for few rows on CPUs with AVX-512: y[M, N] = x[M, K] @ W[N, K]^T.
+// fp32 matmul for few rows: y[M, N] = x[M, K] @ W[N, K]^T, with AVX-512 where the variant has it
+// (a portable loop over the same panels elsewhere, for correctness: callers use PyTorch's
+// GEMM there, see has_avx512f).
 //
 // Library SGEMM repacks the weight on every call; at decode sizes (a handful of rows against a
 // weight that is streamed from memory once) that copy costs more than the arithmetic, and a
@@ -11,7 +13,8 @@
 // activation. The micro-kernel keeps a 6 x 4-panel tile of accumulators (24 zmm) and streams K
 // once per tile; threads split the column panels, so each streams its share of the weight once.
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include "gemm_tiles.h"
 #include "kernels.h"
@@ -48,6 +51,24 @@ struct Kernel {
       for (int j = 0; j < NR; ++j) _mm512_storeu_ps(y + m * n_dim + j * kPanel, acc[m][j]);
   }
 };
+#else
+struct Kernel {
+  template <int MR, int NR>
+  static void tile(const float* x, int64_t k_dim, const float* panels, int64_t panel_stride,
+                   float* y, int64_t n_dim) {
+    float acc[MR][NR][kPanel] = {};
+    for (int64_t k = 0; k < k_dim; ++k)
+      for (int m = 0; m < MR; ++m) {
+        const float xb = x[m * k_dim + k];
+        for (int j = 0; j < NR; ++j)
+          for (int c = 0; c < kPanel; ++c)
+            acc[m][j][c] += xb * panels[j * panel_stride + k * kPanel + c];
+      }
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NR; ++j)
+        for (int c = 0; c < kPanel; ++c) y[m * n_dim + j * kPanel + c] = acc[m][j][c];
+  }
+};
 #endif
 
 }  // namespace
@@ -72,15 +93,11 @@ at::Tensor gemm_f32_packed(const at::Tensor& x, const at::Tensor& packed) {
   const int64_t num_panels = packed.size(0), n_dim = num_panels * kPanel;
   TORCH_CHECK(packed.size(1) == k_dim, "x and weight disagree on K");
   at::Tensor y = at::empty({m_dim, n_dim}, x.options());
-#if TOKENMILL_GEMM_F32
   const float* xp = x.data_ptr<float>();
   const float* wp = packed.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t panel_stride = k_dim * kPanel;
   gemm::packed_gemm<Kernel>(xp, m_dim, k_dim, wp, num_panels, panel_stride, yp);
-#else
-  TORCH_CHECK(false, "built without AVX-512");
-#endif
   return y;
 }
 

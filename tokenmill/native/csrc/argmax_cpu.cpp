@@ -6,7 +6,8 @@
 // (0 when there is none: every entry NaN or -inf).
 
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include "kernels.h"
 #include "simd.h"
@@ -21,7 +22,8 @@ void argmax_rows(const at::Tensor& logits, at::Tensor& out) {
   const T* x = logits.data_ptr<T>();
   int64_t* o = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) o[r] = std::max<int64_t>(tokenmill::max_above(x + r * n, n).second, 0);
+    for (int64_t r = begin; r < end; ++r)
+      o[r] = std::max<int64_t>(tokenmill::max_above(x + r * n, n).second, 0);
   });
 }
 

@@ -1,10 +1,16 @@
 // Small helpers shared by the CPU kernels: 16-lane loads and stores of fp32 or bf16, exp, and
 // the first position of a row's largest value.
+//
+// Every kernel has an AVX-512 path (the native variant on CPUs that have it) and a portable
+// one (the portable variant, -march=x86-64-v3 or plain -O3 on ARM): plain loops over kLanes
+// independent lanes, which the compiler vectorises without reordering any sum.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <utility>
 
@@ -16,6 +22,41 @@
 #endif
 
 namespace tokenmill {
+
+constexpr int kLanes = 16;
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+inline float bf16_bits_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof(f));
+  return f;
+}
+
+// Round to nearest even, as c10::BFloat16 does.
+inline uint16_t float_to_bf16_bits(float f) { return c10::BFloat16(f).x; }
+
+// exp(x) as exp16 computes it, one lane at a time, in arithmetic a compiler vectorises (the
+// rounding by adding and subtracting 1.5 * 2^23, the power of two built in the exponent bits).
+inline float exp_lane(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;
+  const float f = (t - n) * 0.69314718055994531f;
+  float p = 1.0f / 720;
+  p = p * f + 1.0f / 120;
+  p = p * f + 1.0f / 24;
+  p = p * f + 1.0f / 6;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
 
 #if TOKENMILL_AVX512
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -58,7 +99,7 @@ inline __m512 exp16(__m512 x) {
 
 // {largest value, its first position} of x[0, n) (fp32 or bf16) when that value exceeds
 // `above`; {above, -1} when none does (the position pass is then skipped). Two passes,
-// vectorised where AVX-512 is; NaNs never win.
+// 16 lanes at a time; NaNs never win (a comparison with a NaN is false).
 template <typename T>
 inline std::pair<float, int64_t> max_above(
     const T* x, int64_t n, float above = -std::numeric_limits<float>::infinity()) {
@@ -66,24 +107,35 @@ inline std::pair<float, int64_t> max_above(
   int64_t i = 0;
 #if TOKENMILL_AVX512
   __m512 vm = _mm512_set1_ps(m);
-  for (; i + 16 <= n; i += 16) vm = _mm512_max_ps(load16(x + i), vm);  // NaN in x: keeps vm
+  for (; i + kLanes <= n; i += kLanes) vm = _mm512_max_ps(load16(x + i), vm);  // NaN: keeps vm
   m = _mm512_reduce_max_ps(vm);
+#else
+  float lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, m);
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = to_float(x[i + l]);
+      lanes[l] = v > lanes[l] ? v : lanes[l];
+    }
+  for (int l = 0; l < kLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
 #endif
   for (; i < n; ++i) {
-    const float v = static_cast<float>(x[i]);
-    if (v > m) m = v;  // false for a NaN
+    const float v = to_float(x[i]);
+    if (v > m) m = v;
   }
   if (!(m > above)) return {above, -1};
-  i = 0;
+  for (i = 0; i + kLanes <= n; i += kLanes) {
 #if TOKENMILL_AVX512
-  const __m512 target = _mm512_set1_ps(m);
-  for (; i + 16 <= n; i += 16) {
-    const __mmask16 hit = _mm512_cmpeq_ps_mask(load16(x + i), target);
+    const __mmask16 hit = _mm512_cmpeq_ps_mask(load16(x + i), _mm512_set1_ps(m));
     if (hit) return {m, i + __builtin_ctz(hit)};
-  }
+#else
+    bool any = false;
+    for (int l = 0; l < kLanes; ++l) any |= to_float(x[i + l]) == m;
+    if (any) break;
 #endif
+  }
   for (; i < n; ++i)
-    if (static_cast<float>(x[i]) == m) return {m, i};
+    if (to_float(x[i]) == m) return {m, i};
   return {above, -1};  // not reached: m is one of the entries
 }
 

@@ -1,4 +1,6 @@
-// bf16 matmul on CPUs with AVX512-BF16, for any number of rows: y[M, N] = x[M, K] @ W[N, K]^T.
+// bf16 matmul for any number of rows: y[M, N] = x[M, K] @ W[N, K]^T, with AVX512-BF16 where the
+// variant has it (a portable loop over the same panels elsewhere, for correctness: callers
+// use PyTorch's GEMM there, see has_avx512_bf16).
 //
 // The weight is packed once into "pair-interleaved" column panels so that one 512-bit load
 // holds 16 output columns x 2 consecutive k values, exactly what vdpbf16ps multiplies against
@@ -11,7 +13,8 @@
 // bf16. Work is split over column panels on ATen's thread pool, so at one row (decode) each
 // thread streams its share of the weight exactly once.
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include "gemm_tiles.h"
 #include "kernels.h"
@@ -60,6 +63,30 @@ struct Kernel {
                             (__m256i)_mm512_cvtneps_pbh(acc[m][j]));
   }
 };
+#else
+// The same tile with fp32 accumulators in memory, summed as vdpbf16ps sums (pairs of k).
+struct Kernel {
+  template <int MR, int NR>
+  static void tile(const uint16_t* x, int64_t k_dim, const uint16_t* panels, int64_t panel_stride,
+                   uint16_t* y, int64_t n_dim) {
+    float acc[MR][NR][kPanel] = {};
+    for (int64_t kp = 0; kp < k_dim / 2; ++kp)
+      for (int m = 0; m < MR; ++m) {
+        const float x0 = bf16_bits_to_float(x[m * k_dim + 2 * kp]);
+        const float x1 = bf16_bits_to_float(x[m * k_dim + 2 * kp + 1]);
+        for (int j = 0; j < NR; ++j) {
+          const uint16_t* w = panels + j * panel_stride + kp * 2 * kPanel;
+          for (int c = 0; c < kPanel; ++c)
+            acc[m][j][c] += x0 * bf16_bits_to_float(w[2 * c]) + x1 * bf16_bits_to_float(w[2 * c + 1]);
+        }
+      }
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NR; ++j)
+        for (int c = 0; c < kPanel; ++c)
+          y[m * n_dim + j * kPanel + c] = float_to_bf16_bits(acc[m][j][c]);
+  }
+};
+#endif
 
 // Greedy decoding's lm_head: each thread folds its bf16 tiles into a running (largest value,
 // first column) per row, so the [M, vocabulary] logits never reach memory; the threads' answers
@@ -97,7 +124,6 @@ struct ArgmaxTiles {
     }
   }
 };
-#endif
 
 }  // namespace
 
@@ -120,7 +146,6 @@ at::Tensor gemm_bf16_argmax(const at::Tensor& x, const at::Tensor& packed) {
   const int64_t m_dim = x.size(0), k_dim = x.size(1), num_panels = packed.size(0);
   TORCH_CHECK(packed.size(1) * 2 == k_dim, "x and weight disagree on K");
   at::Tensor out = at::empty({m_dim}, x.options().dtype(at::kLong));
-#if TOKENMILL_GEMM
   const int threads = at::get_num_threads();
   ArgmaxTiles sink(m_dim, threads);
   gemm::packed_gemm_into<Kernel>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
@@ -141,9 +166,6 @@ at::Tensor gemm_bf16_argmax(const at::Tensor& x, const at::Tensor& packed) {
     }
     o[m] = col;
   }
-#else
-  TORCH_CHECK(false, "built without AVX512-BF16");
-#endif
   return out;
 }
 
@@ -156,15 +178,11 @@ at::Tensor gemm_bf16_packed(const at::Tensor& x, const at::Tensor& packed) {
   const int64_t num_panels = packed.size(0), n_dim = num_panels * kPanel;
   TORCH_CHECK(packed.size(1) * 2 == k_dim, "x and weight disagree on K");
   at::Tensor y = at::empty({m_dim, n_dim}, x.options());
-#if TOKENMILL_GEMM
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const int64_t panel_stride = k_dim * kPanel;  // elements per panel
   gemm::packed_gemm<Kernel>(xp, m_dim, k_dim, wp, num_panels, panel_stride, yp);
-#else
-  TORCH_CHECK(false, "built without AVX512-BF16");
-#endif
   return y;
 }
 

@@ -1,5 +1,27 @@
 // Python bindings of the native CPU kernels (one extension module for all of them).
+#include <torch/csrc/utils/pybind.h>
+
 #include "kernels.h"
+#include "simd.h"
+
+namespace {
+
+// The instruction set the variant was compiled for (the fast paths it holds).
+const char* isa() {
+#if defined(__AVX512BF16__) && TOKENMILL_AVX512
+  return "avx512_bf16";
+#elif TOKENMILL_AVX512
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__ARM_NEON)
+  return "neon";
+#else
+  return "generic";
+#endif
+}
+
+}  // namespace
 
 // The compute functions release the GIL, as PyTorch's own operators do: a server's event-loop
 // thread then streams tokens while the engine thread is inside a kernel.
@@ -10,19 +32,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_bf16_weight", &tokenmill::pack_bf16_weight, no_gil(),
         "repack a bf16 [N, K] weight into gemm_bf16_packed's panels");
   m.def("gemm_bf16_packed", &tokenmill::gemm_bf16_packed, no_gil(),
-        "x [M, K] @ W^T for a packed bf16 weight (CPU, AVX512-BF16)");
+        "x [M, K] @ W^T for a packed bf16 weight (CPU)");
   m.def("gemm_bf16_argmax", &tokenmill::gemm_bf16_argmax, no_gil(),
         "each row's argmax of x [M, K] @ W^T for a packed bf16 weight, without the product");
   m.def("pack_f32_weight", &tokenmill::pack_f32_weight, no_gil(),
         "repack an fp32 [N, K] weight into gemm_f32_packed's panels");
   m.def("gemm_f32_packed", &tokenmill::gemm_f32_packed, no_gil(),
-        "x [M, K] @ W^T for a packed fp32 weight (CPU, AVX-512), for few rows");
+        "x [M, K] @ W^T for a packed fp32 weight (CPU), for few rows");
   m.def("argmax_last_dim", &tokenmill::argmax_last_dim, no_gil(),
         "first position of each row's largest value, [N, V] -> [N] (CPU)");
   m.def("rms_norm_bf16", &tokenmill::rms_norm_bf16, no_gil(),
         "RMSNorm of bf16 rows, computed in fp32 (CPU)");
   m.def("llama_decode_layer", &tokenmill::llama_decode_layer, no_gil(),
         "one Llama decoder layer of a pure-decode step, bf16, in place on x (CPU)");
-  m.def("has_avx512f", &tokenmill::has_avx512f, "whether the fp32 GEMM is compiled in");
-  m.def("has_avx512_bf16", &tokenmill::has_avx512_bf16, "whether the bf16 GEMM is compiled in");
+  m.def("has_avx512f", &tokenmill::has_avx512f, "whether the AVX-512 paths are compiled in");
+  m.def("has_avx512_bf16", &tokenmill::has_avx512_bf16,
+        "whether the AVX512-BF16 GEMM is compiled in (else a portable loop)");
+  m.def("isa", &isa, "the instruction set the kernels were compiled for");
 }

@@ -1,7 +1,8 @@
-// The native CPU kernels of tokenmill; bindings.cpp exposes them to Python.
+// The native CPU kernels of tokenmill; bindings.cpp exposes them to Python. Kernel files
+// include ATen's core headers only (torch/extension.h alone takes ~20 s to compile).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 namespace tokenmill {
 
@@ -9,6 +10,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& v_cache, const at::Tensor& block_table,
                                   const at::Tensor& seq_lens, double scale, int64_t window);
 
+// Whether the AVX512-BF16 GEMM is compiled in (else a portable loop computes the same).
 bool has_avx512_bf16();
 
 at::Tensor pack_bf16_weight(const at::Tensor& w);
@@ -16,6 +18,7 @@ at::Tensor gemm_bf16_packed(const at::Tensor& x, const at::Tensor& packed);
 // argmax over each row of x @ W^T (bf16 values, first of equals), without the [M, N] product.
 at::Tensor gemm_bf16_argmax(const at::Tensor& x, const at::Tensor& packed);
 
+// Whether the AVX-512 fp32 GEMM (and the AVX-512 paths of the other kernels) is compiled in.
 bool has_avx512f();
 at::Tensor pack_f32_weight(const at::Tensor& w);
 at::Tensor gemm_f32_packed(const at::Tensor& x, const at::Tensor& packed);

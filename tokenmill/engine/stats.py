@@ -1,0 +1,24 @@
+"""What the engine reports about itself: one snapshot type that the server's metrics, the async
+engine and the planner read, so that nobody reaches into the scheduler or the KV manager."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks: int = 0
+    kv_cache_usage: float = 0.0  # fraction of KV blocks referenced by requests
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # tokens found there
+    # Prompt tokens of requests that got their first token, prefix-cache hits included (vLLM's
+    # meaning of the prompt-token counter).
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0  # tokens sampled
+    num_computed_tokens: int = 0  # tokens run through the model (work done)
+    num_preemptions: int = 0
+    num_model_steps: int = 0  # steps that ran the model (one per step-trace record)
+    prompt_step_time_s: float = 0.0  # wall time of the steps that computed prompt tokens
