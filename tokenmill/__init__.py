@@ -1,9 +1,9 @@
 """tokenmill: an LLM inference engine and an inference-hardware planner."""
 
-from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
+from tokenmill.outputs import CompletionOutput, Logprob, OutputKind, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "OutputKind"]
 __version__ = "0.1.0"
 
 

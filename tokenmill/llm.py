@@ -19,7 +19,7 @@ from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import OutputKind, RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.tokenizer.chat_template import apply_chat_template, with_end_of_turn
+from tokenmill.tokenizer.chat_template import with_end_of_turn
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -126,8 +126,8 @@ class LLM:
             raise InvalidRequestError("this model has no tokenizer, so no chat template")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
-            apply_chat_template(
-                tokenizer, conv, chat_template, add_generation_prompt,
+            tokenizer.apply_chat_template(
+                conv, add_generation_prompt, tokenize=True, chat_template=chat_template,
                 **(chat_template_kwargs or {}),
             )
             for conv in conversations

@@ -51,11 +51,9 @@ class CompletionOutput:
 @dataclass
 class RequestMetrics:
     arrival_time: float
-    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
-    num_cached_tokens: int = 0
     num_preemptions: int = 0
 
 

@@ -25,13 +25,9 @@ from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.build import build_engine
+from tokenmill.engine.latency import LatencyReporter, RequestObserver, StreamTrack
 from tokenmill.engine.llm_engine import LLMEngine
-from tokenmill.engine.request_stream import (
-    EngineInternalError,
-    EngineStoppedError,
-    RequestObserver,
-    RequestStream,
-)
+from tokenmill.engine.request_stream import EngineInternalError, EngineStoppedError, RequestStream
 from tokenmill.engine.stats import EngineStats
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import OutputKind, RequestOutput
@@ -85,17 +81,6 @@ class _Stop:
     reason: str
 
 
-@dataclass
-class _Track:
-    """Loop-thread bookkeeping of a stream: timing for the latency observers."""
-
-    stream: RequestStream
-    arrival: float
-    last_token_time: float | None = None
-    output_kind: OutputKind = OutputKind.DELTA
-    num_output_tokens: int = 0  # the most of any sample's tokens seen in outputs so far
-
-
 class AsyncEngine:
     """Runs an LLMEngine on a background thread and streams each request's outputs to asyncio.
 
@@ -117,8 +102,8 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._tracks: dict[str, _Track] = {}  # loop thread only
-        self._observers: tuple[RequestObserver, ...] = ()
+        self._tracks: dict[str, StreamTrack] = {}  # loop thread only
+        self._latency = LatencyReporter()
         self._accepting = True
         self._stats = ServingStats()
         self._step_time_total_s = 0.0
@@ -163,7 +148,7 @@ class AsyncEngine:
         return self._accepting and self._thread.is_alive()
 
     def add_observer(self, observer: RequestObserver) -> None:
-        self._observers = (*self._observers, observer)
+        self._latency.add(observer)
 
     def stats(self) -> ServingStats:
         """The latest snapshot (taken on the loop thread; never touches the engine)."""
@@ -309,7 +294,7 @@ class AsyncEngine:
                     priority=command.priority,
                     output_kind=command.output_kind,
                 )
-                self._tracks[stream.request_id] = _Track(
+                self._tracks[stream.request_id] = StreamTrack(
                     stream, command.arrival, output_kind=command.output_kind
                 )
             except Exception as exc:  # noqa: BLE001 - handed to the caller, who raises it
@@ -325,7 +310,7 @@ class AsyncEngine:
             self.engine.abort_request(stream.request_id)
         except Exception:  # noqa: BLE001
             logger.exception("aborting request %s failed", stream.request_id)
-        self._observe_finished("abort", track)
+        self._latency.on_finished("abort", track)
 
     def _fail_all(self, error: BaseException) -> None:
         tracks, self._tracks = self._tracks, {}
@@ -334,7 +319,7 @@ class AsyncEngine:
                 self.engine.abort_request(request_id)
             except Exception:  # noqa: BLE001
                 logger.exception("aborting request %s failed", request_id)
-            self._observe_finished("abort", track)
+            self._latency.on_finished("abort", track)
             _call_in_loop(track.stream._loop, track.stream._put, error)
 
     def _step(self) -> bool:
@@ -365,43 +350,16 @@ class AsyncEngine:
             track = self._tracks.get(output.request_id)
             if track is None:
                 continue
-            self._observe_tokens(track, output, now)
+            self._latency.on_output(track, output, now)
             if output.finished:
                 del self._tracks[output.request_id]
                 reason = output.outputs[0].finish_reason if output.outputs else "stop"
-                self._observe_finished(reason or "stop", track, now)
+                self._latency.on_finished(reason or "stop", track, now)
             batches.setdefault(track.stream._loop, []).append((track.stream, output))
         for loop, batch in batches.items():
             if not _call_in_loop(loop, _deliver, batch):
                 for stream, _ in batch:  # its event loop is gone: nobody will read these
                     self._apply_abort(stream)
-
-    def _observe_tokens(self, track: _Track, output: RequestOutput, now: float) -> None:
-        num_tokens = max((len(o.token_ids) for o in output.outputs), default=0)
-        if track.output_kind == OutputKind.DELTA:
-            num_new = num_tokens  # the most any sample gained this step
-        else:
-            num_new = max(num_tokens - track.num_output_tokens, 0)
-            track.num_output_tokens = max(track.num_output_tokens, num_tokens)
-        if not num_new:
-            return
-        last, track.last_token_time = track.last_token_time, now
-        if last is None:
-            self._notify("on_first_token", now - track.arrival)
-            return
-        # Several tokens in one step (speculative decoding) share the step's time.
-        for _ in range(num_new):
-            self._notify("on_inter_token", (now - last) / num_new)
-
-    def _observe_finished(self, reason: str, track: _Track, now: float | None = None) -> None:
-        self._notify("on_finished", reason, (now or time.monotonic()) - track.arrival)
-
-    def _notify(self, event: str, *args) -> None:
-        for observer in self._observers:
-            try:
-                getattr(observer, event)(*args)
-            except Exception:  # noqa: BLE001 - metrics must never break serving
-                logger.exception("request observer %r failed on %s", observer, event)
 
     def _snapshot(self, is_running: bool = True) -> None:
         self._stats = ServingStats(

@@ -7,7 +7,7 @@ iterates it with `async for` on that loop.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from tokenmill.errors import TokenmillError
 from tokenmill.outputs import RequestOutput
@@ -22,16 +22,6 @@ class EngineStoppedError(TokenmillError):
 
 class EngineInternalError(TokenmillError):
     """An unexpected fault inside the engine step ended this request."""
-
-
-class RequestObserver(Protocol):
-    """Per-request latency events, called on the loop thread (keep them cheap and thread-safe)."""
-
-    def on_first_token(self, ttft_s: float) -> None: ...
-
-    def on_inter_token(self, itl_s: float) -> None: ...
-
-    def on_finished(self, finish_reason: str, e2e_s: float) -> None: ...
 
 
 class RequestStream:

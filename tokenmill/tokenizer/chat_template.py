@@ -139,30 +139,6 @@ def render_chat_template(
         raise InvalidRequestError(f"chat template cannot render these messages: {exc}") from exc
 
 
-def apply_chat_template(
-    tokenizer: Tokenizer,
-    messages: list[dict[str, Any]],
-    chat_template: str | None = None,
-    add_generation_prompt: bool = True,
-    **variables: Any,
-) -> list[int]:
-    """The conversation as prompt token ids, through `chat_template` if given (instead of the
-    tokenizer's own), exactly as Tokenizer.apply_chat_template renders and tokenizes."""
-    if chat_template is None:
-        return list(
-            tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True, **variables
-            )
-        )
-    text = render_chat_template(
-        chat_template, messages, add_generation_prompt, **_token_variables(tokenizer), **variables
-    )
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if tokenizer.add_bos and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids.insert(0, tokenizer.bos_token_id)
-    return ids
-
-
 @lru_cache(maxsize=16)
 def end_of_turn_token_ids(
     tokenizer: Tokenizer, chat_template: str | None = None
@@ -196,22 +172,15 @@ def with_end_of_turn(
     return dataclasses.replace(params, stop_token_ids=(*params.stop_token_ids, *extra))
 
 
-def _token_variables(tokenizer: Tokenizer) -> dict[str, str | None]:
-    return {
-        "bos_token": tokenizer.bos_token,
-        "eos_token": tokenizer.eos_token,
-        "unk_token": tokenizer.unk_token,
-        "pad_token": tokenizer.pad_token,
-    }
-
-
 def _template_end_of_turn(tokenizer: Tokenizer, template: str) -> list[int]:
     messages = [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": _PROBE_REPLY},
     ]
     try:
-        text = render_chat_template(template, messages, False, **_token_variables(tokenizer))
+        text = render_chat_template(
+            template, messages, False, **tokenizer.special_token_variables()
+        )
     except InvalidRequestError:
         return []  # a template that wants another conversation shape: rely on known tokens
     pos = text.rfind(_PROBE_REPLY)

@@ -144,29 +144,33 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return [self.backend.id_to_token(int(i)) for i in ids]
 
+    def special_token_variables(self) -> dict[str, str | None]:
+        """The special tokens a chat template may name."""
+        return {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": self.unk_token,
+            "pad_token": self.pad_token,
+        }
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tokenize: bool = False,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> str | list[int]:
-        """Render `messages` with the model's template; token ids if `tokenize`.
+        """Render `messages` with `chat_template` (a jinja2 source) or the model's own template;
+        token ids if `tokenize`.
 
         Extra keyword arguments become template variables (e.g. `tools`, `enable_thinking`).
         """
-        if self._chat_template is None:
+        template = chat_template if chat_template is not None else self._chat_template
+        if template is None:
             raise InvalidRequestError("this model has no chat template; send a plain prompt")
-        variables = {
-            "bos_token": self.bos_token,
-            "eos_token": self.eos_token,
-            "unk_token": self.unk_token,
-            "pad_token": self.pad_token,
-            **kwargs,
-        }
-        text = render_chat_template(
-            self._chat_template, messages, add_generation_prompt, **variables
-        )
+        variables = {**self.special_token_variables(), **kwargs}
+        text = render_chat_template(template, messages, add_generation_prompt, **variables)
         if not tokenize:
             return text
         # The template writes its own BOS when it wants one; add it only if it did not.

@@ -17,6 +17,7 @@ from tokenmill.engine.interfaces import (
     BaseRunner,
     NewRequestData,
     RunnerOutput,
+    ScheduledRequest,
     SchedulerOutput,
     TokenLogprobs,
 )
@@ -112,8 +113,26 @@ class ModelRunner(BaseRunner):
         _reset_buffers(model)
         load_weights(model, loaded.iter_weights(dtype))  # one tensor at a time
         model.eval()
+        runner = cls(model, backend, loaded.arch, config, loaded.eos_token_ids)
+        runner.warm_up()
         logger.info("loaded %s in %.1fs", loaded.source, time.perf_counter() - start)
-        return cls(model, backend, loaded.arch, config, loaded.eos_token_ids)
+        return runner
+
+    def warm_up(self) -> None:
+        """A short prompt and one decode step in the scratch block, so the first request does
+        not pay for what runs once (packing weights for the native GEMMs, first allocations)."""
+        prompt = [self.arch.bos_token_id or 0] * min(8, self.block_size - 1)
+        params = SamplingParams(max_tokens=2, temperature=0)
+        steps = [
+            SchedulerOutput(
+                [ScheduledRequest("warm-up", prompt, 0, [self.scratch_block], do_sample=True)],
+                [NewRequestData("warm-up", prompt, params)], [],
+            ),
+            SchedulerOutput([ScheduledRequest("warm-up", [0], len(prompt), [], True, 1)], [], []),
+            SchedulerOutput([], [], ["warm-up"]),
+        ]  # fmt: skip
+        for step in steps:
+            self.execute(step)
 
     def sharing_weights(self, config: EngineConfig) -> ModelRunner:
         """A new runner over this one's weights (read-only), with its own KV cache and state."""
