@@ -5,6 +5,7 @@ ones (nothing left to compile, pack or warm up on a user's first request).
 
 Prints the seconds from process start to a healthy /health, then each request's end-to-end
 latency and streaming time to first token, for the same greedy chat request sent one at a time.
+The server runs with --no-prefix-caching, so that every request computes its whole prompt.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=32)
     args, serve_flags = parser.parse_known_args()
-    server = ServerProcess(*serve_flags)
+    server = ServerProcess(*serve_flags, "--no-prefix-caching")
     start = time.perf_counter()
     server.start()
     ready = time.perf_counter() - start

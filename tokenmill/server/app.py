@@ -13,6 +13,7 @@ from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from tokenmill.server.routes import router
 from tokenmill.server.state import ServerConfig, ServerState
+from tokenmill.tokenizer.chat_template import end_of_turn_token_ids
 
 
 def create_app(
@@ -53,6 +54,9 @@ def create_app(
 def attach_engine(app: FastAPI, engine: AsyncEngine) -> None:
     """Serve `engine` from now on (any thread: the state is swapped in whole)."""
     config, model_root = app.state.tokenmill_settings
+    if engine.tokenizer is not None and engine.tokenizer.chat_template is not None:
+        # Compiles the chat template now (cached), not on the first chat request.
+        end_of_turn_token_ids(engine.tokenizer)
     app.state.tokenmill = ServerState(
         engine=engine,
         config=config,
