@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests._fixtures_loader import requires_gemma3
 from tokenmill import LLM, SamplingParams
+from tokenmill.config import CacheConfig, EngineConfig, ModelConfig
+from tokenmill.engine.interfaces import BaseRunner
+from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.loader.gguf_loader import open_gguf
+from tokenmill.loader.registry import open_model
 from tokenmill.tokenizer.chat_template import end_of_turn_token_ids, with_end_of_turn
+from tokenmill.worker.model_runner import ModelRunner
 
 # Gemma's turn format, as its instruction-tuned models' templates write it.
 GEMMA_TEMPLATE = (
@@ -48,30 +52,52 @@ def test_the_templates_token_after_an_assistant_turn(smollm_tok):
     )
 
 
+class EndsTurnAfter(BaseRunner):
+    """The real model, except that each request's `n`-th sampled token becomes <end_of_turn>.
+
+    The bundled Gemma is the base model, which never predicts <end_of_turn> (log p < -12 at
+    every turn end): this stands in for an instruction-tuned model ending its reply."""
+
+    def __init__(self, inner: BaseRunner, n: int) -> None:
+        self.inner, self.n = inner, n
+        self.num_blocks = inner.num_blocks
+        self._num_sampled: dict[str, int] = {}
+
+    def execute(self, scheduler_output):
+        out = self.inner.execute(scheduler_output)
+        for req_id, tokens in out.sampled.items():
+            before = self._num_sampled.get(req_id, 0)
+            self._num_sampled[req_id] = before + len(tokens)
+            if before < self.n <= before + len(tokens):
+                tokens[self.n - before - 1] = END_OF_TURN
+        return out
+
+
 @requires_gemma3
 def test_gemma_end_of_turn_ends_a_chat_reply():
     from tokenmill.loader.default_model import gemma3_model_path
 
-    gemma3 = LLM(model=gemma3_model_path(), dtype="float32", kv_cache_memory_gib=0.25)
+    config = EngineConfig(
+        model=ModelConfig(model=gemma3_model_path(), dtype="float32"),
+        cache=CacheConfig(kv_cache_memory_gib=0.25),
+    )
+    loaded = open_model(config.model)
+    runner = EndsTurnAfter(ModelRunner.load(loaded, config), n=6)
+    gemma3 = LLM.from_engine(LLMEngine(config, runner, loaded))
     tokenizer = gemma3.get_tokenizer()
     assert tokenizer.chat_template is None and END_OF_TURN not in tokenizer.eos_token_ids
     assert end_of_turn_token_ids(tokenizer) == (END_OF_TURN,)  # known by name
     assert end_of_turn_token_ids(tokenizer, GEMMA_TEMPLATE) == (END_OF_TURN,)
-    # The bundled model is the base model, which never predicts <end_of_turn> (log p < -12).
-    # Teach it: <end_of_turn> gets twice the output embedding of "\n", so it wins wherever
-    # "\n" would (the embeddings are tied; the prompt's <end_of_turn> changes meaning too).
-    emb = gemma3.engine.runner.model.model.embed_tokens.weight
-    with torch.no_grad():
-        emb[END_OF_TURN] = 2 * emb[tokenizer.encode("\n", add_special_tokens=False)[0]]
     messages = [{"role": "user", "content": "Write a short poem about the sea."}]
     params = SamplingParams(max_tokens=24, temperature=0)
     (out,) = gemma3.chat(messages, params, use_tqdm=False, chat_template=GEMMA_TEMPLATE)
-    # Without the rule the same prompt runs on through one <end_of_turn> after another.
+    # Without the rule the same prompt runs on past <end_of_turn> to max_tokens.
     (free,) = gemma3.generate([out.prompt_token_ids], params, use_tqdm=False)
-    assert free.outputs[0].token_ids.count(END_OF_TURN) > 1
+    assert free.outputs[0].finish_reason == "length"
+    assert free.outputs[0].token_ids[5] == END_OF_TURN and len(free.outputs[0].token_ids) == 24
     reply = out.outputs[0]
     assert (reply.finish_reason, reply.stop_reason) == ("stop", END_OF_TURN)
-    assert reply.token_ids[-1] == END_OF_TURN and END_OF_TURN not in reply.token_ids[:-1]
+    assert reply.token_ids == free.outputs[0].token_ids[:6]
     assert reply.text and "<end_of_turn>" not in reply.text
     assert reply.text == tokenizer.decode(reply.token_ids[:-1])
     prompt_text = tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)

@@ -113,12 +113,7 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def test_no_import_cycles():
-    paths = {_module_name(p): p for p in _sources(".py")}
-    graph = {
-        name: sorted(m for m in _module_imports(path) if m in paths and m != name)
-        for name, path in paths.items()
-    }
+def find_cycles(graph: dict[str, list[str]]) -> list[list[str]]:
     cycles = []
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
 
@@ -134,4 +129,20 @@ def test_no_import_cycles():
     for name in graph:
         if name not in state:
             visit(name, [name])
+    return cycles
+
+
+def test_cycle_check_sees_a_cycle():
+    graph = {"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}
+    assert find_cycles(graph) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": ["b"], "b": [], "c": ["a", "b"]}) == []
+
+
+def test_no_import_cycles():
+    paths = {_module_name(p): p for p in _sources(".py")}
+    graph = {
+        name: sorted(m for m in _module_imports(path) if m in paths and m != name)
+        for name, path in paths.items()
+    }
+    cycles = find_cycles(graph)
     assert not cycles, f"import cycles: {cycles[:5]}"

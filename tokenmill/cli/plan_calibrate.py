@@ -25,16 +25,19 @@ def add_engine_settings(p: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV cache")
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def comma_separated(text: str, convert, is_valid, expected: str) -> tuple:
+    """`1,2,4` -> (1, 2, 4) for argparse; an ArgumentTypeError names what was expected."""
     try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
+        values = tuple(convert(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+        values = ()
+    if not values or not all(is_valid(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return values
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return comma_separated(text, int, lambda v: v >= 1, "comma-separated positive integers")
 
 
 def add_calibration_args(p: argparse.ArgumentParser) -> None:

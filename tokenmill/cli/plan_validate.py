@@ -12,20 +12,13 @@ from tokenmill.cli.plan_calibrate import (
     add_calibration_args,
     add_engine_settings,
     calibration_text,
+    comma_separated,
     do_calibrate,
 )
 
 
 def _rates(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected rates like 0.25,0.5,inf, got {text!r}"
-        ) from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"rates must be > 0 (or inf), got {text!r}")
-    return values
+    return comma_separated(text, float, lambda v: v > 0, "rates > 0 like 0.25,0.5,inf")
 
 
 def register(modes) -> None:
