@@ -177,7 +177,7 @@ def engine_throughput(
         start = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
-        decode = [s.wall_time_s for s in llm.engine.step_trace if s.num_prefill_tokens == 0]
+        decode = [s.wall_time_s for s in llm.engine.step_trace if not s.has_prompt_tokens]
         step = statistics.median(decode)
         results[batch] = {
             "decode_step_ms": step * 1e3, "decode_tok_s": batch / step,
