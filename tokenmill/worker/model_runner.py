@@ -122,7 +122,7 @@ class ModelRunner(BaseRunner):
         """A short prompt and one decode step in the scratch block, so the first request does
         not pay for what runs once (packing weights for the native GEMMs, first allocations)."""
         prompt = [self.arch.bos_token_id or 0] * min(8, self.block_size - 1)
-        params = SamplingParams(max_tokens=2, temperature=0)
+        params = SamplingParams(max_tokens=2, temperature=0, seed=0)  # draws no engine seed
         steps = [
             SchedulerOutput(
                 [ScheduledRequest("warm-up", prompt, 0, [self.scratch_block], do_sample=True)],
