@@ -113,3 +113,18 @@ def test_preempted_request_resends_its_whole_block_table():
 def test_a_runner_serves_one_engine(llm_fp32):
     with pytest.raises(RuntimeError, match="already serves another engine"):
         LLMEngine(llm_fp32.engine.config, llm_fp32.engine.runner, llm_fp32.engine.loaded)
+
+
+def test_reset_prefix_cache_forgets_prefixes_and_is_refused_while_blocks_are_held(llm_fp32):
+    llm = LLM.from_engine(_engine_like(llm_fp32))
+    prompt = list(range(100, 140))  # two full blocks and a partial one
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    llm.generate([prompt], params, use_tqdm=False)
+    assert llm.generate([prompt], params, use_tqdm=False)[0].num_cached_tokens == 32
+    assert llm.engine.reset_prefix_cache() > 0
+    assert llm.generate([prompt], params, use_tqdm=False)[0].num_cached_tokens == 0
+    llm.engine.add_request("held", prompt, params)
+    llm.engine.step()  # the request now holds blocks
+    with pytest.raises(RuntimeError, match="while requests hold KV blocks"):
+        llm.engine.reset_prefix_cache()
+    llm.engine.abort_request("held")

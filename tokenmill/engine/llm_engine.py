@@ -51,7 +51,6 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.step_trace: list[StepRecord] = []
         self._num_generation_tokens = 0
-        self._num_computed_tokens = 0
         self._num_model_steps = 0
         self._prompt_step_time_s = 0.0
 
@@ -143,7 +142,6 @@ class LLMEngine:
             prefix_cache_hits=kv.prefix_hits,
             num_prompt_tokens=self.output_processor.num_prompt_tokens_total,
             num_generation_tokens=self._num_generation_tokens,
-            num_computed_tokens=self._num_computed_tokens,
             num_preemptions=scheduler.num_preemptions,
             num_model_steps=self._num_model_steps,
             prompt_step_time_s=self._prompt_step_time_s,
@@ -200,7 +198,6 @@ class LLMEngine:
 
     def _account(self, sched_out: SchedulerOutput, runner_out: RunnerOutput, wall: float) -> None:
         self._num_model_steps += 1
-        self._num_computed_tokens += sched_out.num_scheduled_tokens
         if sched_out.num_prefill_tokens:
             self._prompt_step_time_s += wall
         self._num_generation_tokens += sum(len(t) for t in runner_out.sampled.values())

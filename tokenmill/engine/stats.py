@@ -18,7 +18,6 @@ class EngineStats:
     # meaning of the prompt-token counter).
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0  # tokens sampled
-    num_computed_tokens: int = 0  # tokens run through the model (work done)
     num_preemptions: int = 0
     num_model_steps: int = 0  # steps that ran the model (one per step-trace record)
     prompt_step_time_s: float = 0.0  # wall time of the steps that computed prompt tokens
