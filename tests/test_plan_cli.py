@@ -81,3 +81,96 @@ def test_bad_input_is_a_clear_error(capsys, argv, message):
     assert code == 2
     assert err.startswith("tokenmill: error:") and message in err
     assert "Traceback" not in err
+
+
+def test_compare_without_an_slo_ranks_instead_of_crashing(capsys):
+    code, out, err = _run(
+        capsys, "--model", "llama-3.1-8b", "--compare", "h100,groq-lpu", "--workload",
+        "fixed:in=100,out=20", "--concurrency", "4", "--num-prompts", "8", "--plot", "none",
+    )  # fmt: skip
+    assert code == 0 and "Traceback" not in err
+    assert "SLO none" in out and "cheapest per output token: h100" in out
+    rows = [line for line in out.splitlines() if re.match(r"\s+\d[* ] ", line)]
+    assert len(rows) == 2 and all(line.rstrip().endswith("-") for line in rows)
+
+
+def _json_plan(capsys, *argv):
+    code, out, _ = _run(capsys, *argv, "--json")
+    assert code == 0
+    return json.loads(out)
+
+
+def test_more_chips_never_lower_throughput(capsys):
+    """Extra wafers become copies or deeper pipelines, whichever serves more. A 70B model on 8 or
+    16 wafers was deepened to 8 or 16 stages, each extra hop slowing a single user down; and 64
+    users on 4 wafers were refused instead of queued."""
+    argv = ["--model", "llama-3.1-70b", "--hardware", "cerebras-wse3", "--workload",
+            "fixed:in=200,out=50", "--num-prompts", "8"]  # fmt: skip
+    for users in (1, 64):
+        throughput = []
+        for chips in (4, 8, 16):
+            res = _json_plan(capsys, *argv, "--concurrency", str(users), "--chips", str(chips))
+            throughput.append(res["throughput_tok_s"])
+            assert res["chips"] <= chips and res["placement"]["pp"] == 4
+        assert throughput == sorted(throughput), (users, throughput)
+
+
+def test_size_finds_the_fewest_replicas_meeting_the_slo(capsys):
+    """No cap at 4x the fewest chips: 8B at 1,500 req/s needs more than 4 H100s."""
+    argv = [
+        "--model",
+        "llama-3.1-8b",
+        "--hardware",
+        "h100",
+        "--workload",
+        "fixed:in=100,out=10",
+        "--rate",
+        "1500",
+        "--slo",
+        "ttft=100ms,tok_s_per_user=100",
+        "--num-prompts",
+        "32",
+        "--tp",
+        "1",
+    ]
+    res = _json_plan(capsys, *argv, "--size")  # fmt: skip
+    best = res["best"]
+    assert best["slo"]["meets"] and best["slo"]["target"] == "p99 ttft <= 100 ms, tpot <= 10 ms"
+    assert best["chips"] > 4
+    fewer = best["placement"]["replicas"] - 1
+    pl = best["placement"]
+    one_less = _json_plan(capsys, *argv, "--replicas", str(fewer), "--chips",
+                          str(pl["chips_per_replica"]))  # fmt: skip
+    assert one_less["slo"]["meets"] is False
+    costs = [d["cost_per_mtok_usd"] for d in res["designs"]]
+    assert costs == sorted(costs)
+
+
+def test_list_verbose_names_every_fitted_or_guessed_figure(capsys):
+    code, out, _ = _run(capsys, "--list", "--verbose")
+    assert code == 0
+    fitted = [line for line in out.splitlines() if line.strip().startswith("[fitted]")]
+    assert any("groq-lpu" in out and "per_kernel_overhead_us" in line for line in fitted)
+    for line in out.splitlines():
+        if line.strip().startswith("["):
+            assert re.match(r"\s+\[(fitted|guess|secondary|derived)\] \S+ = \S+ +\(.+\)$", line)
+    assert "PERIODS_MEASURED" in out and "ELECTRICITY_USD_PER_KWH" in out
+
+
+def test_sweep_draws_the_crossover_chart(capsys, tmp_path):
+    plot = tmp_path / "sweep.png"
+    code, out, _ = _run(
+        capsys, "--model", "llama-3.1-8b", "--sweep", "concurrency=1,16", "--compare",
+        "h100x2,cerebras-wse3", "--workload", "fixed:in=100,out=20", "--num-prompts", "16",
+        "--plot", str(plot),
+    )  # fmt: skip
+    assert code == 0 and plot.stat().st_size > 10_000
+    table = [line.split() for line in out.splitlines() if line.startswith(("h100x2", "cerebras"))]
+    assert [(row[0], row[1]) for row in table] == [
+        ("h100x2", "1"),
+        ("cerebras-wse3", "1"),
+        ("h100x2", "16"),
+        ("cerebras-wse3", "16"),
+    ]
+    crossover = out.split("least J/token", 1)[1].split()
+    assert crossover[:4] == ["1", "h100x2", "cerebras-wse3", "h100x2"]

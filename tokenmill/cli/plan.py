@@ -3,7 +3,11 @@
     tokenmill plan --model llama-3.1-8b --hardware h100 --workload fixed:in=1000,out=1000 \\
                    --concurrency 32 [--slo ttft=500ms,tpot=50ms] [--json]
     tokenmill plan --model llama-3.1-70b --compare h100,h200,groq-lpu,cerebras-wse3 --rate 4
-    tokenmill plan --list
+    tokenmill plan --model llama-3.1-70b --hardware h100 --size --rate 20 \\
+                   --slo ttft=2s,tpot=50ms                  # fewest chips meeting it, ranked by $
+    tokenmill plan --model llama-3.1-70b --sweep concurrency=1,4,16,64,256 \\
+                   --compare h100x8,groq-lpu,cerebras-wse3  # the crossover chart
+    tokenmill plan --list [--verbose]                   # --verbose: every guessed/fitted figure
     tokenmill plan --model smollm2-135m --calibrate-from trace.jsonl
     tokenmill plan calibrate [--dtype float32]          # run the engine here, fit this-machine
     tokenmill plan validate [--calibrate] [--rates 0.5,1,2,inf] [--num-prompts 48]
@@ -16,9 +20,10 @@ import json
 import math
 
 from tokenmill.cli import plan_calibrate, plan_validate
+from tokenmill.cli.plan_compare import DEFAULT_PLOT
 from tokenmill.errors import ConfigError
 
-DEFAULT_PLOT = "plan-pareto.png"
+SEARCH_OPEN_SAMPLE = 128  # measured requests per simulation when a search runs many
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hardware", help="catalogue name (see --list)")
     p.add_argument("--compare", help="comma-separated hardware to rank (or 'all')")
     p.add_argument("--list", action="store_true", help="list known models and hardware")
+    p.add_argument("--verbose", action="store_true", help="--list: every guessed/fitted figure")
+    p.add_argument("--size", action="store_true", help="fewest chips meeting --slo at the load")
+    p.add_argument("--sweep", help="the crossover chart: concurrency=1,4,16 or rate=1,10,100")
     p.add_argument(
         "--workload",
         default="fixed:in=1000,out=1000",
@@ -41,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, help="closed loop: requests in flight")
     p.add_argument("--rate", type=float, help="open loop: requests per second")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape (1 = Poisson)")
-    p.add_argument("--num-prompts", type=int, help="requests to simulate")
+    p.add_argument(
+        "--num-prompts", type=int, help="per replica: requests (closed loop) or measured (rate)"
+    )
     p.add_argument("--weights-dtype", default="bf16", help="fp32 | bf16 | fp16 | fp8 | int8 | int4")
     p.add_argument(
         "--kv-dtype", default=None, help="bf16 | fp16 | fp8 | int8 (default: activations)"
@@ -49,7 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chips", type=int, help="chips per replica (default: the fewest that fit)")
     p.add_argument("--tp", type=int, help="tensor-parallel width")
     p.add_argument("--replicas", type=int, default=1, help="identical replicas sharing the load")
-    p.add_argument("--slo", help="e.g. ttft=500ms,tpot=50ms[,itl=..,e2e=..][,pct=99]")
+    p.add_argument(
+        "--slo", help="e.g. ttft=500ms,tpot=50ms[,itl=..,e2e=..,tok_s_per_user=..][,pct=99]"
+    )
     p.add_argument("--spec-decode", help="speculative decoding: k=4,accept=0.7[,cost=0.05]")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -74,21 +86,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.list:
-        print(_list_text())
+        print(_list_text(args.verbose))
         return 0
     if not args.model:
         raise ConfigError("--model is required (see tokenmill plan --list)")
     if args.calibrate_from:
         return _calibrate(args)
     request = _plan_request(args)
+    loader, notes = _tokenizer_loader(request), _tokenizer_notes(request)
+    if args.sweep:
+        from tokenmill.cli.plan_sweep import run_sweep
+
+        return run_sweep(args, request, loader, notes)
+    if args.size and request.slo is None:
+        raise ConfigError("--size needs --slo: the targets the deployment must meet")
     if args.compare:
-        return _compare(args, request)
+        from tokenmill.cli.plan_compare import run_compare
+
+        return run_compare(args, request, loader, notes)
     if not args.hardware:
         raise ConfigError("give --hardware NAME or --compare NAME,NAME,... (see --list)")
-    from tokenmill.plan.planner import run_plan
-    from tokenmill.plan.report import to_json, to_text
+    if args.size:
+        from tokenmill.cli.plan_compare import run_size
 
-    result = run_plan(request, _tokenizer_loader(request))
+        return run_size(args, request, loader, notes)
+    from tokenmill.plan.planner import build_sample, run_plan
+    from tokenmill.plan.report import to_json, to_text
+    from tokenmill.plan.search import best_on_chips
+
+    if request.chips and not request.tp:
+        result, _ = best_on_chips(request, build_sample(request, loader))
+    else:
+        result = run_plan(request, loader)
     if args.json:
         out = to_json(result)
         out["notes"] += _tokenizer_notes(request)
@@ -103,29 +132,35 @@ def run(args: argparse.Namespace) -> int:
 def _plan_request(args: argparse.Namespace):
     from tokenmill.perf.dtypes import Precision
     from tokenmill.plan.planner import PlanRequest
-    from tokenmill.workload.slo import parse_slo
 
     if args.burstiness <= 0 or not math.isfinite(args.burstiness):
         raise ConfigError(f"--burstiness must be a positive number, got {args.burstiness}")
     for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    concurrency, rate = args.concurrency, args.rate
+    if args.sweep and concurrency is None and rate is None:
+        from tokenmill.plan.sweep import parse_sweep
+
+        key, values = parse_sweep(args.sweep)  # the first value stands in until the sweep
+        concurrency, rate = (int(values[0]), None) if key == "concurrency" else (None, values[0])
     num_prompts = args.num_prompts
-    if num_prompts is None and args.compare and args.concurrency:
-        num_prompts = max(2 * args.concurrency, 32)  # many simulations: keep each short
+    searching = args.compare or args.size or args.sweep
+    if num_prompts is None and searching:  # many simulations: keep each short
+        num_prompts = SEARCH_OPEN_SAMPLE if rate else max(2 * (concurrency or 1), 32)
     return PlanRequest(
         model=args.model,
         hardware=args.hardware or "h100",
         workload=args.workload,
-        concurrency=args.concurrency,
-        rate=args.rate,
+        concurrency=concurrency,
+        rate=rate,
         burstiness=args.burstiness,
         num_prompts=num_prompts,
         precision=Precision(weights=args.weights_dtype, kv=args.kv_dtype),
         chips=args.chips,
         tp=args.tp,
         replicas=args.replicas,
-        slo=parse_slo(args.slo) if args.slo else None,
+        slo=_parse_slo(args.slo) if args.slo else None,
         spec=_parse_spec_decode(args.spec_decode) if args.spec_decode else None,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -134,6 +169,33 @@ def _plan_request(args: argparse.Namespace):
         seed=args.seed,
         jitter=not args.no_jitter,
     )
+
+
+def _parse_slo(text: str):
+    """workload/slo.py's syntax plus `tok_s_per_user=N`: every request's TPOT within 1/N."""
+    import dataclasses
+
+    from tokenmill.workload.slo import SLO, parse_slo
+
+    items, speed = [], None
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, _, raw = item.partition("=")
+        if key.strip().lower() != "tok_s_per_user":
+            items.append(item)
+            continue
+        try:
+            speed = float(raw)
+        except ValueError:
+            raise ConfigError(f"bad SLO item {item!r}: tok_s_per_user takes a number") from None
+        if not speed > 0:
+            raise ConfigError(f"bad SLO item {item!r}: tok_s_per_user must be positive")
+    slo = parse_slo(",".join(items)) if items else SLO()
+    if speed is not None:
+        tpot = 1 / speed if slo.tpot_s is None else min(slo.tpot_s, 1 / speed)
+        slo = dataclasses.replace(slo, tpot_s=tpot)
+    if not slo.targets_ms():
+        raise ConfigError(f"SLO {text!r} sets no target")
+    return slo
 
 
 def _parse_spec_decode(text: str):
@@ -175,86 +237,6 @@ def _tokenizer_notes(request) -> list[str]:
     return [f"ShareGPT lengths measured with the {PROXY_NAME} tokenizer as a proxy for the model's"]
 
 
-def _compare(args: argparse.Namespace, request) -> int:
-    from tokenmill.plan.compare import compare, plot_pareto
-    from tokenmill.plan.hardware import THIS_MACHINE, list_hardware
-    from tokenmill.plan.report import to_json
-
-    names = [n.strip() for n in args.compare.split(",") if n.strip()]
-    if names == ["all"]:
-        names = [n for n in list_hardware() if n != THIS_MACHINE]
-    comparison = compare(request, names, _tokenizer_loader(request))
-    plot = args.plot or DEFAULT_PLOT
-    title = f"{request.model}, {request.workload}, {request.precision.describe()}"
-    if plot != "none" and any(e.result for e in comparison.entries):
-        plot_pareto(comparison, plot, title)
-    notes = _tokenizer_notes(request)
-    if args.json:
-        print(json.dumps({**_compare_json(comparison, plot, to_json), "notes": notes}, indent=2))
-    else:
-        print(_compare_text(comparison, request, plot))
-        for note in notes:
-            print(f"note: {note}")
-    return 0
-
-
-def _compare_json(comparison, plot: str, to_json) -> dict:
-    results = [
-        to_json(e.result) if e.result else {"hardware": e.hardware, "error": e.error}
-        for e in comparison.entries
-    ]
-    cheapest = comparison.cheapest
-    return {
-        "results": results,
-        "cheapest": None if cheapest is None else to_json(cheapest.result),
-        "pareto": list(comparison.pareto),
-        "plot": None if plot == "none" else plot,
-    }
-
-
-def _compare_text(comparison, request, plot: str) -> str:
-    from tokenmill.plan.compare import config_label
-
-    slo = request.slo.describe() if request.slo else "none"
-    lines = [
-        f"tokenmill plan --compare: {request.model}, {request.precision.describe()}; SLO {slo}",
-        f"{'rank':>4}  {'best configuration tried':<32}{'tok/s/user':>11}{'TTFT p99':>10}"
-        f"{'TPOT p99':>10}{'tok/s':>10}{'$/Mtok':>9}{'J/tok':>8}  SLO",
-    ]
-    pareto = {id(comparison.entries[i]) for i in comparison.pareto}
-    for rank, e in enumerate(comparison.best_per_hardware(), 1):
-        if e.result is None:
-            lines.append(f"{'-':>4}  {e.hardware}: {e.error}")
-            continue
-        m, econ = e.result.metrics, e.result.economics
-        verdict = {True: "meets", False: f"misses ({m.slo_attainment:.0%})", None: "-"}[m.meets_slo]
-        front = "*" if id(e) in pareto else " "
-        lines.append(
-            f"{rank:>4}{front} {config_label(e.result):<32}{m.per_user_tok_s:>11,.1f}"
-            f"{m.ttft.p99 * 1e3:>8,.0f}ms{m.tpot.p99 * 1e3:>8,.1f}ms"
-            f"{m.output_tok_s * e.result.placement.replicas:>10,.0f}{econ.cost_per_mtok_usd:>9,.3f}"
-            f"{econ.joules_per_token:>8,.2f}  {verdict}"
-        )
-    first = next((e.result for e in comparison.entries if e.result), None)
-    if first is not None:
-        lines.insert(1, f"workload: {first.workload}")
-    best = comparison.cheapest
-    if best is None:
-        lines.append(f"no configuration tried meets the SLO ({slo})")
-    else:
-        what = "meeting the SLO" if request.slo else "per output token"
-        lines.append(
-            f"cheapest {what}: {config_label(best.result)} at ${best.cost:,.3f} per M output tokens"
-        )
-    lines.append(
-        f"{len(comparison.entries)} configurations simulated (all in --json); "
-        "* = on the Pareto frontier of cost vs tokens/s per user"
-    )
-    if plot != "none":
-        lines.append(f"Pareto plot (every configuration): {plot}")
-    return "\n".join(lines)
-
-
 def _calibrate(args: argparse.Namespace) -> int:
     from tokenmill.perf.dtypes import Precision
     from tokenmill.perf.trace import read_trace
@@ -279,7 +261,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list_text() -> str:
+def _list_text(verbose: bool = False) -> str:
     from tokenmill.perf.model import num_params
     from tokenmill.plan.hardware import get_hardware, list_hardware
     from tokenmill.plan.models import get_model, list_models
@@ -296,4 +278,8 @@ def _list_text() -> str:
             f"{mem.bandwidth_bytes_s / 1e12:,.2f} TB/s, {hw.economics.describe()}  "
             f"({hw.display_name})"
         )
+    if verbose:
+        from tokenmill.plan.assumptions import all_assumptions, format_assumptions
+
+        lines.append(format_assumptions(all_assumptions()))
     return "\n".join(lines)

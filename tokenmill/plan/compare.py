@@ -1,10 +1,10 @@
 """Rank hardware for one model and workload, find the cheapest configuration that meets the SLO,
 and draw cost per million tokens against tokens/s per user.
 
-Per hardware, configurations are tried in order of chip count: the fewest chips that fit, then
-up to four times as many (wider tensor parallel where the link domain allows, deeper pipelines,
-or more replicas). With an SLO the search stops at the first configuration that meets it; without, the
-first two are kept for the plot.
+With an SLO, each hardware is sized (plan/search.py): every design's fewest replicas meeting the
+SLO, with no cap on the chips; the cheapest wins. Without one, each hardware's default placement
+(the fewest chips, in the vendor's node size) and the best use of twice as many chips are kept
+for the plot.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from dataclasses import dataclass
 
 from tokenmill.errors import ConfigError
 from tokenmill.plan.hardware import get_hardware
-from tokenmill.plan.models import get_model
-from tokenmill.plan.placement import place, tp_candidates
-from tokenmill.plan.planner import PlanRequest, PlanResult, kv_target, replica_workload, run_plan
+from tokenmill.plan.planner import PlanRequest, PlanResult, build_sample, run_plan
+from tokenmill.plan.search import best_on_chips, size
 from tokenmill.workload.sharegpt import TextEncoder
-from tokenmill.workload.spec import parse_workload
 from tokenmill.workload.types import Workload
 
 
@@ -62,61 +60,19 @@ def _preference(e: CompareEntry) -> tuple:
     return (0 if e.meets_slo in (True, None) else 1, -(attained or 0.0), e.cost)
 
 
-def _configs(base: PlanRequest, min_chips: int, widths: Sequence[int]) -> list[PlanRequest]:
-    """The fewest chips, then up to 4x as many: wider tensor-parallel widths, deeper pipelines,
-    more replicas; in order of chip count."""
-    sizes = {min_chips * f for f in (2, 4)} | {t for t in widths if min_chips < t <= 4 * min_chips}
-    configs = [(min_chips, 1)] + [(n, 1) for n in sizes] + [(min_chips, r) for r in (2, 4)]
-    configs.sort(key=lambda c: (c[0] * c[1], c[1]))
-    return [
-        dataclasses.replace(base, chips=None if n == min_chips else n, replicas=r)
-        for n, r in configs
-    ]
-
-
-class _Workloads:
-    """Each replica count's workload, built once (ShareGPT sampling tokenizes) and shared by
-    every hardware."""
-
-    def __init__(self, base: PlanRequest, loader: Callable[[], TextEncoder] | None) -> None:
-        self.base = base
-        self.spec = parse_workload(base.workload)
-        self.loader = loader
-        self._cache: dict[int, Workload] = {}
-
-    def get(self, replicas: int) -> Workload:
-        if replicas not in self._cache:
-            tokenizer = self.loader() if self.spec.needs_tokenizer and self.loader else None
-            req = dataclasses.replace(self.base, replicas=replicas)
-            self._cache[replicas] = replica_workload(req, self.spec, tokenizer)
-        return self._cache[replicas]
-
-
-def _try(req: PlanRequest, workloads: _Workloads) -> CompareEntry:
+def _hardware_entries(req: PlanRequest, sample: Workload) -> list[CompareEntry]:
     try:
-        return CompareEntry(req.hardware, run_plan(req, workload=workloads.get(req.replicas)))
-    except ConfigError as exc:
-        return CompareEntry(req.hardware, None, str(exc))
-
-
-def _hardware_entries(req: PlanRequest, workloads: _Workloads) -> list[CompareEntry]:
-    model, hw = get_model(req.model), get_hardware(req.hardware)
-    try:
-        _, kv_tokens = kv_target(req, workloads.get(1))
-        n0 = place(model.arch, hw, req.precision, kv_tokens).chips_per_replica
+        if req.slo is not None:
+            sizing = size(req, sample)
+            return [CompareEntry(req.hardware, r) for r in sizing.tried] or [
+                CompareEntry(req.hardware, None, "; ".join(sizing.notes) or "no layout fits")
+            ]
+        first = run_plan(req, sample=sample)
+        wider = dataclasses.replace(req, chips=2 * first.placement.chips_per_replica)
+        _, tried = best_on_chips(wider, sample)
+        return [CompareEntry(req.hardware, first)] + [CompareEntry(req.hardware, r) for r in tried]
     except ConfigError as exc:
         return [CompareEntry(req.hardware, None, str(exc))]
-    tried: list[CompareEntry] = []
-    for cfg in _configs(req, n0, tp_candidates(model.arch, hw)):
-        entry = _try(cfg, workloads)
-        if entry.result is None and tried:
-            continue
-        tried.append(entry)
-        if req.slo is not None and entry.meets_slo:
-            break
-        if req.slo is None and len(tried) == 2:
-            break
-    return tried
 
 
 def compare(
@@ -125,11 +81,11 @@ def compare(
     tokenizer_loader: Callable[[], TextEncoder] | None = None,
 ) -> Comparison:
     """Every configuration tried on each of `hardware`, ranked; the cheapest meeting the SLO."""
-    workloads = _Workloads(base, tokenizer_loader)
+    sample = build_sample(base, tokenizer_loader)
     entries: list[CompareEntry] = []
     for name in hardware:
         req = dataclasses.replace(base, hardware=get_hardware(name).name, chips=None, replicas=1)
-        entries.extend(_hardware_entries(req, workloads))
+        entries.extend(_hardware_entries(req, sample))
     ranked = sorted(entries, key=lambda e: (e.result is None, not e.meets_slo, e.cost))
     ok = [e for e in ranked if e.result is not None and (base.slo is None or e.meets_slo)]
     return Comparison(tuple(ranked), ok[0] if ok else None, _pareto(ranked))

@@ -32,19 +32,19 @@ def economics(
     metrics: SimMetrics,
     hw: HardwareSpec,
     num_chips: int,
-    replicas: int,
+    scale: float,
     prefill_share: float,
 ) -> Economics:
-    """`metrics` are one replica's; `replicas` identical ones serve the whole load."""
+    """`metrics` are one replica's; the whole deployment carries `scale` times its traffic."""
     hourly = hw.economics.hourly_cost_usd() * num_chips
-    out_per_hour = metrics.output_tok_s * replicas * 3600
-    in_per_hour = metrics.input_tok_s * replicas * 3600
+    out_per_hour = metrics.output_tok_s * scale * 3600
+    in_per_hour = metrics.input_tok_s * scale * 3600
     power_kw = hw.economics.power_w * num_chips / 1000
 
     def per_million(cost: float, tokens: float) -> float:
         return cost / tokens * 1e6 if tokens > 0 else float("inf")
 
-    total_out_s = metrics.output_tok_s * replicas
+    total_out_s = metrics.output_tok_s * scale
     return Economics(
         num_chips=num_chips,
         hourly_usd=hourly,

@@ -8,6 +8,8 @@ bundled uncalibrated default.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -80,6 +82,7 @@ class HardwareSpec:
     sources: dict[str, str] = field(hash=False)
     aliases: tuple[str, ...] = ()
     calibrated: bool | None = None  # only this-machine says
+    deployment_unit: int = 1  # chips the vendor deploys together (a node); replicas fill them
 
     @property
     def is_static(self) -> bool:
@@ -158,6 +161,7 @@ def spec_from_dict(raw: dict[str, Any], origin: str) -> HardwareSpec:
         sources=figs.sources,
         aliases=tuple(raw.get("aliases", ())),
         calibrated=raw.get("calibrated"),
+        deployment_unit=int(figs.get(raw.get("deployment", {}), "unit_chips", "deployment", 1.0)),
     )
 
 
@@ -203,12 +207,24 @@ def _catalogue_files() -> dict[str, Any]:
     return {f.name.removesuffix(".toml"): f for f in folder.iterdir() if f.name.endswith(".toml")}
 
 
+@functools.cache
+def _bundled(name: str) -> tuple[dict[str, Any], str]:
+    """A bundled catalogue file, parsed once (searches place hundreds of plans)."""
+    entry = _catalogue_files()[name]
+    return tomllib.loads(entry.read_text(encoding="utf-8")), f"catalogue/{entry.name}"
+
+
 def _load_raw(name: str) -> tuple[dict[str, Any], str]:
     if name == THIS_MACHINE and calibrated_path().exists():
         path = calibrated_path()
         return json.loads(path.read_text(encoding="utf-8")), str(path)
-    entry = _catalogue_files()[name]
-    return tomllib.loads(entry.read_text(encoding="utf-8")), f"catalogue/{entry.name}"
+    raw, origin = _bundled(name)
+    return copy.deepcopy(raw), origin
+
+
+def raw_entry(name: str) -> dict[str, Any]:
+    """The parsed catalogue file of `name` (a copy)."""
+    return _load_raw(name)[0]
 
 
 def list_hardware() -> list[str]:

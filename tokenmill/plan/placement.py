@@ -158,6 +158,14 @@ def _balanced(
     return _split(greedy, s, pp)
 
 
+def fewest_stages(
+    arch: ArchConfig, hw: HardwareSpec, p: Precision, kv_tokens: int, tp: int
+) -> int | None:
+    """Pipeline stages a `tp`-wide replica needs to hold the weights and `kv_tokens` of KV."""
+    stages = _pack(arch, _sizes(arch, p, tp), hw.profile.state_capacity_bytes(), kv_tokens)
+    return None if stages is None else len(stages)
+
+
 def _layout(
     arch: ArchConfig,
     hw: HardwareSpec,
@@ -194,9 +202,14 @@ def place(
     tp: int | None = None,
     replicas: int = 1,
     model_name: str = "model",
+    min_kv_tokens: int | None = None,
 ) -> Placement:
     """Fewest chips per replica holding the weights and `kv_target_tokens` of KV cache (or the
-    best layout on exactly `chips` chips, or with tensor-parallel width `tp`)."""
+    best layout on exactly `chips` chips, or with tensor-parallel width `tp`).
+
+    With `chips` fixed and `min_kv_tokens` (one longest request) given, memory is fixed: the KV
+    cache gets what the weights leave, at least `min_kv_tokens`, and the engine queues what does
+    not fit; only weights plus one request that do not fit are refused."""
     if replicas < 1 or (chips is not None and chips < 1) or (tp is not None and tp < 1):
         raise ConfigError("chips, tp and replicas must be >= 1")
     if tp is not None and tp not in tp_candidates(arch, hw) and tp != 1:
@@ -206,6 +219,15 @@ def place(
             f"{hw.scale_up.domain_size}; valid: {tp_candidates(arch, hw)}"
         )
     found = _layout(arch, hw, precision, kv_target_tokens, tp, chips)
+    unit = hw.deployment_unit
+    if found is not None and chips is None and tp is None and unit > 1:
+        # The vendor's deployment: whole nodes, the chips of the last one used too.
+        num = found[0] * len(found[1])
+        whole = _layout(arch, hw, precision, kv_target_tokens, None, math.ceil(num / unit) * unit)
+        found = whole or found
+    if found is None and chips is not None and min_kv_tokens is not None:
+        kv_target_tokens = min(kv_target_tokens, min_kv_tokens)
+        found = _layout(arch, hw, precision, kv_target_tokens, tp, chips)
     if found is None:
         raise PlacementError(_shortfall(arch, hw, precision, kv_target_tokens, chips, model_name))
     t, stages, sizes = found
@@ -259,6 +281,8 @@ def explain(
     kv = kv_tokens * kv_bytes_per_token(arch, p.kv)
     cap = pl.chip_capacity_bytes / 1e9
     how = "as asked" if chips else "the fewest that fit"
+    if not chips and hw.deployment_unit > 1:
+        how += f", in whole {hw.deployment_unit}-chip nodes"
     parts = [
         f"{name}: {w:,.1f} GB of weights ({p.weights}) + {kv / 1e9:,.1f} GB KV ({p.kv}) "
         f"for {kv_tokens:,} tokens.",

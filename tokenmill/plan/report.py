@@ -44,9 +44,11 @@ def to_json(r: PlanResult) -> dict[str, Any]:
         "itl_ms": _stats_ms(m.itl),
         "e2e_ms": _stats_ms(m.e2e),
         "per_user_tok_s": m.per_user_tok_s,
-        "throughput_tok_s": m.output_tok_s * reps,
-        "input_throughput_tok_s": m.input_tok_s * reps,
-        "request_throughput_s": m.request_s * reps,
+        "throughput_tok_s": r.output_tok_s,
+        "offered_tok_s": None if m.offered_tok_s is None else m.offered_tok_s * r.scale,
+        "overloaded": m.is_overloaded,
+        "input_throughput_tok_s": r.input_tok_s,
+        "request_throughput_s": m.request_s * r.scale,
         "throughput_per_chip_tok_s": e.output_tok_s_per_chip,
         "tokens_per_usd": e.output_tok_per_usd,
         "hourly_usd": e.hourly_usd,
@@ -61,7 +63,7 @@ def to_json(r: PlanResult) -> dict[str, Any]:
             "target": slo.describe(),
             "attainment": m.slo_attainment,
             "meets": m.meets_slo,
-            "goodput_req_s": (m.goodput_req_s or 0.0) * reps,
+            "goodput_req_s": (m.goodput_req_s or 0.0) * r.scale,
         },
         "notes": list(r.notes),
         "sim": {
@@ -99,9 +101,9 @@ def to_text(r: PlanResult) -> str:
         _row("ITL ms", m.itl, 1e3, ",.2f"),
         _row("E2E s", m.e2e, 1, ",.2f"),
         "",
-        f"{'throughput':<11}{m.output_tok_s * reps:,.0f} output tok/s "
-        f"({e.output_tok_s_per_chip:,.1f} per chip), {m.input_tok_s * reps:,.0f} input tok/s, "
-        f"{m.request_s * reps:,.2f} req/s",
+        f"{'throughput':<11}{r.output_tok_s:,.0f} output tok/s "
+        f"({e.output_tok_s_per_chip:,.1f} per chip), {r.input_tok_s:,.0f} input tok/s, "
+        f"{m.request_s * r.scale:,.2f} req/s",
         f"{'per user':<11}{m.per_user_tok_s:,.1f} tok/s (1 / median TPOT)",
         f"{'cost':<11}{pl.num_chips} x {hw.economics.describe()} = ${e.hourly_usd:,.2f}/h -> "
         f"${e.cost_per_mtok_usd:,.3f} per M output tokens",
@@ -115,10 +117,10 @@ def to_text(r: PlanResult) -> str:
         verdict = "MEETS" if m.meets_slo else "MISSES"
         lines.append(
             f"{'SLO':<11}{slo.describe()}: {m.slo_attainment:.1%} of requests within -> {verdict} "
-            f"(goodput {(m.goodput_req_s or 0) * reps:,.2f} req/s)"
+            f"(goodput {(m.goodput_req_s or 0) * r.scale:,.2f} req/s)"
         )
     lines.append(
-        f"{'simulated':<11}{m.num_requests} requests per replica, {r.num_steps:,} steps, "
+        f"{'simulated':<11}{m.num_requests} requests measured per replica, {r.num_steps:,} steps, "
         f"{m.duration_s:,.1f} s virtual in {r.sim_wall_s:.1f} s"
     )
     lines += [_wrap("note", n) for n in r.notes]

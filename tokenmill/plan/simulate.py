@@ -92,8 +92,11 @@ def _check_fits(workload: Workload, config: SimConfig) -> None:
         )
 
 
-def simulate(workload: Workload, runner: SimRunner, config: SimConfig) -> SimResult:
-    """Run `workload` through the real Scheduler and KVCacheManager on `runner`'s clock."""
+def simulate(
+    workload: Workload, runner: SimRunner, config: SimConfig, until: int | None = None
+) -> SimResult:
+    """Run `workload` through the real Scheduler and KVCacheManager on `runner`'s clock; with
+    `until`, stop once the first `until` requests (in arrival order) have finished."""
     _check_fits(workload, config)
     kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
     scheduler = Scheduler(config.scheduler, kv, config.max_model_len)
@@ -103,7 +106,8 @@ def simulate(workload: Workload, runner: SimRunner, config: SimConfig) -> SimRes
     limit = workload.max_concurrency
     # When each free client slot became free: a request is sent at max(its arrival, that).
     free_slots = deque([0.0] * (limit or 0))
-    while pending or scheduler.has_unfinished():
+    num_left = workload.num_requests if until is None else min(until, workload.num_requests)
+    while num_left and (pending or scheduler.has_unfinished()):
         while pending and pending[0][1].arrival_s <= runner.now and (limit is None or free_slots):
             idx, wreq = pending.popleft()
             sent = max(wreq.arrival_s, free_slots.popleft() if limit else 0.0)
@@ -132,6 +136,7 @@ def simulate(workload: Workload, runner: SimRunner, config: SimConfig) -> SimRes
             if request.is_finished:
                 rec.finish_s = runner.now
                 rec.num_preemptions = request.num_preemptions
+                num_left -= int(request.request_id) < (until or workload.num_requests)
                 if limit:
                     free_slots.append(runner.now)
         if runner.num_steps > config.max_steps:
