@@ -4,7 +4,10 @@ while a long request served at the same time completes unharmed. Also 401, 413 a
 from __future__ import annotations
 
 import contextlib
+import json
+import socket
 import threading
+import time
 
 import httpx
 import openai
@@ -13,9 +16,11 @@ import pytest
 from tests.server_fixtures import API_KEY, MODEL_NAME, server_fixture, wait_for
 
 MAX_BODY = 65536
+MAX_CONNECTIONS = 12
 server = server_fixture(
     "--max-num-seqs", "2", "--max-queue", "2", "--max-body-bytes", str(MAX_BODY),
-    "--kv-cache-memory", "0.25", api_key=API_KEY,
+    "--kv-cache-memory", "0.25", "--header-timeout", "1", "--body-timeout", "1",
+    "--max-connections", str(MAX_CONNECTIONS), api_key=API_KEY,
 )  # fmt: skip
 
 CMPL = "/v1/completions"
@@ -40,6 +45,8 @@ BAD_INPUTS = [
      "repetition_penalty"),
     (CMPL, {"prompt": "hi", "n": 0}, 400, ["n must be"], "n"),
     (CMPL, {"prompt": "hi", "n": 1.5}, 400, ["'n'"], "n"),
+    (CMPL, {"prompt": "hi", "n": 3}, 400, ["n (3)", "--max-queue"], "n"),  # can never fit
+    (CMPL, {"prompt": ["a", "b"], "n": 2}, 400, ["n x prompts (4)"], "n"),
     (CMPL, {"prompt": "hi", "max_tokens": 0}, 400, ["max_tokens"], "max_tokens"),
     (CMPL, {"prompt": "hi", "max_tokens": "many"}, 400, ["max_tokens"], "max_tokens"),
     (CMPL, {"prompt": "hi", "min_tokens": 9, "max_tokens": 5}, 400, ["min_tokens"], "min_tokens"),
@@ -142,6 +149,12 @@ def test_api_key(server):
         openai.OpenAI(base_url=server.url("/v1"), api_key="wrong", max_retries=0).models.list()
     assert httpx.get(server.url("/health")).status_code == 200  # probes need no key
     assert httpx.get(server.url("/metrics")).status_code == 200
+    for scheme in ("bearer", "BEARER", "Bearer"):  # the scheme is case-insensitive (RFC 7235)
+        r = httpx.get(server.url("/v1/models"), headers={"Authorization": f"{scheme} {API_KEY}"})
+        assert r.status_code == 200, scheme
+    for path in ("/docs", "/redoc", "/openapi.json"):  # the API's description needs the key
+        assert_error(httpx.get(server.url(path)), 401, ["API key"])
+        assert httpx.get(server.url(path), headers=server.headers).status_code == 200
 
 
 def test_body_too_large(server):
@@ -185,3 +198,54 @@ def test_queue_full_gets_429_and_service_recovers(server):
     assert wait_for(lambda: server.metrics()["tokenmill:kv_cache_usage_perc"] == 0, 20)
     r = post(server, CHAT, {"messages": USER, "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+def raw_reply(sock: socket.socket, timeout_s: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    sock.settimeout(timeout_s)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_slow_headers_and_slow_bodies_get_408(server):
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port)) as slow_headers:
+        slow_headers.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        reply = raw_reply(slow_headers)
+    assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 8
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    )
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port)) as slow_body:
+        slow_body.sendall(head.encode() + b'{"prompt": ')
+        reply = raw_reply(slow_body)
+    assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 8
+    assert b"request body was not received" in reply
+    assert httpx.get(server.url("/health")).status_code == 200
+
+
+def test_connections_over_the_cap_are_refused_then_served_again(server):
+    with contextlib.ExitStack() as stack:
+        socks = [
+            stack.enter_context(socket.create_connection(("127.0.0.1", server.port)))
+            for _ in range(MAX_CONNECTIONS + 1)
+        ]
+        time.sleep(0.3)  # well within the 1 s header timeout: the open ones hear nothing
+        replies = []
+        for sock in socks:
+            sock.setblocking(False)
+            try:
+                replies.append(sock.recv(65536))
+            except BlockingIOError:
+                replies.append(None)
+    refused = [r for r in replies if r is not None]
+    assert refused and all(r.startswith(b"HTTP/1.1 503") for r in refused), replies
+    assert b"too_many_connections" in refused[0]
+    assert replies[0] is None  # the first ones were within the cap
+    # The idle ones are closed now: new requests are served.
+    assert wait_for(lambda: httpx.get(server.url("/health")).status_code == 200, 10)

@@ -9,6 +9,8 @@ max_completion_tokens are always present and tiny, or invalid.
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import httpx
 import pytest
@@ -20,6 +22,7 @@ from tests.server_fixtures import MODEL_NAME, SHARED_ARGS, shared_server_fixture
 server = shared_server_fixture(*SHARED_ARGS)
 
 TIMEOUT_S = 120.0  # far above any legal request here; reaching it is a hang
+HEALTH_LATENCY_S = 5.0  # the event loop is never blocked for long
 
 JSON_SCALAR = (
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
@@ -31,6 +34,7 @@ ANY_JSON = st.recursive(
     ),
     max_leaves=8,
 )
+JSON_DICT = st.dictionaries(st.text(max_size=6), ANY_JSON, max_size=3)
 WRONG_TYPES = (
     st.text(max_size=5)
     | st.booleans()
@@ -87,6 +91,45 @@ PLAUSIBLE = {
     | st.just({})
     | st.dictionaries(st.text(max_size=3), SMALL_FLOAT, max_size=2),
     "priority": st.integers(-5, 5) | EDGE_INTS,
+    # Structured outputs and tools: mostly legal, so the grammar paths run.
+    "response_format": st.none()
+    | st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"}])
+    | st.builds(
+        lambda schema, strict: {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": schema, "strict": strict},
+        },
+        st.sampled_from(
+            [
+                {"type": "object"},
+                {"type": "integer", "minimum": 3},
+                {"enum": [1, "a"]},
+                {"type": "array", "uniqueItems": True},
+                {"type": "bogus"},
+            ]
+        )
+        | JSON_DICT,
+        st.none() | st.booleans(),
+    ),
+    "guided_choice": st.none() | st.lists(st.text(max_size=6), max_size=3),
+    "guided_regex": st.none()
+    | st.sampled_from(["[a-c]{2}", "(", "\\d+", ""])
+    | st.text(max_size=6),
+    "tools": st.none()
+    | st.lists(
+        st.builds(
+            lambda name, params: {
+                "type": "function",
+                "function": {"name": name, "parameters": params},
+            },
+            st.sampled_from(["f", "get_x", "bad name", ""]),
+            st.none() | JSON_DICT,
+        ),
+        max_size=2,
+    ),
+    "tool_choice": st.none()
+    | st.sampled_from(["none", "auto", "required", "other"])
+    | st.just({"type": "function", "function": {"name": "f"}}),
 }
 
 
@@ -186,8 +229,24 @@ def test_fuzz_generation_endpoints(server, strategies, path):
         )
         check_response(response, raw[:300])
 
-    run()
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:  # /health answers promptly all through the run
+        while not done.wait(0.5):
+            start = time.monotonic()
+            httpx.get(server.url("/health"), timeout=TIMEOUT_S)
+            latencies.append(time.monotonic() - start)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        run()
+    finally:
+        done.set()
+        prober.join()
     assert httpx.get(server.url("/health")).status_code == 200
+    assert latencies and max(latencies) < HEALTH_LATENCY_S, max(latencies)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -4,6 +4,7 @@ the rest, and exits 0. Also the start-up banner (a curl line and an openai line)
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -58,8 +59,21 @@ def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0(server):
     for t in threads:
         t.start()
     assert wait_for(lambda: len(long) >= 1 and len(short) >= 1, 60), (short, long)
+    # A client still sending its body when the drain starts is answered at once (it held up
+    # shutdown by uvicorn's whole grace period and then got a plain-text 500).
+    slow_body = socket.create_connection(("127.0.0.1", server.port))
+    slow_body.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"prompt": '
+    )
     start = time.monotonic()
     server.terminate()
+    slow_body.settimeout(30)
+    reply = slow_body.recv(65536)
+    reply_s = time.monotonic() - start
+    slow_body.close()
+    assert reply.startswith(b"HTTP/1.1 503") and reply_s < 3, (reply, reply_s)
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "shutting_down"
     time.sleep(0.5)
     with pytest.raises(httpx.ConnectError):  # no new connections once shutting down
         httpx.get(server.url("/health"), timeout=5)

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from tokenmill.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+# A KV cache in a model dtype, or quantized (int8, fp8 = fp8_e4m3) with one scale per (token,
+# KV head): tokenmill/attention/kv_quant.py.
+KV_CACHE_DTYPES = (*DTYPES, "int8", "fp8", "fp8_e4m3")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0
     device: str = "cpu"
+    # Which weights the model computes on: none | gguf | int8[-gN] | int4[-gN][-sym] | auto
+    # (tokenmill/quant/schemes.py).
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -39,6 +45,9 @@ class ModelConfig:
             raise ConfigError(
                 "load_format='dummy' needs dummy_config (a config dict or config.json)"
             )
+        from tokenmill.quant.schemes import parse_quantization
+
+        parse_quantization(self.quantization)  # a clear error for a misspelt scheme
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
@@ -51,7 +60,7 @@ class CacheConfig:
     # Set to force an exact number of blocks (tests, simulation); overrides the memory budget.
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"  # auto = the model dtype
+    kv_cache_dtype: str = "auto"  # auto = the model dtype; or one of KV_CACHE_DTYPES
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -60,8 +69,11 @@ class CacheConfig:
             raise ConfigError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError(f"num_blocks must be >= 1, got {self.num_blocks}")
-        if self.kv_cache_dtype not in ("auto", *DTYPES):
-            raise ConfigError(f"kv_cache_dtype must be auto or one of {DTYPES}")
+        if self.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
+            raise ConfigError(
+                f"kv_cache_dtype must be auto or one of {KV_CACHE_DTYPES}, "
+                f"got {self.kv_cache_dtype!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,15 @@ class SchedulerConfig:
     max_preemptions_before_protected: int = 2
     # Bound on waiting requests; the engine refuses work beyond it (the server answers 429).
     max_waiting: int | None = None
+    # Latency promises (engine/slo_admission.py): the default SLO of requests that set none, in
+    # workload/slo.py's syntax ("ttft=2s,tpot=100ms"), and what to do with a request the
+    # predictor says cannot meet it: reject (429 at once), queue (wait while its TTFT still can
+    # be met), best-effort (serve it without a promise), off (no admission control: FCFS).
+    slo: str | None = None
+    slo_policy: str = "off"
+    # Priority preemption: a running request is preempted for a more important one at most this
+    # many times.
+    max_priority_preemptions: int = 2
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -87,6 +108,18 @@ class SchedulerConfig:
             raise ConfigError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
         if self.max_waiting is not None and self.max_waiting < 0:
             raise ConfigError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.slo_policy not in ("off", "reject", "queue", "best-effort"):
+            raise ConfigError(
+                f"slo_policy must be off, reject, queue or best-effort, got {self.slo_policy!r}"
+            )
+        if self.slo is not None:
+            from tokenmill.workload.slo import parse_slo
+
+            parse_slo(self.slo)  # a clear error for a malformed SLO
+        if self.max_priority_preemptions < 0:
+            raise ConfigError(
+                f"max_priority_preemptions must be >= 0, got {self.max_priority_preemptions}"
+            )
 
 
 @dataclass(frozen=True)

@@ -27,3 +27,13 @@ class UnsupportedModelError(ModelLoadError):
 
 class EngineOverloadedError(TokenmillError):
     """The waiting queue is full; the caller should retry later."""
+
+
+class SloUnattainableError(EngineOverloadedError):
+    """The request's latency targets cannot be met now (the server answers 429 with
+    Retry-After); `reason` names the target (ttft, tpot) or the limit (capacity)."""
+
+    def __init__(self, message: str, retry_after_s: float, reason: str) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.reason = reason

@@ -35,8 +35,10 @@ class LLM:
         max_model_len: int | None = None,
         seed: int = 0,
         device: str = "cpu",
+        quantization: str = "none",
         block_size: int = 16,
         kv_cache_memory_gib: float = 1.0,
+        kv_cache_dtype: str = "auto",
         num_kv_blocks: int | None = None,
         enable_prefix_caching: bool = True,
         max_num_seqs: int = 64,
@@ -52,10 +54,12 @@ class LLM:
             model=ModelConfig(
                 model=model, dtype=dtype, load_format=load_format, dummy_config=dummy_config,
                 max_model_len=max_model_len, seed=seed, device=device,
+                quantization=quantization,
             ),
             cache=CacheConfig(
                 block_size=block_size, kv_cache_memory_gib=kv_cache_memory_gib,
                 num_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching,
+                kv_cache_dtype=kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from tokenmill.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from tokenmill.structured.grammar import Grammar
 
 MAX_LOGPROBS = 20
 # Temperatures below this sample as greedy: dividing logits by them overflows float32.
@@ -31,6 +35,8 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per sampled token (0: the sampled token's only)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Structured outputs: the output must match this grammar (tokens it forbids are masked).
+    grammar: Grammar | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -119,8 +125,13 @@ class SamplingParams:
 
     @property
     def is_plain_greedy(self) -> bool:
-        """Greedy with no penalties and no logprobs: the argmax is the whole answer."""
-        return self.is_greedy and self.logprobs is None and not self.has_penalties
+        """Greedy with no penalties, logprobs or grammar: the argmax is the whole answer."""
+        return (
+            self.is_greedy
+            and self.logprobs is None
+            and not self.has_penalties
+            and self.grammar is None
+        )
 
     def can_stop(self, num_output_tokens: int) -> bool:
         """min_tokens: EOS, stop token ids and stop strings may end the output only once it has

@@ -18,7 +18,9 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]."""
         ctx = get_forward_context()
+        idx = self.spec.layer_idx
+        kv_scale = None if ctx.kv_scales is None else ctx.kv_scales[idx]
         out = self.backend.forward(
-            self.spec, q, k, v, ctx.kv_caches[self.spec.layer_idx], ctx.metadata
+            self.spec, q, k, v, ctx.kv_caches[idx], ctx.metadata, kv_scale=kv_scale
         )
         return out.reshape(out.shape[0], -1)

@@ -44,6 +44,9 @@ class CompareConfig:
     tokenizer_model: str  # GGUF whose tokenizer measures ShareGPT lengths
     results_dir: Path
     dtype: str = "bfloat16"
+    # tokenmill's weights: "none" computes on `dtype` floats; "gguf" etc. on packed integers
+    # (tokenmill/quant). The engine scenario then measures both in the same run.
+    quantization: str = "none"
     repetitions: int = 3
     scenarios: tuple[str, ...] = ("offline", "serve", "tpot", "engine")
     engines: tuple[str, ...] = ENGINES
@@ -85,7 +88,7 @@ def tokenmill_server(model: str, dtype: str, max_num_seqs: int, cfg: CompareConf
     args = [
         model, "--dtype", dtype, "--max-num-seqs", str(max_num_seqs), "--max-queue", "4096",
         "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
-        "--kv-cache-memory", str(cfg.kv_cache_memory_gib),
+        "--kv-cache-memory", str(cfg.kv_cache_memory_gib), "--quantization", cfg.quantization,
     ]  # fmt: skip
     return ServeProcess(args, cfg.results_dir / "tokenmill-serve.log")
 
@@ -189,6 +192,7 @@ class Comparison:
         cmd = [
             sys.executable, "-m", "tokenmill.cli.main", "bench", "engine", self.cfg.model,
             "--dtypes", self.cfg.dtype, "--batch-sizes", sizes, "--gain-requests", "0",
+            "--quantizations", ",".join(dict.fromkeys(("none", self.cfg.quantization))),
             "--json", str(out),
         ]  # fmt: skip
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -1,6 +1,6 @@
 """The engine's own speed next to this machine's ceilings, measured in one run.
 
-For each dtype: prefill tokens/s (one 512-token prompt; 64 prompts of 128), decode tokens/s at
+For each dtype (and weight quantization): prefill tokens/s (one 512-token prompt; 64 prompts of 128), decode tokens/s at
 batch 1 and 64 (median step time of pure-decode steps), each with the model's FLOPs and bytes per
 step from tokenmill.perf and the fraction of the roofline reached; then the continuous-batching
 gain: 64 requests at once vs the same requests one at a time.
@@ -28,6 +28,7 @@ class Phase:
     achieved_gflops: float
     achieved_gbytes_s: float
     roofline_fraction: float  # max(compute floor, memory floor) / measured step time
+    quantization: str = "none"  # the weights' scheme as the runner resolved it
 
 
 @dataclass
@@ -40,17 +41,35 @@ class EngineBenchResult:
         return asdict(self)
 
 
+def resident_weight_bytes(model) -> int:
+    """Bytes of the weights as the model holds them (packed integers where quantized)."""
+    from tokenmill.quant.packing import QuantizedWeight
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    seen = set()
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, QuantizedWeight) and id(w) not in seen:
+            seen.add(id(w))
+            total += w.nbytes
+    return total
+
+
 def _phase(name, dtype, llm, shapes, step_time, num_tokens, ceilings: Ceilings) -> Phase:
     arch = llm.engine.arch
     cost = step_cost(arch, shapes, Precision(weights=dtype))
-    floor = max(
-        cost.flops / ceilings.matmul_flops[dtype], cost.total_bytes / ceilings.copy_bytes_per_s
-    )
+    total_bytes = cost.total_bytes
+    quantization = llm.engine.runner.quantization
+    if quantization != "none":  # the packed integers stream instead of dtype weights
+        model = llm.engine.runner.model
+        total_bytes += resident_weight_bytes(model) - cost.bytes_by_kind["weights"]
+    floor = max(cost.flops / ceilings.matmul_flops[dtype], total_bytes / ceilings.copy_bytes_per_s)
     return Phase(
         name=name, dtype=dtype, batch=len(shapes), tokens_per_s=num_tokens / step_time,
         step_time_s=step_time, gflop_per_step=cost.flops / 1e9,
-        gbytes_per_step=cost.total_bytes / 1e9, achieved_gflops=cost.flops / step_time / 1e9,
-        achieved_gbytes_s=cost.total_bytes / step_time / 1e9, roofline_fraction=floor / step_time,
+        gbytes_per_step=total_bytes / 1e9, achieved_gflops=cost.flops / step_time / 1e9,
+        achieved_gbytes_s=total_bytes / step_time / 1e9, roofline_fraction=floor / step_time,
+        quantization=quantization,
     )  # fmt: skip
 
 
@@ -121,21 +140,22 @@ def run(
     output_len: int = 64,
     gain_requests: int = 64,
     kv_cache_gib: float = 4.0,
+    quantizations: tuple[str, ...] = ("none",),
 ) -> EngineBenchResult:
     from tokenmill import LLM
 
     result = EngineBenchResult(ceilings=measure(dtypes))
-    for dtype in dtypes:
+    for dtype, quantization in [(d, q) for d in dtypes for q in quantizations]:
         llm = LLM(
             model, dtype=dtype, kv_cache_memory_gib=kv_cache_gib, max_num_seqs=max(batch_sizes),
-            max_num_batched_tokens=2048, record_step_trace=True,
+            max_num_batched_tokens=2048, record_step_trace=True, quantization=quantization,
         )  # fmt: skip
         _decode(llm, dtype, 1, 16, 8, result.ceilings)  # warm-up
         result.phases.append(_prefill(llm, dtype, 1, 512, result.ceilings))
         result.phases.append(_prefill(llm, dtype, 64, 128, result.ceilings))
         for batch in batch_sizes:
             result.phases.append(_decode(llm, dtype, batch, 128, output_len, result.ceilings))
-        if dtype == dtypes[0] and gain_requests:
+        if (dtype, quantization) == (dtypes[0], quantizations[0]) and gain_requests:
             result.batching_gain = _batching_gain(llm, gain_requests, 64, output_len)
             result.batching_gain["dtype"] = dtype
     return result
@@ -148,12 +168,13 @@ def format_markdown(result: EngineBenchResult) -> str:
         + ", ".join(f"matmul {k} {v / 1e9:.0f} GFLOP/s" for k, v in c.matmul_flops.items())
         + f", copy {c.copy_bytes_per_s / 1e9:.1f} GB/s (read + write)",
         "",
-        "| phase | dtype | tokens/s | step ms | GFLOP/step | GB/step | GFLOP/s | GB/s | roofline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| phase | dtype | weights | tokens/s | step ms | GFLOP/step | GB/step | GFLOP/s | GB/s "
+        "| roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result.phases:
         lines.append(
-            f"| {p.name} | {p.dtype} | {p.tokens_per_s:.1f} | {p.step_time_s * 1e3:.1f} | "
+            f"| {p.name} | {p.dtype} | {p.quantization} | {p.tokens_per_s:.1f} | {p.step_time_s * 1e3:.1f} | "
             f"{p.gflop_per_step:.2f} | {p.gbytes_per_step:.3f} | {p.achieved_gflops:.0f} | "
             f"{p.achieved_gbytes_s:.1f} | {p.roofline_fraction:.0%} |"
         )

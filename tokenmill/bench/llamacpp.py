@@ -33,13 +33,18 @@ from tokenmill.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CACHE_ROOT = Path.home() / ".cache" / "tokenmill" / "llama.cpp"
-TARGETS = ("llama-server", "llama-bench", "llama-quantize")
+TARGETS = ("llama-server", "llama-bench", "llama-quantize", "llama-perplexity")
 _DONE = "build.json"  # written last: its presence marks a complete build
-# GGML_NATIVE: the binaries use every instruction set of this CPU (AVX-512, BF16), as torch does.
-# No web UI, no HTTPS, no downloads: the server only has to answer the API.
+# GGML_NATIVE: the binaries use every instruction set of this CPU (AVX-512, BF16), as torch does
+# -- except AMX: a VM may list amx_* in /proc/cpuinfo without granting the tile state, and a
+# native build then dies with SIGILL (seen here: Sapphire Rapids guest); tokenmill's kernels
+# do not use AMX either. No web UI, no HTTPS, no downloads: the server only answers the API.
+_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_NATIVE=ON",
+    f"-DCMAKE_C_FLAGS_RELEASE=-O3 -DNDEBUG {_NO_AMX}",
+    f"-DCMAKE_CXX_FLAGS_RELEASE=-O3 -DNDEBUG {_NO_AMX}",
     "-DBUILD_SHARED_LIBS=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_BUILD_UI=OFF",
@@ -57,7 +62,12 @@ class LlamaCppBuild:
     bin_dir: Path
 
     def binary(self, name: str) -> Path:
+        """The path of a tool; one in TARGETS that an older cached build lacks is built now
+        (incrementally, from the same build folder)."""
         path = self.bin_dir / name
+        if not path.is_file() and name in TARGETS:
+            build = ["cmake", "--build", str(self.bin_dir.parent), "-j", "2", "--target", name]
+            subprocess.run(build, check=True)
         if not path.is_file():
             raise ConfigError(f"llama.cpp build at {self.bin_dir} has no {name}")
         return path
@@ -262,19 +272,22 @@ def to_bf16_gguf(
     quantized model: a Q4_1 weight d * q + m carries up to ~15 significant bits, and bfloat16
     keeps 8, so most weights move by up to 2^-9 of their value (see `bf16_rounding_error`).
     """
+    return requantize_gguf(build, src, "BF16", dst)
+
+
+def requantize_gguf(
+    build: LlamaCppBuild, src: str | os.PathLike, qtype: str, dst: str | os.PathLike | None = None
+) -> Path:
+    """`src` requantized by llama-quantize to `qtype` (BF16, Q8_0, Q4_0, ...), cached beside
+    the build's models; made again only when `src` is newer."""
     src = Path(src)
-    dst = Path(dst) if dst else CACHE_ROOT / "models" / f"{src.stem.split('.')[0]}.BF16.gguf"
+    name = f"{src.stem.split('.')[0]}.{qtype}.gguf"
+    dst = Path(dst) if dst else CACHE_ROOT / "models" / name
     if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime:
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
     partial = dst.with_suffix(".partial")
-    cmd = [
-        str(build.binary("llama-quantize")),
-        "--allow-requantize",
-        str(src),
-        str(partial),
-        "BF16",
-    ]
+    cmd = [str(build.binary("llama-quantize")), "--allow-requantize", str(src), str(partial), qtype]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     os.replace(partial, dst)
     return dst

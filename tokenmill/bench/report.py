@@ -252,7 +252,9 @@ def _engine_phases(g) -> dict[str, list[dict]]:
         for p in run["phases"]:
             p = dict(p, matmul_fraction=p["achieved_gflops"] * 1e9 / peak[p["dtype"]])
             p["peak_gflops"] = peak[p["dtype"]] / 1e9
-            phases.setdefault(p["name"], []).append(p)
+            weights = p.get("quantization", "none")
+            label = p["name"] if weights == "none" else f"{p['name']}, {weights} weights"
+            phases.setdefault(label, []).append(p)
     return phases
 
 

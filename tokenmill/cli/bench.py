@@ -19,6 +19,10 @@ def register(subparsers) -> None:
     engine = kinds.add_parser("engine", help="prefill/decode speed vs this machine's ceilings")
     engine.add_argument("model", nargs="?", default=None)
     engine.add_argument("--dtypes", default="float32,bfloat16")
+    engine.add_argument(
+        "--quantizations", default="none",
+        help="comma list of weight schemes to measure with each dtype (see --quantization)",
+    )  # fmt: skip
     engine.add_argument("--batch-sizes", default="1,64")
     engine.add_argument("--output-len", type=int, default=64)
     engine.add_argument("--gain-requests", type=int, default=64)
@@ -43,6 +47,7 @@ def run_engine(args: argparse.Namespace) -> int:
         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
         output_len=args.output_len,
         gain_requests=args.gain_requests,
+        quantizations=tuple(args.quantizations.split(",")),
     )
     print(engine_bench.format_markdown(result))
     if args.json:

@@ -24,6 +24,11 @@ def register(kinds) -> None:
         help="bf16-gguf: every engine loads a BF16 GGUF made from MODEL (same weights as "
         "MODEL dequantized to bfloat16); as-is: MODEL itself",
     )  # fmt: skip
+    p.add_argument(
+        "--quantization", default="none",
+        help="tokenmill's weights (see `serve --quantization`); with --weights as-is and gguf, "
+        "tokenmill computes on the file's own blocks as llama.cpp does",
+    )  # fmt: skip
     p.add_argument("--results", default=None, help="folder (default: bench-results/<time>)")
     p.add_argument("--repetitions", type=int, default=3)
     p.add_argument("--scenarios", type=_csv(str), default=("offline", "serve", "tpot", "engine"),
@@ -68,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     results = Path(args.results or time.strftime("bench-results/%Y%m%d-%H%M%S"))
     cfg = CompareConfig(
         model=str(model), tokenizer_model=source, results_dir=results, dtype=args.dtype,
+        quantization=args.quantization,
         repetitions=args.repetitions, scenarios=args.scenarios, engines=args.engines,
         offline_prompts=args.offline_prompts, serve_prompts=args.serve_prompts,
         offline_workload=args.offline_workload, serve_workload=args.serve_workload,

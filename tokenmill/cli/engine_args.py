@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tokenmill.config import (
+    KV_CACHE_DTYPES,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 
 
 def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = True) -> None:
@@ -22,13 +28,35 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
         "the checkpoint's own dtype",
     )
     group.add_argument("--load-format", default="auto", choices=["auto", "gguf", "hf", "dummy"])
+    group.add_argument(
+        "--quantization", "-q", default="none", metavar="SCHEME",
+        help="weights computed as: none (dequantized to --dtype), gguf (the GGUF file's own "
+        "blocks), int8[-gN], int4[-gN][-sym] (N = 32, 64, 128), or auto (gguf for a quantized "
+        "GGUF where the native integer kernels run, else none)",
+    )  # fmt: skip
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument("--max-num-seqs", type=int, default=64)
     group.add_argument("--max-num-batched-tokens", type=int, default=512)
     group.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV cache")
+    group.add_argument(
+        "--kv-cache-dtype", default="auto", choices=["auto", *KV_CACHE_DTYPES],
+        help="auto: the model's dtype; int8 or fp8 (= fp8_e4m3): quantized with a scale per "
+        "(token, KV head), about twice the blocks in the same memory",
+    )  # fmt: skip
     group.add_argument("--block-size", type=int, default=16)
     group.add_argument("--no-prefix-caching", action="store_true")
     group.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    group.add_argument(
+        "--slo", default=None, metavar="TARGETS",
+        help="default latency targets of requests that set none (their body's \"slo\": "
+        "{\"ttft_ms\", \"tpot_ms\"}), e.g. ttft=2s,tpot=100ms",
+    )  # fmt: skip
+    group.add_argument(
+        "--slo-policy", default=None, choices=["off", "reject", "queue", "best-effort"],
+        help="a request the step-time predictor says cannot meet its SLO is refused at once "
+        "(reject: 429 + Retry-After), waits while its TTFT still can be met (queue), or is "
+        "served without a promise (best-effort); off: FCFS. Default: reject with --slo, else off",
+    )  # fmt: skip
     group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     group.add_argument("--device", default="cpu")
     group.add_argument("--seed", type=int, default=0)
@@ -39,14 +67,16 @@ def engine_config_from_args(args: argparse.Namespace, **scheduler_overrides) -> 
         model=ModelConfig(
             model=getattr(args, "model", None), dtype=args.dtype, load_format=args.load_format,
             max_model_len=args.max_model_len, seed=args.seed, device=args.device,
+            quantization=args.quantization,
         ),
         cache=CacheConfig(
             block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
-            enable_prefix_caching=not args.no_prefix_caching,
+            enable_prefix_caching=not args.no_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            policy=args.scheduling_policy, **scheduler_overrides,
+            policy=args.scheduling_policy, slo=getattr(args, "slo", None),
+            slo_policy=_slo_policy(args), **scheduler_overrides,
         ),
         attention_backend=args.attention_backend,
     )  # fmt: skip
@@ -74,3 +104,10 @@ def sampling_params_from_args(args: argparse.Namespace, **overrides):
     )  # fmt: skip
     values.update(overrides)
     return SamplingParams(**values)
+
+
+def _slo_policy(args: argparse.Namespace) -> str:
+    policy = getattr(args, "slo_policy", None)
+    if policy is None:
+        return "reject" if getattr(args, "slo", None) else "off"
+    return policy

@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = (
     "tokenmill.cli.serve",
     "tokenmill.cli.bench",
     "tokenmill.cli.plan",
+    "tokenmill.cli.quant_eval",
 )
 
 

@@ -43,6 +43,18 @@ def register(subparsers) -> None:
         "--shutdown-timeout", type=float, default=10.0,
         help="seconds in-flight requests may finish after SIGTERM before they are aborted",
     )  # fmt: skip
+    group.add_argument(
+        "--header-timeout", type=float, default=10.0,
+        help="seconds a connection may take to send a request's line and headers (then 408)",
+    )  # fmt: skip
+    group.add_argument(
+        "--body-timeout", type=float, default=30.0,
+        help="seconds a request may take to send its body (then 408)",
+    )  # fmt: skip
+    group.add_argument(
+        "--max-connections", type=int, default=1024,
+        help="most open connections; more are answered 503 and closed",
+    )  # fmt: skip
     group.add_argument("--access-log", action="store_true", help="log every HTTP request")
     group.add_argument(
         "--step-trace", default=None, metavar="PATH",
@@ -67,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout_s=args.shutdown_timeout,
+        max_queue=args.max_queue,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        max_connections=args.max_connections,
     )
     app = create_app(None, config, model_root=args.model)
     startup = _EngineStartup(app, engine_config, args.step_trace)
@@ -161,6 +177,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-queue must be >= 1, got {args.max_queue}")
     if args.max_body_bytes < 1024:
         raise ConfigError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    for flag in ("header_timeout", "body_timeout"):
+        if getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    if args.max_connections < 1:
+        raise ConfigError(f"--max-connections must be >= 1, got {args.max_connections}")
     if args.shutdown_timeout < 0:
         raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
 

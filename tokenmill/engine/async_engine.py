@@ -33,6 +33,7 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import OutputKind, RequestOutput
 from tokenmill.perf.trace import StepRecord
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.workload.slo import SLO
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class _Add:
     added: asyncio.Future  # resolved on the stream's loop: None, or the add_request exception
     arrival: float  # time.monotonic() when the caller asked, so TTFT includes the hand-over
     output_kind: OutputKind = OutputKind.DELTA
+    slo: SLO | None = None  # latency targets (None: the engine's default)
 
 
 @dataclass
@@ -161,10 +163,12 @@ class AsyncEngine:
         params: SamplingParams,
         priority: int = 0,
         output_kind: OutputKind = OutputKind.DELTA,
+        slo: SLO | None = None,
     ) -> RequestStream:
         """Add a request and return its output stream once the engine has accepted it.
 
         `output_kind`: DELTA (each output carries only what is new), FINAL_ONLY or CUMULATIVE.
+        `slo`: its latency targets (LLMEngine.add_request).
         """
         if not self.is_running:
             raise EngineStoppedError("the engine is shutting down and takes no new requests")
@@ -172,7 +176,9 @@ class AsyncEngine:
         stream = RequestStream(self, request_id, loop)
         self._open_streams.add(stream)
         added = loop.create_future()
-        self._post(_Add(stream, prompt, params, priority, added, time.monotonic(), output_kind))
+        self._post(
+            _Add(stream, prompt, params, priority, added, time.monotonic(), output_kind, slo)
+        )
         try:
             error = await added
         except BaseException:
@@ -293,6 +299,7 @@ class AsyncEngine:
                     command.params,
                     priority=command.priority,
                     output_kind=command.output_kind,
+                    slo=command.slo,
                 )
                 self._tracks[stream.request_id] = StreamTrack(
                     stream, command.arrival, output_kind=command.output_kind

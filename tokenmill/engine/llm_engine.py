@@ -17,12 +17,16 @@ from tokenmill.engine.limits import check_prompt_fits
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.slo_predictor import StepTimePredictor, build_predictor
 from tokenmill.engine.stats import EngineStats
 from tokenmill.errors import EngineOverloadedError, InvalidRequestError
 from tokenmill.loader.base import LoadedModel
 from tokenmill.outputs import OutputKind, RequestOutput
+from tokenmill.perf.step_cost import BatchShape, request_shapes
 from tokenmill.perf.trace import StepRecord
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured.compiler import with_compiled_grammar
+from tokenmill.workload.slo import SLO, parse_slo
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +35,17 @@ class LLMEngine:
     """Owns the scheduler, the KV cache manager and the output processor of one runner.
 
     The runner is built outside (`tokenmill.engine.build.build_engine` for a real model, the
-    planner's SimRunner for a simulated one) and serves this engine alone.
+    planner's SimRunner for a simulated one) and serves this engine alone. `predictor`: the
+    step-time predictor of latency promises (default: the perf model of this machine).
     """
 
-    def __init__(self, config: EngineConfig, runner: BaseRunner, loaded: LoadedModel | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        runner: BaseRunner,
+        loaded: LoadedModel | None = None,
+        predictor: StepTimePredictor | None = None,
+    ):
         self.config = config
         runner.bind(self)
         self.runner = runner
@@ -47,7 +58,12 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(
             runner.num_blocks, block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
+        # Predicted step times: latency promises, and predicted vs measured in the metrics.
+        self.predictor = predictor or build_predictor(self.arch, config.model.dtype)
+        self.scheduler = Scheduler(
+            config.scheduler, self.kv_manager, self.max_model_len, self.predictor
+        )
+        self.default_slo = parse_slo(config.scheduler.slo) if config.scheduler.slo else None
         self.output_processor = OutputProcessor(self.tokenizer)
         self.step_trace: list[StepRecord] = []
         self._num_generation_tokens = 0
@@ -96,11 +112,15 @@ class LLMEngine:
         priority: int = 0,
         arrival_time: float | None = None,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
+        slo: SLO | None = None,
     ) -> None:
         """`output_kind`: what step() reports of this request (outputs.OutputKind): DELTA for
-        streams, FINAL_ONLY for callers that never stream, like LLM.generate."""
+        streams, FINAL_ONLY for callers that never stream, like LLM.generate. `slo`: its latency
+        targets (None: the engine's default; an SLO without targets: best effort); a request
+        they cannot be promised to may be refused with SloUnattainableError."""
         text, token_ids = self.encode_prompt(prompt)
         self.validate_prompt_tokens(token_ids, params)
+        params = with_compiled_grammar(params, self.tokenizer)
         if self.output_processor.has_request(request_id):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         limit = self.config.scheduler.max_waiting
@@ -113,15 +133,17 @@ class LLMEngine:
             (request_id if params.n == 1 else f"{request_id}#{i}", params.for_child(i))
             for i in range(params.n)
         ]
+        slo = self.default_slo if slo is None else slo
+        requests = [
+            Request(cid, token_ids, cparams, self.eos_token_ids, arrival_time, priority, slo)
+            for cid, cparams in children
+        ]
+        self.scheduler.admit(requests)  # may refuse: nothing is registered yet
         self.output_processor.add_request(
             request_id, text, token_ids, children, arrival_time, output_kind=output_kind
         )
-        for child_id, child_params in children:
-            self.scheduler.add_request(
-                Request(
-                    child_id, token_ids, child_params, self.eos_token_ids, arrival_time, priority
-                )
-            )
+        for request in requests:
+            self.scheduler.add_request(request)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
@@ -145,6 +167,7 @@ class LLMEngine:
             num_preemptions=scheduler.num_preemptions,
             num_model_steps=self._num_model_steps,
             prompt_step_time_s=self._prompt_step_time_s,
+            slo=scheduler.slo_stats.snapshot(self.predictor.stats if self.predictor else None),
         )
 
     def reset_prefix_cache(self) -> int:
@@ -159,12 +182,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
         sched_out = self.scheduler.schedule()
+        expired = self.scheduler.take_expired()  # ended unserved: their TTFT became unattainable
         if sched_out.is_empty:
             if sched_out.finished_req_ids:
                 self.runner.execute(sched_out)  # lets the runner drop finished state
-            return []
+            return self.output_processor.process(expired, {})[0] if expired else []
         runner_out = self._execute(sched_out)
-        touched = self.scheduler.update_from_output(sched_out, runner_out)
+        touched = expired + self.scheduler.update_from_output(sched_out, runner_out)
         for req_id, entries in runner_out.prompt_logprobs.items():
             self.output_processor.add_prompt_logprobs(req_id, entries)
         outputs, stopped = self.output_processor.process(touched, runner_out.logprobs)
@@ -201,5 +225,7 @@ class LLMEngine:
         if sched_out.num_prefill_tokens:
             self._prompt_step_time_s += wall
         self._num_generation_tokens += sum(len(t) for t in runner_out.sampled.values())
+        if self.predictor is not None:
+            self.predictor.observe(BatchShape.from_requests(request_shapes(sched_out)), wall)
         if self.config.record_step_trace:
             self.step_trace.append(StepRecord.from_scheduler_output(sched_out, wall))

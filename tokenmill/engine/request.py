@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import time
 
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.workload.slo import SLO
 
 _arrival_counter = itertools.count()
 
@@ -49,6 +51,7 @@ class Request:
         eos_token_ids: tuple[int, ...] = (),
         arrival_time: float | None = None,
         priority: int = 0,
+        slo: SLO | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -73,6 +76,13 @@ class Request:
         self.num_block_ids_sent = 0
         # Hashes of this request's full blocks, filled lazily by the KV cache manager.
         self.block_hashes: list[bytes] = []
+        # Latency promise (engine/slo_admission.py): the targets asked for (None or no targets:
+        # best effort), whether they are promised, and when tokens came (the scheduler's clock).
+        self.slo = slo
+        self.is_best_effort = slo is None or (slo.ttft_s is None and slo.tpot_s is None)
+        self.is_promised = False
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -103,6 +113,29 @@ class Request:
     def sort_key(self) -> tuple[int, float, int]:
         """Smaller = served first, preempted last."""
         return (self.priority, self.arrival_time, self.arrival_seq)
+
+    @property
+    def deadline(self) -> float:
+        """When its next token is due: the first by arrival + TTFT, each later one by the last
+        token + TPOT (inf for best effort, or a target it does not set)."""
+        if self.is_best_effort:
+            return math.inf
+        if self.first_token_time is None:
+            ttft = self.slo.ttft_s
+            return math.inf if ttft is None else self.arrival_time + ttft
+        tpot = self.slo.tpot_s
+        return math.inf if tpot is None else self.last_token_time + tpot
+
+    def deadline_key(self, by_priority: bool) -> tuple:
+        """Earliest deadline first (within a priority class when `by_priority`); best effort
+        after every promise of its class."""
+        prio = self.priority if by_priority else 0
+        return (prio, self.is_best_effort, self.deadline, self.arrival_time, self.arrival_seq)
+
+    @property
+    def slo_class(self) -> str:
+        """The class its latency is counted under: its priority, or best_effort."""
+        return "best_effort" if self.is_best_effort else str(self.priority)
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -7,9 +7,19 @@ run out, the least important running request not yet served this step is preempt
 (blocks freed, computed reset to zero, back to the front of the queue). A request preempted
 `max_preemptions_before_protected` times is only chosen when no other can be, so no request
 is preempted over and over while others run.
+
+With latency promises on (`slo_policy`, engine/slo_admission.py), requests are ordered earliest
+deadline first, a step's prompt tokens are capped so its predicted time keeps every promised
+decode within its TPOT (prompt chunks shrink, decodes never wait), only promised or best-effort
+requests that fit join the batch, and a promised waiting request may preempt running requests
+of a lower class (each at most `max_priority_preemptions` times).
 """
 
 from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.engine.interfaces import (
@@ -21,15 +31,32 @@ from tokenmill.engine.interfaces import (
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.request_queue import RequestQueue
+from tokenmill.engine.slo_admission import SloController, in_prefill
+from tokenmill.engine.slo_predictor import StepTimePredictor
+from tokenmill.engine.slo_stats import SloStats
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, max_model_len: int):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_manager: KVCacheManager,
+        max_model_len: int,
+        predictor: StepTimePredictor | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
         self.config = config
         self.kv = kv_manager
         self.max_model_len = max_model_len
+        self.clock = clock  # the clock of arrival times and token times (virtual in simulation)
+        self.slo_stats = SloStats()
+        self.slo: SloController | None = None
+        if predictor is not None and config.slo_policy != "off":
+            self.slo = SloController(config, predictor, clock, self.slo_stats)
         self.requests: dict[str, Request] = {}
-        self.waiting = RequestQueue(config.policy)
+        self.waiting = RequestQueue(config.policy, deadline_first=self.slo is not None)
+        self._prompt_budget = math.inf  # prompt tokens the current step may still compute
+        self._expired: list[Request] = []  # queued requests whose TTFT can no longer be met
         self.running: list[Request] = []
         self._finished_ids: list[str] = []  # to tell the runner at the next step
         self._announced: set[str] = set()  # requests the runner has state for
@@ -42,6 +69,17 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.push(request)
+
+    def admit(self, requests: list[Request]) -> None:
+        """Decide the latency promise of a new request's samples before they are added: promised,
+        left to wait for one, demoted to best effort, or refused (SloUnattainableError)."""
+        if self.slo is not None:
+            self.slo.on_add(self, requests)
+
+    def take_expired(self) -> list[Request]:
+        """Requests ended since the last call because their TTFT could no longer be met."""
+        expired, self._expired = self._expired, []
+        return expired
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
         """End requests in any state (abort, stop string matched, error); frees their blocks."""
@@ -85,9 +123,10 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         new_requests: list[NewRequestData] = []
         num_preempted = 0
+        self._begin_slo_step()
 
         # Service order: the most important first; preemption takes from the other end.
-        self.running.sort(key=lambda r: r.sort_key)
+        self.running.sort(key=self._service_key)
         idx = 0
         while idx < len(self.running) and budget > 0:
             request = self.running[idx]
@@ -108,20 +147,31 @@ class Scheduler:
             idx += 1
 
         # Admit waiting requests, unless this step already had to preempt (memory is short).
-        while self.waiting and budget > 0 and num_preempted == 0:
-            if len(self.running) >= self.config.max_num_seqs:
+        if num_preempted == 0:
+            self._admit_waiting(budget, scheduled, new_requests)
+        finished, self._finished_ids = self._finished_ids, []
+        return self._build_output(scheduled, new_requests, finished)
+
+    def _admit_waiting(
+        self, budget: int, scheduled: list[ScheduledRequest], new_requests: list[NewRequestData]
+    ) -> None:
+        for request in self._waiting_in_order():
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            request = self.waiting.peek()
+            if self.slo is not None and not self.slo.may_start(self, request):
+                continue
             computed_blocks, num_hit = [], 0
             if request.num_computed_tokens == 0:
                 computed_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = request.num_tokens - request.num_computed_tokens - num_hit
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break
-            num_new = min(num_new, budget)
+            num_new = self._cap_prompt_chunk(request, min(num_new, budget))
+            if num_new <= 0:
+                break  # this step's prompt tokens are spent
             if self.kv.allocate_slots(request, num_new, computed_blocks) is None:
                 break
-            self.waiting.pop()
+            self.waiting.remove(request)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
             request.num_computed_tokens += num_hit
@@ -130,8 +180,43 @@ class Scheduler:
             scheduled.append(self._make_scheduled(request, num_new, new_requests))
             budget -= num_new
 
-        finished, self._finished_ids = self._finished_ids, []
-        return self._build_output(scheduled, new_requests, finished)
+    def _waiting_in_order(self):
+        if self.slo is None:
+            # The head until the caller stops (it removes each request it admits).
+            while self.waiting:
+                yield self.waiting.peek()
+        else:
+            yield from list(self.waiting)  # requests may be passed over
+
+    # ---- latency promises ------------------------------------------------------------------
+
+    def _service_key(self, request: Request) -> tuple:
+        if self.slo is None:
+            return request.sort_key
+        return request.deadline_key(by_priority=self.config.policy == "priority")
+
+    def _begin_slo_step(self) -> None:
+        """Promise or expire queued requests, preempt for a promised one of a higher class, and
+        size this step's prompt tokens."""
+        self._prompt_budget = math.inf
+        if self.slo is None:
+            return
+        expired = self.slo.review_waiting(self)
+        for request in expired:
+            self.waiting.remove(request)
+            request.stop_reason = "slo_unattainable"
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+        self._expired.extend(expired)
+        head = next((r for r in self.waiting if r.is_promised), None)
+        if head is not None:
+            for victim in self.slo.priority_victims(self, head):
+                self._preempt(victim)
+        self._prompt_budget = self.slo.prompt_budget(self.running)
+
+    def _cap_prompt_chunk(self, request: Request, num_new: int) -> int:
+        if num_new <= 1 or not in_prefill(request):
+            return num_new
+        return int(min(num_new, self._prompt_budget))
 
     def update_from_output(
         self, sched_out: SchedulerOutput, runner_out: RunnerOutput
@@ -156,6 +241,10 @@ class Scheduler:
                 request.spec_token_ids = []
             if not tokens:
                 continue
+            now = self.clock()
+            if request.first_token_time is None:
+                request.first_token_time = now
+            request.last_token_time = now
             for token in tokens:
                 request.append_output_token(token)
                 status = self._check_stop(request, token)
@@ -173,7 +262,7 @@ class Scheduler:
         num_new = min(num_new, self.max_model_len - request.num_computed_tokens)
         if not self.config.enable_chunked_prefill and num_new > budget:
             return 0
-        return min(num_new, budget)
+        return self._cap_prompt_chunk(request, min(num_new, budget))
 
     def _make_scheduled(
         self, request: Request, num_new: int, new_requests: list[NewRequestData]
@@ -187,6 +276,8 @@ class Scheduler:
             )
         start = request.num_computed_tokens
         end = start + num_new
+        if in_prefill(request):
+            self._prompt_budget -= num_new
         known_end = min(end, request.num_tokens)
         token_ids = request.all_token_ids[start:known_end]
         spec = request.spec_token_ids[: end - known_end] if end > request.num_tokens else []
@@ -241,6 +332,8 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
+        if status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            self.slo_stats.record_finished(request)
         self.kv.free(request)
         del self.requests[request.request_id]
         if request.request_id in self._announced:

@@ -3,7 +3,9 @@ engine and the planner read, so that nobody reaches into the scheduler or the KV
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from tokenmill.engine.slo_stats import SloSnapshot
 
 
 @dataclass(frozen=True)
@@ -21,3 +23,5 @@ class EngineStats:
     num_preemptions: int = 0
     num_model_steps: int = 0  # steps that ran the model (one per step-trace record)
     prompt_step_time_s: float = 0.0  # wall time of the steps that computed prompt tokens
+    # Latency promises: attained / missed targets, goodput, refusals, predicted step times.
+    slo: SloSnapshot = field(default_factory=SloSnapshot)

@@ -6,12 +6,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 from tokenmill.models.arch_config import ArchConfig
 
 if TYPE_CHECKING:
     from tokenmill.tokenizer.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class GGUFBlocks:
+    """One tensor of a GGUF file as stored: raw bytes, GGML type, shape in torch order."""
+
+    raw: np.ndarray
+    ggml_type: GGMLQuantizationType
+    shape: tuple[int, ...]
 
 
 @dataclass
@@ -28,6 +39,9 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     source: str  # path of the file or folder, or "dummy"
     format: str  # "gguf" | "hf" | "dummy"
+    # GGUF only: (hf_name, tensor blocks) for every block-quantized tensor, rows still in the
+    # file's order (tokenmill/quant/apply.py keeps them as the model's weights).
+    iter_blocks: Callable[[], Iterator[tuple[str, GGUFBlocks]]] | None = None
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -102,6 +102,7 @@ _TORCH_BLOCK_DECODERS: dict[T, Callable[[torch.Tensor], torch.Tensor]] = {
     T.Q6_K: _q6_k,
 }
 _PLAIN = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
+FLOAT_TYPES = frozenset(_PLAIN)
 # Formats decoded by gguf's numpy reference implementation.
 _NUMPY_FALLBACK = frozenset(
     {T.Q5_1, T.Q2_K, T.Q3_K, T.Q5_K, T.IQ4_NL, T.IQ4_XS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S}

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from tokenmill.errors import UnsupportedModelError
-from tokenmill.loader.base import LoadedModel
-from tokenmill.loader.gguf_dequant import check_supported, dequantize
+from tokenmill.loader.base import GGUFBlocks, LoadedModel
+from tokenmill.loader.gguf_dequant import FLOAT_TYPES, check_supported, dequantize
 from tokenmill.loader.gguf_file import GGUFFile
 from tokenmill.models.arch_config import ArchConfig
 from tokenmill.tokenizer.gguf_vocab import gguf_eos_token_ids
@@ -98,12 +98,19 @@ def open_gguf(path: str, with_tokenizer: bool = True) -> LoadedModel:
             )
             yield hf_name, tensor.to(dtype)
 
+    def iter_blocks() -> Iterator[tuple[str, GGUFBlocks]]:
+        for gguf_name, hf_name in hf_names.items():
+            info = gguf.tensors[gguf_name]
+            if info.ggml_type not in FLOAT_TYPES and len(info.shape) == 2:
+                yield hf_name, GGUFBlocks(gguf.raw(info), info.ggml_type, tuple(info.shape))
+
     tokenizer = None
     if with_tokenizer and "tokenizer.ggml.tokens" in gguf.metadata:
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     return LoadedModel(
-        arch=arch, iter_weights=iter_weights, tokenizer=tokenizer, source=path, format="gguf"
-    )
+        arch=arch, iter_weights=iter_weights, tokenizer=tokenizer, source=path, format="gguf",
+        iter_blocks=iter_blocks,
+    )  # fmt: skip
 
 
 def _hf_names(gguf: GGUFFile, architecture: str) -> dict[str, str]:
@@ -123,13 +130,19 @@ def _hf_names(gguf: GGUFFile, architecture: str) -> dict[str, str]:
 
 
 def _to_hf_convention(tensor: torch.Tensor, hf_name: str, arch: ArchConfig) -> torch.Tensor:
+    if arch.architecture == "gemma3" and hf_name.endswith("norm.weight"):
+        return tensor.float() - 1.0
+    return to_hf_rows(tensor, hf_name, arch)
+
+
+def to_hf_rows(tensor: torch.Tensor, hf_name: str, arch: ArchConfig) -> torch.Tensor:
+    """A tensor whose first dimension is the weight's rows, in Hugging Face's row order (llama's
+    Q and K rows are permuted per head in GGUF files; every other tensor is as stored)."""
     if arch.architecture == "llama":
         if ".self_attn.q_proj." in hf_name:
             return _unpermute_rows(tensor, arch.num_attention_heads)
         if ".self_attn.k_proj." in hf_name:
             return _unpermute_rows(tensor, arch.num_key_value_heads)
-    if arch.architecture == "gemma3" and hf_name.endswith("norm.weight"):
-        return tensor.float() - 1.0
     return tensor
 
 

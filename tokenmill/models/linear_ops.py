@@ -4,7 +4,9 @@ bfloat16 with AVX512-BF16 (tokenmill/native/csrc/gemm_bf16_cpu.cpp) and float32
 (tokenmill/native/csrc/gemm_f32_cpu.cpp). Both beat the library GEMM at every batch size
 measured here (BENCHMARKS.md), most at decode sizes, where the library repacks the weight on
 every call.
-RMSNorm of bfloat16 rows on such CPUs also goes native: PyTorch's bf16 kernel is ~10x slower."""
+RMSNorm of bfloat16 rows on such CPUs also goes native: PyTorch's bf16 kernel is ~10x slower.
+A weight held quantized (tokenmill/quant) goes to the native integer kernel
+(tokenmill/native/csrc/quant_gemm_cpu.cpp), or to its PyTorch reference off the CPU."""
 
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from tokenmill.quant.packing import QuantizedWeight
+from tokenmill.quant.reference import reference_matmul
 
 _PACKED_ATTR = "_tokenmill_packed"
 
@@ -76,6 +81,8 @@ _ARGMAX_MIN_ROWS = 16
 def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """Each row's argmax of x @ weight^T (first of equal values), by the native bf16 kernel
     that never writes the [T, out] product; None where that kernel does not apply."""
+    if isinstance(weight, QuantizedWeight):
+        return None
     if x.dtype != torch.bfloat16 or x.shape[0] < _ARGMAX_MIN_ROWS or not _native_shapes(x, weight):
         return None
     native = _native_gemm(x.dtype)
@@ -87,8 +94,27 @@ def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     return native_kernels().gemm_bf16_argmax(x.contiguous(), packed_weight(pack, weight))
 
 
+def quantized_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """x [..., in] @ W^T for a packed quantized weight, in x's dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float32):
+        from tokenmill.native import kernels as native_kernels
+
+        kernels = native_kernels()
+        if kernels is not None:
+            w = weight
+            y = kernels.quant_gemm(
+                rows.contiguous(), w.packed, w.bits, w.has_min, w.group, w.out_features
+            )
+            return y.reshape(*x.shape[:-1], w.out_features)
+    return reference_matmul(rows, weight).reshape(*x.shape[:-1], weight.out_features)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] @ weight[out, in]^T (+ bias)."""
+    """x [T, in] @ weight[out, in]^T (+ bias); `weight` may be a packed QuantizedWeight."""
+    if isinstance(weight, QuantizedWeight):
+        y = quantized_linear(x, weight)
+        return y if bias is None else y + bias
     if _native_shapes(x, weight):
         native = _native_gemm(x.dtype)
         if native is not None:

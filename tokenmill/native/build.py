@@ -38,10 +38,13 @@ SOURCES = (
     "paged_attention_cpu.cpp",
     "paged_attention_f32.cpp",
     "paged_attention_bf16.cpp",
+    "paged_attention_int8.cpp",
+    "paged_attention_fp8.cpp",
     "gemm_bf16_cpu.cpp",
     "gemm_f32_cpu.cpp",
     "llama_decode_cpu.cpp",
     "argmax_cpu.cpp",
+    "quant_gemm_cpu.cpp",
 )
 VARIANTS = ("native", "portable")
 # CPU seconds one build takes (measured: 2 cores, g++ 12), for the "about N minutes" notice.

@@ -9,6 +9,11 @@ The one statement of the KV cache's size, for the planner (capacity of a chip), 
 
 Plain numbers only (dtype by name: fp32/bf16/fp16/fp8/int8 or float32/bfloat16/float16), so the
 engine can size its cache without the planner and the planner without torch.
+
+"int8" is the engine's quantized cache (tokenmill/attention/kv_quant.py): one byte per value and
+one bf16 scale per (token, KV head), so head_dim 64 fits 128 / 66 = 1.94x the blocks of bf16.
+The engine's fp8 cache has that layout too and is sized as "int8"; "fp8" here is the GPU format
+with a per-tensor scale (no scale bytes).
 """
 
 from __future__ import annotations

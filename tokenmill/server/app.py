@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -40,12 +41,20 @@ def create_app(
     )
     app.state.tokenmill = None
     app.state.tokenmill_settings = (config, model_root)
+    # Set when the server starts to drain (launch.DrainingServer): bodies still being read
+    # are answered 503 at once instead of holding up the shutdown.
+    app.state.draining = asyncio.Event()
     if engine is not None:
         attach_engine(app, engine)
     app.include_router(router)
     install_error_handlers(app)
     # The last added runs first: the key is checked before a body is read.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=config.max_body_bytes,
+        body_timeout_s=config.body_timeout_s,
+        draining=app.state.draining,
+    )
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from starlette.responses import Response
 
 from tokenmill.engine.async_engine import RequestStream
 from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.server.guided import request_grammar, with_grammar
 from tokenmill.server.logprobs import CompletionLogprobsBuilder
 from tokenmill.server.protocol import (
     CompletionChoice,
@@ -26,6 +28,7 @@ from tokenmill.server.protocol import (
 from tokenmill.server.sampling import (
     check_common,
     check_completion_options,
+    check_queue_fits,
     completion_prompts,
     resolve_max_tokens,
     sampling_params,
@@ -54,6 +57,12 @@ class _Job:
     created: int
     prompts: list[tuple[str | None, list[int]]]
 
+    @property
+    def is_scoring(self) -> bool:
+        """max_tokens 0 with echo: the prompt (and its logprobs) only. One token is generated,
+        since the engine always samples one, and dropped here."""
+        return self.body.echo and self.body.max_tokens == 0
+
     def choice_index(self, prompt_idx: int, output: CompletionOutput) -> int:
         return prompt_idx * self.body.n + output.index
 
@@ -77,13 +86,21 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     check_common(body, state)
     check_completion_options(body)
     prompts = await asyncio.to_thread(completion_prompts, body, state)
+    check_queue_fits(body, state, len(prompts))
     echo_logprobs = body.logprobs if body.echo else None
+    grammar = request_grammar(body) or (None, None)
     params = [
-        sampling_params(
-            body,
-            resolve_max_tokens(body.max_tokens, len(ids), state.max_model_len),
-            body.logprobs,
-            prompt_logprobs=echo_logprobs,
+        await with_grammar(
+            sampling_params(
+                body,
+                resolve_max_tokens(
+                    body.max_tokens, len(ids), state.max_model_len, allow_zero=body.echo
+                ),
+                body.logprobs,
+                prompt_logprobs=echo_logprobs,
+            ),
+            *grammar,
+            state,
         )
         for _, ids in prompts
     ]
@@ -95,6 +112,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         params,
         body.priority,
         body.stream,
+        body.slo.to_slo() if body.slo else None,
     )
     if body.stream:
         return EventStreamResponse(_events(job, streams), streams)
@@ -112,13 +130,17 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         created=job.created,
         model=state.config.model_name,
         choices=choices,
-        usage=job.usage(sum(len(o.token_ids) for out in finals for o in out.outputs)),
+        usage=job.usage(
+            0 if job.is_scoring else sum(len(o.token_ids) for out in finals for o in out.outputs)
+        ),
     )
     return Response(response.model_dump_json(), media_type="application/json")
 
 
 def _final_choice(job: _Job, prompt_idx: int, out: RequestOutput, o: CompletionOutput):
     raise_if_failed(o)
+    if job.is_scoring:
+        o = _scoring_output(o)
     text = o.text
     logprobs = None
     if job.body.logprobs is not None:
@@ -151,7 +173,7 @@ async def _events(job: _Job, streams: list[RequestStream]) -> AsyncIterator[str]
                     prompt_logprobs[prompt_idx] = out.prompt_logprobs
                 out.prompt_logprobs = prompt_logprobs.get(prompt_idx)
                 for o in out.outputs:
-                    num_completion_tokens += len(o.token_ids)
+                    num_completion_tokens += 0 if job.is_scoring else len(o.token_ids)
                     chunk = _chunk_choice(job, prompt_idx, out, o, builders)
                     if chunk is not None:
                         yield sse(
@@ -187,6 +209,8 @@ def _chunk_choice(
 ) -> CompletionChoice | None:
     """This step's piece of one choice (`o` is a delta), or None when it has nothing new."""
     raise_if_failed(o)
+    if job.is_scoring:
+        o = _scoring_output(o)
     index = job.choice_index(prompt_idx, o)
     has_new = bool(o.token_ids) or o.finish_reason is not None
     is_first = index not in builders and has_new
@@ -210,6 +234,13 @@ def _chunk_choice(
         logprobs=logprobs,
         finish_reason=o.finish_reason,
         stop_reason=o.stop_reason if o.finish_reason == "stop" else None,
+    )
+
+
+def _scoring_output(o: CompletionOutput) -> CompletionOutput:
+    finish = "length" if o.finish_reason is not None else None
+    return dataclasses.replace(
+        o, text="", token_ids=[], logprobs=None, finish_reason=finish, stop_reason=None
     )
 
 

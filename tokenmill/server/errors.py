@@ -6,10 +6,18 @@
     401 invalid_request_error   missing or wrong API key (code invalid_api_key)
     404 invalid_request_error   unknown model (code model_not_found) or route
     405 invalid_request_error   wrong method on a route
+    408 invalid_request_error   headers or body not received in time (code request_timeout)
     413 invalid_request_error   body over --max-body-bytes (code request_too_large)
-    429 rate_limit_error        waiting queue full (code queue_full)
+    429 rate_limit_error        waiting queue full (code queue_full); latency targets that
+                                cannot be met now (code slo_unattainable, with Retry-After)
     500 server_error            a fault while serving this one request
-    503 server_error            shutting down (code shutting_down)
+    503 server_error            shutting down (code shutting_down), a body still being read
+                                when the drain starts, connections over --max-connections
+                                (code too_many_connections)
+
+A message echoes at most a short prefix of what the client sent (`_clip`), and is built with
+plain string operations in time linear in the error's size: a validation error must never be
+a way to stall the event loop.
 
 Route code raises; `install_error_handlers` turns what it raises into a response, and
 `error_from_exception` gives the same body for an error that happens mid-stream.
@@ -31,6 +39,7 @@ from tokenmill.errors import (
     ContextLengthError,
     EngineOverloadedError,
     InvalidRequestError,
+    SloUnattainableError,
     TokenmillError,
 )
 
@@ -50,6 +59,7 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
+        self.headers: dict[str, str] | None = None  # e.g. Retry-After
 
     @property
     def type(self) -> str:
@@ -69,7 +79,7 @@ class APIError(Exception):
         return json.dumps(self.body())
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or self.headers)
 
 
 def error_from_exception(exc: BaseException) -> APIError:
@@ -82,6 +92,10 @@ def error_from_exception(exc: BaseException) -> APIError:
         )
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc), _param_of(str(exc)), "invalid_value")
+    if isinstance(exc, SloUnattainableError):
+        error = APIError(429, f"latency targets unattainable: {exc}", "slo", "slo_unattainable")
+        error.headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+        return error
     if isinstance(exc, EngineOverloadedError):
         return APIError(429, f"the server is overloaded: {exc}; retry later", None, "queue_full")
     if isinstance(exc, EngineStoppedError):
@@ -108,10 +122,10 @@ def validation_error(exc: RequestValidationError) -> APIError:
     param = _loc_to_param(loc)
     if first.get("type") == "missing":
         return APIError(400, f"'{param}' is required", param, "missing_required_parameter")
-    got = json.dumps(first.get("input"), default=str)
-    got = got if len(got) <= 80 else got[:77] + "..."
+    got = _bounded_json(first.get("input"))
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    message = f"invalid value for '{param}': {first.get('msg')}, got {got}{more}"
+    msg = _clip(str(first.get("msg")), 200)
+    message = f"invalid value for '{param}': {msg}, got {got}{more}"
     return APIError(400, message, param, "invalid_type")
 
 
@@ -144,16 +158,45 @@ async def _on_exception(request: Request, exc: Exception) -> JSONResponse:
     return error_from_exception(exc).response()
 
 
+# What an error message may echo of the client's input: a key or a value is cut to this many
+# characters, so a 1 MiB key costs one slice, never a scan that grows faster than its length.
+_MAX_ECHO = 80
+_MAX_PARAM = 200
+
+
+def _clip(text: str, limit: int = _MAX_ECHO) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _bounded_json(value: object) -> str:
+    if isinstance(value, str):
+        return json.dumps(_clip(value))
+    if isinstance(value, dict | list) and len(value) > 8:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    return _clip(json.dumps(value, default=str))
+
+
 def _loc_to_param(loc: list) -> str:
     # Union members appear in pydantic's path ("str", "list[int]"); they are not fields.
-    parts = [p for p in loc if isinstance(p, int) or not _TYPE_NAME.match(str(p))]
+    parts = [_clip(str(p)) if not isinstance(p, int) else p for p in loc]
+    parts = [p for p in parts if isinstance(p, int) or not _is_type_name(p)]
     out = str(parts[0]) if parts else "body"
     for part in parts[1:]:
         out += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return out
+    return _clip(out, _MAX_PARAM)
 
 
-_TYPE_NAME = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|.*\[.*\]|function-.*)$")
+def _is_type_name(part: str) -> bool:
+    """pydantic's union-member tags: `str`, `list[int]`, `function-after[...]`, `Model`...
+    Plain string operations only: every step is linear in the (client-chosen) part."""
+    if part in ("str", "int", "float", "bool", "none", "null") or part.startswith("function-"):
+        return True
+    if part[:1].isupper() and part.isidentifier():  # a model class; fields are snake_case
+        return True
+    head, bracket, _ = part.partition("[")
+    return bool(bracket) and part.endswith("]") and head.isidentifier()
+
+
 _FIELD = re.compile(r"^'?([a-z_]+)'?\b")
 
 

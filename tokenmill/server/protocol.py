@@ -2,15 +2,33 @@
 
 Types are checked here; value ranges are checked once, by SamplingParams, so the two cannot
 disagree. Unknown request fields are accepted and ignored, as OpenAI and vLLM do, so clients that
-send newer fields keep working.
+send newer fields keep working. An explicit `null` where OpenAI's spec allows one means the
+field's default (many SDKs send every field).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    model_serializer,
+    model_validator,
+)
+
+from tokenmill.server.protocol_tools import (
+    ChatCompletionToolParam,
+    NamedToolChoice,
+    ResponseFormat,
+    StructuredOutputsParam,
+    ToolCall,
+    ToolCallDelta,
+)
+from tokenmill.workload.slo import SLO
 
 # torch seeds a generator with a 64-bit integer; refuse what it cannot take before it reaches it.
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -21,12 +39,48 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
+class NullableRequest(OpenAIModel):
+    # Fields that OpenAI's spec marks nullable but that have a non-null default here.
+    null_means_default: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {
+                k: v for k, v in data.items() if v is not None or k not in cls.null_means_default
+            }
+        return data
+
+
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
-class SamplingRequest(OpenAIModel):
+class RequestSLO(OpenAIModel):
+    """Latency targets of one request (an extra field: the openai client's extra_body), or
+    best_effort for no promise; the server's --slo applies to requests without one."""
+
+    ttft_ms: float | None = Field(default=None, gt=0)
+    tpot_ms: float | None = Field(default=None, gt=0)
+    best_effort: bool = False
+
+    def to_slo(self) -> SLO:
+        if self.best_effort or (self.ttft_ms is None and self.tpot_ms is None):
+            return SLO()  # no targets: best effort
+        return SLO(
+            ttft_s=None if self.ttft_ms is None else self.ttft_ms / 1e3,
+            tpot_s=None if self.tpot_ms is None else self.tpot_ms / 1e3,
+        )
+
+
+class SamplingRequest(NullableRequest):
     """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    null_means_default = frozenset(
+        {"n", "stream", "echo", "presence_penalty", "frequency_penalty", "logprobs",
+         "parallel_tool_calls"}
+    )  # fmt: skip
 
     model: str | None = None  # None: the served model
     n: int = 1
@@ -50,10 +104,19 @@ class SamplingRequest(OpenAIModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0  # lower is served first (with --scheduling-policy priority)
+    slo: RequestSLO | None = None  # latency targets (with --slo-policy)
+    # Structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs.
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsParam | None = None
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    # Required, but null means OpenAI's default: a document boundary (the BOS or EOS token).
+    prompt: str | list[str] | TokenIds | list[TokenIds] | None
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
@@ -66,10 +129,15 @@ class ContentPart(OpenAIModel):
     text: str | None = None
 
 
+ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
 class ChatMessage(OpenAIModel):
-    role: str
+    role: ChatRole
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool's reply names the call it answers
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -81,6 +149,9 @@ class ChatCompletionRequest(SamplingRequest):
     # vLLM's chat extras.
     add_generation_prompt: bool = True
     chat_template_kwargs: dict | None = None
+    tools: list[ChatCompletionToolParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 # ---- responses ----------------------------------------------------------------------------
@@ -133,6 +204,15 @@ class ChatChoiceLogprobs(OpenAIModel):
 class ChatResponseMessage(OpenAIModel):
     role: str = "assistant"
     content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None  # left out of the JSON when there are none
+
+    @model_serializer(mode="wrap")
+    def _without_empty_tool_calls(self, handler) -> dict:
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatCompletionChoice(OpenAIModel):
@@ -153,8 +233,16 @@ class ChatCompletionResponse(OpenAIModel):
 
 
 class DeltaMessage(OpenAIModel):
+    """A streamed piece of the message: only what it carries (no `"role": null` after the
+    first chunk)."""
+
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatStreamChoice(OpenAIModel):

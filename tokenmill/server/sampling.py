@@ -16,9 +16,15 @@ from tokenmill.server.protocol import (
     SamplingRequest,
 )
 from tokenmill.server.state import ServerState
+from tokenmill.server.tool_calls import message_dict, prompt_inputs
+from tokenmill.tokenizer.chat_template import template_variables
 
-# Template variables the server sets itself; chat_template_kwargs may not override them.
-_RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "tokenize"})
+# Names chat_template_kwargs may not use: the variables the server sets itself, and the
+# renderer's own parameters.
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"messages", "add_generation_prompt", "tokenize", "tools", "chat_template", "template",
+     "self", "kwargs"}
+)  # fmt: skip
 
 
 def sampling_params(
@@ -58,12 +64,30 @@ def check_common(body: SamplingRequest, state: ServerState) -> None:
         raise APIError(400, "logit_bias is not supported by this server", "logit_bias")
     if body.n > state.config.max_n:
         raise APIError(400, f"n must be at most {state.config.max_n}, got {body.n}", "n")
+    check_queue_fits(body, state)
+
+
+def check_queue_fits(body: SamplingRequest, state: ServerState, num_prompts: int = 1) -> None:
+    """400, not 429: a request of more samples than the waiting queue holds never fits."""
+    max_queue = state.config.max_queue
+    if max_queue is not None and body.n * num_prompts > max_queue:
+        what = f"n ({body.n})" if num_prompts == 1 else f"n x prompts ({body.n * num_prompts})"
+        raise APIError(
+            400, f"{what} is more than this server's queue holds ({max_queue}: --max-queue)", "n"
+        )
 
 
 def resolve_max_tokens(
-    requested: int | None, prompt_len: int, max_model_len: int, field: str = "max_tokens"
+    requested: int | None,
+    prompt_len: int,
+    max_model_len: int,
+    field: str = "max_tokens",
+    allow_zero: bool = False,
 ) -> int:
-    """The number of tokens to generate: `requested`, or what is left of the context if None."""
+    """The number of tokens to generate: `requested`, or what is left of the context if None.
+    `allow_zero` (echo: prompt scoring) lets 0 through, as 1 token the caller then drops."""
+    if requested == 0 and allow_zero:
+        requested = 1
     if requested is not None and requested < 1:
         raise APIError(400, f"{field} must be at least 1, got {requested}", field)
     return check_request_fits(prompt_len, requested, max_model_len, field)
@@ -78,6 +102,8 @@ def completion_prompts(
     """The request's prompts as (text or None, token ids): a string, strings, token ids, or
     lists of token ids."""
     prompt = body.prompt
+    if prompt is None:
+        return [(None, [_document_boundary(state)])]
     if isinstance(prompt, str):
         prompts: list = [prompt]
     elif prompt and all(isinstance(p, int) for p in prompt):
@@ -114,20 +140,30 @@ def check_completion_options(body: CompletionRequest) -> None:
 
 
 def chat_prompt(body: ChatCompletionRequest, state: ServerState) -> list[int]:
-    """The conversation through the model's chat template, as token ids."""
+    """The conversation (and its tools) through the model's chat template, as token ids."""
     if not body.messages:
         raise APIError(400, "messages is empty: send at least one message", "messages")
-    if state.tokenizer is None:
-        raise APIError(400, "this model has no tokenizer, so no chat template", "messages")
+    if state.tokenizer is None or state.tokenizer.chat_template is None:
+        raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
+    extra = dict(body.chat_template_kwargs or {})
+    reserved = sorted(k for k in extra if k in _RESERVED_TEMPLATE_KWARGS or not k.isidentifier())
+    if reserved:
+        raise APIError(
+            400,
+            f"chat_template_kwargs may not set {', '.join(repr(k[:40]) for k in reserved[:5])}: "
+            "the server sets these (or they are not variable names)",
+            "chat_template_kwargs",
+        )
     messages = [_message_dict(m, idx) for idx, m in enumerate(body.messages)]
-    extra = {
-        k: v
-        for k, v in (body.chat_template_kwargs or {}).items()
-        if k not in _RESERVED_TEMPLATE_KWARGS
-    }
+    has_native_tools = "tools" in template_variables(state.tokenizer.chat_template)
+    messages, tool_variables = prompt_inputs(body, messages, has_native_tools)
     return list(
         state.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=body.add_generation_prompt, tokenize=True, **extra
+            messages,
+            add_generation_prompt=body.add_generation_prompt,
+            tokenize=True,
+            **extra,
+            **tool_variables,
         )
     )
 
@@ -145,10 +181,10 @@ def chat_num_top_logprobs(body: ChatCompletionRequest) -> int | None:
 
 
 def _message_dict(message: ChatMessage, idx: int) -> dict:
-    out = message.model_dump(exclude_none=True)
-    if isinstance(message.content, list):
+    content = message.content
+    if isinstance(content, list):
         texts = []
-        for part in message.content:
+        for part in content:
             if part.type != "text" or part.text is None:
                 raise APIError(
                     400,
@@ -156,8 +192,23 @@ def _message_dict(message: ChatMessage, idx: int) -> dict:
                     f"messages[{idx}].content",
                 )
             texts.append(part.text)
-        out["content"] = "".join(texts)
-    return out
+        content = "".join(texts)
+    if content is None and not (message.role == "assistant" and message.tool_calls):
+        raise APIError(
+            400, f"messages[{idx}].content is required for a {message.role} message",
+            f"messages[{idx}].content",
+        )  # fmt: skip
+    return message_dict(message, content)
+
+
+def _document_boundary(state: ServerState) -> int:
+    """OpenAI's default prompt (null): `<|endoftext|>`, the token a document starts after."""
+    tokenizer = state.tokenizer
+    if tokenizer is None:
+        raise APIError(400, "this model has no tokenizer: send token ids as the prompt", "prompt")
+    if tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id
+    return tokenizer.eos_token_ids[0]
 
 
 def _encode(state: ServerState, text: str) -> list[int]:

@@ -25,6 +25,13 @@ class ServerConfig:
     # Bound on n (samples per prompt) and on prompts per completion request.
     max_n: int = 128
     max_prompts: int = 64
+    # The engine's waiting-queue bound (--max-queue): a request of more samples never fits.
+    max_queue: int | None = None
+    # Slow clients: the request line and headers, then the body, must arrive within these.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    # Open connections beyond this are closed on accept (each holds a socket and a buffer).
+    max_connections: int = 1024
 
 
 @dataclass

@@ -29,6 +29,7 @@ from tokenmill.engine.async_engine import (
 from tokenmill.outputs import CompletionOutput, OutputKind, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.errors import error_from_exception
+from tokenmill.workload.slo import SLO
 
 DONE = "data: [DONE]\n\n"
 
@@ -82,6 +83,7 @@ async def add_all(
     params: list[SamplingParams],
     priority: int,
     is_streamed: bool,
+    slo: SLO | None = None,
 ) -> list[RequestStream]:
     """Add one engine request per prompt; if any add fails, abort the ones already added.
 
@@ -92,7 +94,7 @@ async def add_all(
     try:
         for idx, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             sub_id = request_id if len(prompts) == 1 else f"{request_id}-{idx}"
-            streams.append(await engine.add_request(sub_id, prompt, p, priority, kind))
+            streams.append(await engine.add_request(sub_id, prompt, p, priority, kind, slo))
     except BaseException:
         abort_all(streams)
         raise

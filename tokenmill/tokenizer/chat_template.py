@@ -122,9 +122,11 @@ def render_chat_template(
     template: str,
     messages: list[dict[str, Any]],
     add_generation_prompt: bool = True,
+    /,
     **variables: Any,
 ) -> str:
-    """Render `template` for `messages`; template errors become InvalidRequestError."""
+    """Render `template` for `messages`; template errors become InvalidRequestError. Any name
+    may be a variable (the parameters are positional-only)."""
     validate_messages(messages)
     compiled = compile_template(template)
     try:
@@ -189,3 +191,15 @@ def _template_end_of_turn(tokenizer: Tokenizer, template: str) -> list[int]:
     after = text[pos + len(_PROBE_REPLY) :].lstrip()
     ids = tokenizer.encode(after, add_special_tokens=False)[:1] if after else []
     return [t for t in ids if t in tokenizer.all_special_ids]
+
+
+@lru_cache(maxsize=16)
+def template_variables(template: str) -> frozenset[str]:
+    """The variables a template reads from its context (e.g. `tools`, `documents`)."""
+    from jinja2 import meta
+
+    env = ImmutableSandboxedEnvironment(extensions=[_GenerationBlock, "jinja2.ext.loopcontrols"])
+    try:
+        return frozenset(meta.find_undeclared_variables(env.parse(template)))
+    except jinja2.TemplateSyntaxError:
+        return frozenset()

@@ -2,7 +2,8 @@
 
 At batch 1 an eager decoder layer is ~25 PyTorch operator calls whose dispatch overhead is a
 third of the step; tokenmill/native/csrc/llama_decode_cpu.cpp runs the whole layer (norms, packed
-GEMMs, rotary, K/V write, paged attention, SiLU*up, residuals) in one call. Like the CUDA
+GEMMs — bf16 or quantized weights —, rotary, K/V write, paged attention, SiLU*up, residuals) in
+one call. Like the CUDA
 graphs of cuda_graphs.py, this is a runner concern: the model file keeps the math, and steps
 with any prompt chunk run eagerly.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from tokenmill.models.linear_ops import packed_weight
+from tokenmill.quant.packing import QuantizedWeight
 from tokenmill.worker.input_batch import StepInputs
 
 
@@ -41,17 +43,25 @@ class FusedCpuDecode:
         self._layers = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            weights, layouts = zip(*(self._weight(m.weight) for m in linears), strict=True)
             self._layers.append(
                 (
                     layer.input_layernorm.weight,
                     layer.post_attention_layernorm.weight,
-                    packed_weight(kernels.pack_bf16_weight, attn.qkv_proj.weight),
-                    packed_weight(kernels.pack_bf16_weight, attn.o_proj.weight),
-                    packed_weight(kernels.pack_bf16_weight, mlp.gate_up_proj.weight),
-                    packed_weight(kernels.pack_bf16_weight, mlp.down_proj.weight),
+                    list(weights),
+                    [field for layout in layouts for field in layout],
                     attn.attn.spec.scale,
                 )
             )
+
+    def _weight(self, weight) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """(packed tensor, layout) as llama_decode_layer takes a weight: bf16 panels, or the
+        integer blocks of a quantized one (bits, has_min, group, out_features)."""
+        if isinstance(weight, QuantizedWeight):
+            w = weight
+            return w.packed, (w.bits, int(w.has_min), w.group, w.out_features)
+        return packed_weight(self.kernels.pack_bf16_weight, weight), (16, 0, 0, weight.shape[0])
 
     def can_run(self, inputs: StepInputs) -> bool:
         return inputs.metadata.num_tokens == inputs.metadata.num_reqs
@@ -65,9 +75,9 @@ class FusedCpuDecode:
         x = inner.embed_tokens(inputs.input_ids).contiguous()  # (B, E)
         cos = inner.rotary_emb.cos_cache[inputs.positions].contiguous()  # (B, D) fp32
         sin = inner.rotary_emb.sin_cache[inputs.positions].contiguous()
-        for i, (norm1, norm2, qkv, o, gate_up, down, scale) in enumerate(self._layers):
+        for i, (norm1, norm2, weights, layouts, scale) in enumerate(self._layers):
             self.kernels.llama_decode_layer(
-                x, norm1, norm2, arch.rms_norm_eps, qkv, o, gate_up, down, cos, sin,
+                x, norm1, norm2, arch.rms_norm_eps, weights, layouts, cos, sin,
                 kv_caches[i], md.slot_mapping, md.block_table, md.seq_lens,
                 arch.num_attention_heads, arch.num_key_value_heads, scale,
             )  # fmt: skip

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokenmill.attention.backends.base import BaseAttentionBackend
+from tokenmill.attention import kv_quant
+from tokenmill.attention.backends.base import BaseAttentionBackend, quantized_kv_unsupported
 from tokenmill.attention.backends.registry import get_backend
 from tokenmill.attention.context import forward_context
 from tokenmill.config import EngineConfig
@@ -21,12 +22,16 @@ from tokenmill.engine.interfaces import (
     SchedulerOutput,
     TokenLogprobs,
 )
+from tokenmill.errors import ConfigError
 from tokenmill.loader.base import LoadedModel
 from tokenmill.models.arch_config import ArchConfig
 from tokenmill.models.registry import build_model
 from tokenmill.models.weights import load_weights
 from tokenmill.perf.kv_memory import num_kv_blocks
+from tokenmill.quant.apply import quantize_model
+from tokenmill.quant.schemes import resolve_quantization
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured.compiler import GrammarMatcher
 from tokenmill.worker.cpu_fused_decode import fused_decode_for
 from tokenmill.worker.cuda_graphs import DecodeGraphs
 from tokenmill.worker.input_batch import StepInputs, prepare_inputs
@@ -46,6 +51,7 @@ class _RequestState:
     generator: torch.Generator
     block_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
+    matcher: GrammarMatcher | None = None  # structured outputs: where it is in its grammar
 
 
 class ModelRunner(BaseRunner):
@@ -72,12 +78,27 @@ class ModelRunner(BaseRunner):
         self.block_size = config.cache.block_size
         self.eos_token_ids = tuple(eos_token_ids)
         self.backend = backend  # the attention backend the model was built with
+        self._allocate_kv_cache(arch, config)
+        self._states: dict[str, _RequestState] = {}
+        self.quantization = "none"  # the resolved scheme, set by load
+        self._seed_source = random.Random(config.model.seed)
+        self.graphs = self._decode_graphs(config.decode_graphs, config.scheduler.max_num_seqs)
+        # The fused layer writes and reads a float cache only (a quantized one runs eagerly).
+        use_fused = config.cpu_fused_decode and self.kv_scales is None
+        self.fused_decode = fused_decode_for(model, self.dtype, self.device) if use_fused else None
+
+    def _allocate_kv_cache(self, arch: ArchConfig, config: EngineConfig) -> None:
+        """All layers' KV cache in one allocation, sized by perf/kv_memory.py; a quantized cache
+        (int8 / fp8) with its scales beside it (attention/kv_quant.py)."""
         kv_dtype = config.cache.kv_cache_dtype
         kv_dtype = config.model.dtype if kv_dtype == "auto" else kv_dtype
-        self.kv_dtype = TORCH_DTYPES[kv_dtype]
+        self.kv_dtype = TORCH_DTYPES.get(kv_dtype) or kv_quant.KV_QUANT_DTYPES[kv_dtype]
+        if kv_quant.is_quantized(self.kv_dtype) and not self.backend.reads_quantized_kv:
+            raise ConfigError(quantized_kv_unsupported(self.backend.name))
         self.num_blocks = config.cache.num_blocks or num_kv_blocks(
-            arch, self.block_size, kv_dtype, config.cache.kv_cache_memory_gib
-        )
+            arch, self.block_size, kv_quant.memory_format(kv_dtype),
+            config.cache.kv_cache_memory_gib,
+        )  # fmt: skip
         # One extra block past num_blocks belongs to no request: padding rows of captured decode
         # graphs write and read there.
         self.scratch_block = self.num_blocks
@@ -89,16 +110,20 @@ class ModelRunner(BaseRunner):
         self.kv_caches = [
             self.kv_cache[i] for i in range(shape[0])
         ]  # per layer [2, NB, BS, Hkv, D]
+        self.kv_scales = self.kv_scale_caches = None
+        nbytes = self.kv_cache.nbytes
+        if kv_quant.is_quantized(self.kv_dtype):
+            # (L, 2, NB, Hkv, BS): one scale per (slot, KV head); per layer [2, NB, Hkv, BS]
+            scale_shape = (*shape[:3], arch.num_key_value_heads, self.block_size)
+            self.kv_scales = torch.zeros(
+                scale_shape, dtype=kv_quant.SCALE_DTYPE, device=self.device
+            )
+            self.kv_scale_caches = [self.kv_scales[i] for i in range(shape[0])]
+            nbytes += self.kv_scales.nbytes
         logger.info(
             "KV cache: %d blocks of %d tokens (%.2f GiB, %s)",
-            self.num_blocks, self.block_size, self.kv_cache.nbytes / 2**30, self.kv_dtype,
+            self.num_blocks, self.block_size, nbytes / 2**30, self.kv_dtype,
         )  # fmt: skip
-        self._states: dict[str, _RequestState] = {}
-        self._seed_source = random.Random(config.model.seed)
-        self.graphs = self._decode_graphs(config.decode_graphs, config.scheduler.max_num_seqs)
-        self.fused_decode = (
-            fused_decode_for(model, self.dtype, self.device) if config.cpu_fused_decode else None
-        )
 
     @classmethod
     def load(cls, loaded: LoadedModel, config: EngineConfig) -> ModelRunner:
@@ -113,7 +138,11 @@ class ModelRunner(BaseRunner):
         _reset_buffers(model)
         load_weights(model, loaded.iter_weights(dtype))  # one tensor at a time
         model.eval()
+        scheme = resolve_quantization(config.model.quantization, loaded, config.model.device)
+        if scheme.kind != "none":
+            quantize_model(model, loaded, scheme)
         runner = cls(model, backend, loaded.arch, config, loaded.eos_token_ids)
+        runner.quantization = scheme.name
         runner.warm_up()
         logger.info("loaded %s in %.1fs", loaded.source, time.perf_counter() - start)
         return runner
@@ -139,7 +168,11 @@ class ModelRunner(BaseRunner):
         same = (config.model.device, config.model.dtype, config.attention_backend)
         if same != (str(self.device), self.config.model.dtype, self.config.attention_backend):
             raise ValueError("a runner sharing weights needs the same device, dtype and backend")
-        return ModelRunner(self.model, self.backend, self.arch, config, self.eos_token_ids)
+        if config.model.quantization != self.config.model.quantization:
+            raise ValueError("a runner sharing weights needs the same quantization")
+        runner = ModelRunner(self.model, self.backend, self.arch, config, self.eos_token_ids)
+        runner.quantization = self.quantization
+        return runner
 
     def _decode_graphs(self, mode: str, max_num_seqs: int) -> DecodeGraphs | None:
         use = mode == "no-capture" or (
@@ -177,7 +210,7 @@ class ModelRunner(BaseRunner):
         elif self.fused_decode is not None and self.fused_decode.can_run(inputs):
             hidden = self.fused_decode.run(inputs, self.kv_caches)  # (B, E)
         else:
-            with forward_context(inputs.metadata, self.kv_caches):
+            with forward_context(inputs.metadata, self.kv_caches, self.kv_scale_caches):
                 hidden = self.model(inputs.input_ids, inputs.positions)  # (T, E)
         rows = hidden[inputs.logits_indices]  # (N, E)
         if self._plain_greedy_in_order(sched_out, inputs, rows.shape[0]):
@@ -193,7 +226,9 @@ class ModelRunner(BaseRunner):
         if seed is None:
             seed = self._seed_source.getrandbits(63)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        return _RequestState(new.sampling_params, new.prompt_token_ids, generator)
+        grammar = new.sampling_params.grammar
+        matcher = grammar.compiled.new_matcher() if grammar and grammar.compiled else None
+        return _RequestState(new.sampling_params, new.prompt_token_ids, generator, matcher=matcher)
 
     def _sample(self, sched_out: SchedulerOutput, inputs: StepInputs, logits) -> RunnerOutput:
         out = RunnerOutput(sampled={})
@@ -210,8 +245,12 @@ class ModelRunner(BaseRunner):
             state = self._states[sched.req_id]
             rows.append(
                 SamplingRow(
-                    state.params, state.generator, state.prompt_token_ids, state.output_token_ids
-                )
+                    state.params,
+                    state.generator,
+                    state.prompt_token_ids,
+                    state.output_token_ids,
+                    state.matcher,
+                )  # fmt: skip
             )
             can_stop = state.params.can_stop(len(state.output_token_ids))
             banned = () if can_stop else (*self.eos_token_ids, *state.params.stop_token_ids)
@@ -256,8 +295,15 @@ class ModelRunner(BaseRunner):
                 return False  # EOS and stop ids are still forbidden
         return True
 
+    # observer(req_id, position of row 0, logits [Q, V]) sees every prompt chunk whose prompt
+    # logprobs are computed, all vocabulary scores, read-only: for measurements that teacher-force
+    # text through the real forward and KV cache (tokenmill/quant_eval). None when serving.
+    prompt_logits_observer = None
+
     def _prompt_logprobs(self, sched, logits: torch.Tensor) -> list[TokenLogprobs | None]:
         """logits [Q, V] of a prompt chunk; row i scores the prompt token after position i."""
+        if self.prompt_logits_observer is not None:
+            self.prompt_logits_observer(sched.req_id, sched.num_computed_tokens, logits)
         state = self._states[sched.req_id]
         prompt = state.prompt_token_ids
         num_rows = min(logits.shape[0], len(prompt) - 1 - sched.num_computed_tokens)

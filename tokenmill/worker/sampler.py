@@ -1,18 +1,25 @@
-"""Turning a batch of logits into tokens: penalties, temperature, min-p, top-k, top-p, logprobs.
+"""Turning a batch of logits into tokens: grammar masks, penalties, temperature, min-p, top-k,
+top-p, logprobs.
 
 Each row is one request (one sampled position). Greedy rows take the argmax. Random rows sample
 by inverse CDF with one uniform drawn from the request's own generator, so a seeded request's
-tokens do not depend on what else is in the batch.
+tokens do not depend on what else is in the batch. A row with a grammar matcher (structured
+outputs) has the tokens its grammar forbids masked first, and its matcher advances by the token
+chosen; rows without one pay nothing for it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from tokenmill.engine.interfaces import TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.structured.compiler import GrammarMatcher
 
 
 @dataclass
@@ -21,6 +28,7 @@ class SamplingRow:
     generator: torch.Generator | None
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    matcher: GrammarMatcher | None = None
 
 
 def sample(
@@ -41,6 +49,9 @@ def sample(
     for i, ids in enumerate(stop_ids_before_min):
         if ids:
             logits[i, ids] = float("-inf")
+    for i, row in enumerate(rows):
+        if row.matcher is not None:
+            row.matcher.mask_logits(logits[i], row.params.stop_token_ids)
     _apply_penalties(logits, rows)
     # Extreme penalties can overflow: NaN never wins, +inf becomes the largest finite value.
     torch.nan_to_num_(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
@@ -55,6 +66,9 @@ def sample(
         idx = torch.tensor(random, device=device)
         tokens[idx] = _sample_random(logits[idx], [rows[i] for i in random])
     token_list = tokens.tolist()
+    for row, token in zip(rows, token_list, strict=True):
+        if row.matcher is not None and token not in row.params.stop_token_ids:
+            row.matcher.accept(token)
     logprobs: list[TokenLogprobs | None] = [None] * len(rows)
     if raw_logprobs is not None:
         for i, row in enumerate(rows):
@@ -75,7 +89,7 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _plain_greedy(row: SamplingRow, forbidden: list[int]) -> bool:
-    return row.params.is_plain_greedy and not forbidden
+    return row.params.is_plain_greedy and not forbidden and row.matcher is None
 
 
 def token_logprobs(logprobs: torch.Tensor, token_id: int, num_top: int) -> TokenLogprobs:

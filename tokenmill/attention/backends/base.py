@@ -32,9 +32,13 @@ class BaseAttentionBackend(ABC):
     Contract: every layer writes the K/V of all scheduled tokens of the batch before any of the
     batch's attention reads the cache. The scheduler relies on this to let a request read
     prefix blocks that another request fills in the same step.
+
+    A quantized cache (int8 / fp8 values, attention/kv_quant.py) comes with `kv_scale`, for
+    backends with `reads_quantized_kv`; others raise ConfigError (quantized_kv_unsupported).
     """
 
     name: str = "base"
+    reads_quantized_kv: bool = False
 
     @abstractmethod
     def forward(
@@ -45,8 +49,16 @@ class BaseAttentionBackend(ABC):
         v: torch.Tensor,  # [T, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
+        kv_scale: torch.Tensor | None = None,  # [2, num_blocks, num_kv_heads, block_size]
     ) -> torch.Tensor:
         """Returns the attention output [T, num_heads, head_dim]."""
+
+
+def quantized_kv_unsupported(backend_name: str) -> str:
+    return (
+        f"the {backend_name} attention backend does not read a quantized (int8/fp8) KV cache; "
+        "use --attention-backend torch, or --kv-cache-dtype auto"
+    )
 
 
 def write_kv(

@@ -7,6 +7,10 @@ starts at position 0 attends to its own fresh K/V without touching the cache.
 
 Grouped-query attention without copying K/V: in decode, the G query heads that share a KV head
 are laid out as G query rows of that KV head, (Bd, Hkv, G, D); in prefill SDPA's enable_gqa.
+
+A quantized cache (int8 / fp8 with scales, attention/kv_quant.py) is read by the native decode
+kernel in place and dequantized wherever these paths gather it; a fresh prompt then attends
+to its own K/V as read back from the cache, so every path sees the same (quantized) numbers.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenmill.attention import kv_quant
 from tokenmill.attention.backends.base import AttentionSpec, BaseAttentionBackend, write_kv
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.native import kernels as native_kernels
@@ -50,6 +55,7 @@ class _StepPlan:
 
 class TorchAttentionBackend(BaseAttentionBackend):
     name = "torch"
+    reads_quantized_kv = True
 
     def __init__(self, use_native: bool = True) -> None:
         # On the CPU, decodes use the native paged kernel when it builds (tokenmill/native/csrc).
@@ -63,56 +69,78 @@ class TorchAttentionBackend(BaseAttentionBackend):
         v: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        write_kv(kv_cache, k, v, metadata.slot_mapping)
+        if kv_scale is None:
+            write_kv(kv_cache, k, v, metadata.slot_mapping)
+        else:
+            kv_quant.write_kv_quantized(kv_cache, kv_scale, k, v, metadata.slot_mapping)
+        cache = _Cache(kv_cache, kv_scale)
         plan = _plan_for(metadata, spec.sliding_window)
-        native = self._native(q, kv_cache) if plan.decode is not None else None
+        native = self._native(q, cache) if plan.decode is not None else None
         if native is not None and not plan.segments and plan.decode.token_idx is None:
-            return _native_attention(native, spec, q, kv_cache, plan.decode)  # all decodes
+            return _native_attention(native, spec, q, cache, plan.decode)  # all decodes
         out = torch.empty_like(q)
         if plan.decode is not None:
             if native is not None:
-                _decode_native(native, spec, q, kv_cache, plan.decode, out)
+                _decode_native(native, spec, q, cache, plan.decode, out)
             else:
-                _decode(spec, q, kv_cache, plan.decode, out)
+                _decode(spec, q, cache, plan.decode, out)
         for seg in plan.segments:
-            out[seg.start : seg.end] = _prefill_segment(spec, q, k, v, kv_cache, seg)
+            out[seg.start : seg.end] = _prefill_segment(spec, q, k, v, cache, seg, metadata)
         return out
 
-    def _native(self, q: torch.Tensor, kv_cache: torch.Tensor):
-        if not self.use_native or q.device.type != "cpu" or kv_cache.dtype != q.dtype:
+    def _native(self, q: torch.Tensor, cache: _Cache):
+        if not self.use_native or q.device.type != "cpu":
+            return None
+        if cache.scale is None and cache.kv.dtype != q.dtype:
             return None
         if q.dtype not in (torch.float32, torch.bfloat16) or q.shape[-1] % 16 or q.shape[-1] > 256:
             return None
         return native_kernels()
 
 
-def _native_attention(kernels, spec: AttentionSpec, q, kv_cache, plan: _DecodePlan):
+@dataclass
+class _Cache:
+    """One layer's cache: kv [2, NB, BS, Hkv, D]; scale [2, NB, Hkv, BS] when quantized."""
+
+    kv: torch.Tensor
+    scale: torch.Tensor | None
+
+    def blocks(self, which: int, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """K (which=0) or V (1) of the blocks [...] in `dtype`: [..., BS, Hkv, D]."""
+        if self.scale is None:
+            return self.kv[which][block_ids].to(dtype)
+        return kv_quant.read_blocks(self.kv, self.scale, which, block_ids, dtype)
+
+
+def _native_attention(kernels, spec: AttentionSpec, q, cache: _Cache, plan: _DecodePlan):
     """Reads each request's blocks in place: no gather copy, no padding to the longest."""
-    q_d = q if plan.token_idx is None else q.index_select(0, plan.token_idx)
+    q_d = (q if plan.token_idx is None else q.index_select(0, plan.token_idx)).contiguous()
+    kv, window = cache.kv, spec.sliding_window or 0
+    if cache.scale is not None:
+        return kernels.paged_decode_attention_quant(
+            q_d, kv[0], kv[1], cache.scale[0], cache.scale[1], plan.block_table, plan.seq_lens,
+            spec.scale, window,
+        )  # fmt: skip
     return kernels.paged_decode_attention(
-        q_d.contiguous(), kv_cache[0], kv_cache[1], plan.block_table, plan.seq_lens,
-        spec.scale, spec.sliding_window or 0,
-    )  # fmt: skip
+        q_d, kv[0], kv[1], plan.block_table, plan.seq_lens, spec.scale, window
+    )
 
 
-def _decode_native(kernels, spec: AttentionSpec, q, kv_cache, plan: _DecodePlan, out) -> None:
-    out.index_copy_(0, plan.token_idx, _native_attention(kernels, spec, q, kv_cache, plan))
+def _decode_native(kernels, spec: AttentionSpec, q, cache: _Cache, plan: _DecodePlan, out) -> None:
+    out.index_copy_(0, plan.token_idx, _native_attention(kernels, spec, q, cache, plan))
 
 
-def _decode(
-    spec: AttentionSpec, q: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan, out
-) -> None:
+def _decode(spec: AttentionSpec, q: torch.Tensor, cache: _Cache, plan: _DecodePlan, out) -> None:
     hkv, g, d = spec.num_kv_heads, spec.num_queries_per_kv, spec.head_dim
     q_d = q if plan.token_idx is None else q.index_select(0, plan.token_idx)
     num = q_d.shape[0]
     q_d = q_d.view(num, hkv, g, d)  # (Bd, Hkv, G, D): G queries per KV head
     # (Bd, nb, bs, Hkv, D) -> (Bd, L, Hkv, D) -> (Bd, Hkv, L, D)
-    keys = kv_cache[0][plan.block_table].flatten(1, 2).transpose(1, 2)
-    values = kv_cache[1][plan.block_table].flatten(1, 2).transpose(1, 2)
-    o = F.scaled_dot_product_attention(
-        q_d, keys.to(q.dtype), values.to(q.dtype), attn_mask=plan.mask, scale=spec.scale
-    )
+    keys = cache.blocks(0, plan.block_table, q.dtype).flatten(1, 2).transpose(1, 2)
+    values = cache.blocks(1, plan.block_table, q.dtype).flatten(1, 2).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q_d, keys, values, attn_mask=plan.mask, scale=spec.scale)
     o = o.reshape(num, hkv * g, d)  # (Bd, H, D)
     if plan.token_idx is None:
         out.copy_(o)
@@ -125,21 +153,28 @@ def _prefill_segment(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    kv_cache: torch.Tensor,
+    cache: _Cache,
     seg: _Segment,
+    md: AttentionMetadata,
 ) -> torch.Tensor:
     # 4-D inputs: CPU SDPA takes its flash kernel only for (batch, heads, seq, dim).
     q_s = q[seg.start : seg.end].transpose(0, 1)[None]  # (1, H, Q, D)
     if seg.mask is None:
-        # Fresh prompt: the keys are this chunk's own, causal; no cache read at all.
-        keys = k[seg.start : seg.end].transpose(0, 1)[None]  # (1, Hkv, Q, D)
-        values = v[seg.start : seg.end].transpose(0, 1)[None]
+        # Fresh prompt: the keys are this chunk's own, causal; read back from a quantized cache
+        # only, so that they are the values every later read of them sees.
+        k_s, v_s = k[seg.start : seg.end], v[seg.start : seg.end]  # (Q, Hkv, D)
+        if cache.scale is not None:
+            slots = md.slot_mapping[seg.start : seg.end]
+            k_s = kv_quant.read_slots(cache.kv, cache.scale, 0, slots, q.dtype)
+            v_s = kv_quant.read_slots(cache.kv, cache.scale, 1, slots, q.dtype)
+        keys, values = k_s.transpose(0, 1)[None], v_s.transpose(0, 1)[None]  # (1, Hkv, Q, D)
         o = _sdpa(q_s, keys, values, None, spec.scale)
     else:
         # (nb, bs, Hkv, D) -> (L, Hkv, D) -> (1, Hkv, L, D)
-        keys = kv_cache[0][seg.block_ids].flatten(0, 1)[: seg.seq_len].transpose(0, 1)[None]
-        values = kv_cache[1][seg.block_ids].flatten(0, 1)[: seg.seq_len].transpose(0, 1)[None]
-        o = _sdpa(q_s, keys.to(q.dtype), values.to(q.dtype), seg.mask, spec.scale)
+        keys = cache.blocks(0, seg.block_ids, q.dtype).flatten(0, 1)[: seg.seq_len]
+        values = cache.blocks(1, seg.block_ids, q.dtype).flatten(0, 1)[: seg.seq_len]
+        keys, values = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
+        o = _sdpa(q_s, keys, values, seg.mask, spec.scale)
     return o[0].transpose(0, 1)  # (Q, H, D)
 
 

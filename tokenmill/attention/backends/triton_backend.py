@@ -16,7 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.attention.backends.base import AttentionSpec, BaseAttentionBackend, write_kv
+from tokenmill.attention.backends.base import (
+    AttentionSpec,
+    BaseAttentionBackend,
+    quantized_kv_unsupported,
+    write_kv,
+)
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.env import triton_interpreted
 from tokenmill.errors import ConfigError
@@ -123,7 +128,10 @@ class TritonAttentionBackend(BaseAttentionBackend):
         v: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if kv_scale is not None:
+            raise ConfigError(quantized_kv_unsupported(self.name))
         write_kv(kv_cache, k, v, metadata.slot_mapping)
         q = q.contiguous()
         out = torch.empty_like(q)

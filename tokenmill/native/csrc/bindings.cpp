@@ -29,6 +29,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using no_gil = py::call_guard<py::gil_scoped_release>;
   m.def("paged_decode_attention", &tokenmill::paged_decode_attention, no_gil(),
         "decode attention over a paged KV cache (CPU)");
+  m.def("paged_decode_attention_quant", &tokenmill::paged_decode_attention_quant, no_gil(),
+        "decode attention over a paged int8 / fp8 KV cache with per-(slot, KV head) scales (CPU)");
+  m.def("write_kv_quant", &tokenmill::write_kv_quant, no_gil(),
+        "quantize K/V [T, Hkv, D] into their slots of an int8 / fp8 KV cache and its scales (CPU)");
   m.def("pack_bf16_weight", &tokenmill::pack_bf16_weight, no_gil(),
         "repack a bf16 [N, K] weight into gemm_bf16_packed's panels");
   m.def("gemm_bf16_packed", &tokenmill::gemm_bf16_packed, no_gil(),
@@ -39,6 +43,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "repack an fp32 [N, K] weight into gemm_f32_packed's panels");
   m.def("gemm_f32_packed", &tokenmill::gemm_f32_packed, no_gil(),
         "x [M, K] @ W^T for a packed fp32 weight (CPU), for few rows");
+  m.def("quant_gemm", &tokenmill::quant_gemm, no_gil(),
+        "x [M, K] @ W^T for a quantized weight packed by tokenmill.quant.packing (CPU)");
+  m.def("has_avx512_vnni", &tokenmill::has_avx512_vnni,
+        "whether the AVX512-VNNI quantized GEMM is compiled in (else a portable loop)");
   m.def("argmax_last_dim", &tokenmill::argmax_last_dim, no_gil(),
         "first position of each row's largest value, [N, V] -> [N] (CPU)");
   m.def("rms_norm_bf16", &tokenmill::rms_norm_bf16, no_gil(),

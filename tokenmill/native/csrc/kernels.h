@@ -4,11 +4,23 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <vector>
+
 namespace tokenmill {
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_table,
                                   const at::Tensor& seq_lens, double scale, int64_t window);
+// The same over an int8 or float8_e4m3fn cache with bf16 scales [NB, BS, Hkv] per (slot, KV
+// head): x = scale * value (paged_attention_quant.h).
+at::Tensor paged_decode_attention_quant(const at::Tensor& q, const at::Tensor& k_cache,
+                                        const at::Tensor& v_cache, const at::Tensor& k_scales,
+                                        const at::Tensor& v_scales, const at::Tensor& block_table,
+                                        const at::Tensor& seq_lens, double scale, int64_t window);
+// k, v [T, Hkv, D] quantized into their slots of such a cache (paged_attention_kv_quant.h).
+void write_kv_quant(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                    at::Tensor& v_cache, at::Tensor& k_scales, at::Tensor& v_scales,
+                    const at::Tensor& slot_mapping);
 
 // Whether the AVX512-BF16 GEMM is compiled in (else a portable loop computes the same).
 bool has_avx512_bf16();
@@ -23,13 +35,22 @@ bool has_avx512f();
 at::Tensor pack_f32_weight(const at::Tensor& w);
 at::Tensor gemm_f32_packed(const at::Tensor& x, const at::Tensor& packed);
 
+// Whether the AVX512-VNNI quantized GEMM is compiled in (else a portable loop, same sums).
+bool has_avx512_vnni();
+// x [M, K] @ W^T for a weight packed by tokenmill/quant/packing.py (4- or 8-bit integers, a
+// scale and optionally a min per group of `group` k); y [M, n_dim] in x's dtype.
+at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t bits, bool has_min,
+                      int64_t group, int64_t n_dim);
+
 at::Tensor argmax_last_dim(const at::Tensor& logits);
 
 at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps);
 
+// weights: qkv, o, gate_up, down, each packed bf16 or quantized; layouts: 4 fields per weight
+// (bits: 16 for bf16 or 4/8, has_min, group, out_features).
 void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm,
-                        double eps, const at::Tensor& qkv_packed, const at::Tensor& o_packed,
-                        const at::Tensor& gate_up_packed, const at::Tensor& down_packed,
+                        double eps, const std::vector<at::Tensor>& weights,
+                        const std::vector<int64_t>& layouts,
                         const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv_cache,
                         const at::Tensor& slot_mapping, const at::Tensor& block_table,
                         const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads,

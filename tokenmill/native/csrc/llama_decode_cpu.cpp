@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -132,6 +133,15 @@ void silu_mul(const bf16* gu, int64_t n, bf16* out) {
   }
 }
 
+// A weight as the layer gets it: packed bf16 (bits 16) or quantized (quant_gemm's layout),
+// described by (bits, has_min, group, out_features).
+constexpr size_t kLayoutFields = 4;
+
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, const int64_t* layout) {
+  if (layout[0] == 16) return tokenmill::gemm_bf16_packed(x, packed);
+  return tokenmill::quant_gemm(x, packed, layout[0], layout[1] != 0, layout[2], layout[3]);
+}
+
 }  // namespace
 
 namespace tokenmill {
@@ -145,18 +155,23 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps) {
 }
 
 void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm,
-                        double eps, const at::Tensor& qkv_packed, const at::Tensor& o_packed,
-                        const at::Tensor& gate_up_packed, const at::Tensor& down_packed,
+                        double eps, const std::vector<at::Tensor>& weights,
+                        const std::vector<int64_t>& layouts,
                         const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv_cache,
                         const at::Tensor& slot_mapping, const at::Tensor& block_table,
                         const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads,
                         double scale) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "bf16 x [T, E] expected");
   TORCH_CHECK(kv_cache.scalar_type() == at::kBFloat16, "bf16 KV cache expected");
+  TORCH_CHECK(weights.size() == 4 && layouts.size() == 4 * kLayoutFields,
+              "four weights (qkv, o, gate_up, down) and their layouts expected");
+  const auto linear = [&](const at::Tensor& in, int i) {
+    return linear_packed(in, weights[i], layouts.data() + i * kLayoutFields);
+  };
   const int64_t tokens = x.size(0), dim = kv_cache.size(4);
   const int64_t q_size = num_heads * dim, kv_size = num_kv_heads * dim;
 
-  at::Tensor qkv = gemm_bf16_packed(rms_norm(x, input_norm, eps), qkv_packed);  // [T, q+2kv]
+  at::Tensor qkv = linear(rms_norm(x, input_norm, eps), 0);  // [T, q+2kv]
   at::Tensor q = at::empty({tokens, num_heads, dim}, x.options());
   bf16* qkv_p = qkv.data_ptr<bf16>();
   bf16* q_p = q.data_ptr<bf16>();
@@ -176,16 +191,16 @@ void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::T
   });
   at::Tensor attn = paged_decode_attention(q, kv_cache[0], kv_cache[1], block_table, seq_lens,
                                            scale, 0);
-  const at::Tensor attn_out = gemm_bf16_packed(attn.view({tokens, q_size}), o_packed);
+  const at::Tensor attn_out = linear(attn.view({tokens, q_size}), 1);
 
   // x += attn_out, then the MLP's norm of it, in one pass over x.
-  at::Tensor gate_up = gemm_bf16_packed(rms_norm(x, post_norm, eps, &attn_out), gate_up_packed);
+  at::Tensor gate_up = linear(rms_norm(x, post_norm, eps, &attn_out), 2);
   const int64_t inter = gate_up.size(1) / 2;
   at::Tensor act = at::empty({tokens, inter}, x.options());
   const bf16* gu = gate_up.data_ptr<bf16>();
   bf16* ap = act.data_ptr<bf16>();
   for_rows(tokens, [&](int64_t t) { silu_mul(gu + t * 2 * inter, inter, ap + t * inter); });
-  const at::Tensor down = gemm_bf16_packed(act, down_packed);
+  const at::Tensor down = linear(act, 3);
   bf16* xp = x.data_ptr<bf16>();
   const bf16* dp = down.data_ptr<bf16>();
   const int64_t width = x.size(1);

@@ -9,20 +9,27 @@
 // are merged by log-sum-exp afterwards, as in flash-decoding.
 //
 //   q            [B, H, D]            float32 or bfloat16, D a multiple of 16
-//   k/v cache    [NB, BS, Hkv, D]     same dtype as q
+//   k/v cache    [NB, BS, Hkv, D]     same dtype as q, or int8 / fp8 (e4m3) with
+//   k/v scales   [NB, Hkv, BS] bf16   one scale per (slot, KV head): x = scale * value
+//                (an int8 K cache keeps each block's K dim-pair-major: paged_attention_quant.h)
 //   block_table  [B, MB] int64        seq_lens [B] int64
 //   out          [B, H, D]            dtype of q
 //
 // Files: this header (the task's view of the cache, the problem), paged_attention_avx512.h
 // and paged_attention_portable.h (the two passes over the cache, per instruction set),
-// paged_attention_driver.h (tasks, partitions, merge), paged_attention_{f32,bf16}.cpp (one
-// translation unit per dtype, compiled in parallel), paged_attention_cpu.cpp (the entry).
+// paged_attention_quant.h (the passes over int8 / fp8 caches), paged_attention_driver.h
+// (tasks, partitions, merge), paged_attention_{f32,bf16,int8,fp8}.cpp (one translation unit
+// per cache dtype, compiled in parallel), paged_attention_kv_quant.h (quantizing K/V into a
+// slot) and paged_attention_cpu.cpp (the entries).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <utility>
+
+#include <c10/util/Float8_e4m3fn.h>
 
 #include "simd.h"
 
@@ -45,6 +52,9 @@ struct DecodeProblem {
   const int64_t* lens;
   float scale;
   int64_t window;  // 0: none
+  // Quantized caches only: the scales [NB, Hkv, BS] of K and of V.
+  const c10::BFloat16* k_scales = nullptr;
+  const c10::BFloat16* v_scales = nullptr;
 
   int64_t groups() const { return num_heads / num_kv_heads; }
 
@@ -55,22 +65,35 @@ struct DecodeProblem {
   }
 };
 
-// out = softmax(q K^T * scale) V for every request; defined per dtype (float, c10::BFloat16).
-template <typename T>
-void decode_attention(const DecodeProblem& p, const T* q, const T* k_cache, const T* v_cache,
-                      T* out);
+using Fp8 = c10::Float8_e4m3fn;
+
+// Whether a cache of C holds quantized values (with scales) rather than the query's dtype.
+template <typename C>
+constexpr bool kQuantized = std::is_same_v<C, int8_t> || std::is_same_v<C, Fp8>;
+
+// out = softmax(q K^T * scale) V for every request. Q (float, c10::BFloat16) is the dtype of q
+// and out; C that of the cache: Q itself, or int8_t / Fp8 with the problem's scales.
+template <typename Q, typename C = Q>
+void decode_attention(const DecodeProblem& p, const Q* q, const C* k_cache, const C* v_cache,
+                      Q* out);
 
 // Cache lines wanted soon (the next chunk), requested a share at a time while the current
 // chunk computes. Requesting a whole chunk at once fills the core's miss slots and stalls the
 // loads of the chunk being computed behind them; in shares, the misses stay in flight under
 // the arithmetic (decode attention at batch 128 from DRAM: 0.48 -> 0.39 ms per layer).
+// A quantized cache's chunk also has its scales, a line or two elsewhere: fetched with the
+// first share (without them, each chunk's scales were a miss to memory: 1/3 of the time).
 struct Lookahead {
   const char* p = nullptr;
   int64_t bytes = 0;
+  const char* scales = nullptr;
+  int64_t scale_bytes = 0;
   void fetch(int64_t share, int64_t shares) const {
 #if defined(__SSE__)
     for (int64_t b = bytes * share / shares / 64 * 64; b < bytes * (share + 1) / shares; b += 64)
       _mm_prefetch(p + b, _MM_HINT_T0);
+    if (share == 0 && scales)
+      for (int64_t b = 0; b < scale_bytes; b += 64) _mm_prefetch(scales + b, _MM_HINT_T0);
 #else
     (void)share;
     (void)shares;
@@ -88,6 +111,20 @@ struct Span {
   int64_t first, end;
   int64_t dim;        // head_dim
   int64_t row_bytes;  // one slot: all its KV heads' K (or V)
+  // Quantized caches: the scales of K and V, [NB, Hkv, BS] (scale_index). An int8 K cache
+  // is dim-pair-major within each block (k_paired): its chunks' lines are the whole block's.
+  const c10::BFloat16* k_scale = nullptr;
+  const c10::BFloat16* v_scale = nullptr;
+  bool k_paired = false;
+
+  int64_t num_kv_heads() const { return slot_stride / dim; }
+
+  // The scale of KV head kvh at the slot of element offset `offset` (a chunk's first slot);
+  // the chunk's next slots' scales follow it.
+  int64_t scale_index(int64_t offset, int64_t kvh) const {
+    const int64_t block = offset / block_stride, slot = offset % block_stride / slot_stride;
+    return (block * num_kv_heads() + kvh) * block_size + slot;
+  }
 
   // The run of consecutive slots from `pos` inside one block (at most kChunk): its element
   // offset from the cache's start and its length.
@@ -100,7 +137,14 @@ struct Span {
   Lookahead lines_of_chunk(const T* base, int64_t pos) const {
     if (pos >= end) return {};
     const auto [offset, n] = chunk_at(pos);
-    return {reinterpret_cast<const char*>(base + offset), n * row_bytes};
+    const c10::BFloat16* scale = base == k ? k_scale : v_scale;
+    if (!scale) return {reinterpret_cast<const char*>(base + offset), n * row_bytes};
+    const int64_t block_start = offset - offset % block_stride;
+    const bool whole_block = base == k && k_paired;
+    return {reinterpret_cast<const char*>(base + (whole_block ? block_start : offset)),
+            whole_block ? block_stride * static_cast<int64_t>(sizeof(T)) : n * row_bytes,
+            reinterpret_cast<const char*>(scale + scale_index(block_start, 0)),
+            static_cast<int64_t>(num_kv_heads() * block_size * sizeof(c10::BFloat16))};
   }
 
   // Calls f(offset from first, element offset of the chunk's first slot, n <= kChunk, ahead)
@@ -108,12 +152,26 @@ struct Span {
   // `after`: what the caller reads next), for f to prefetch a share at a time. Blocks lie
   // anywhere in the cache, so the hardware prefetchers cannot run ahead across them. The
   // first chunk is requested whole (a no-op when the previous pass already fetched it).
-  template <typename F>
+  // kDistance > 1 holds the chunk that many ahead instead (the first ones requested whole):
+  // for passes that compute less per byte (a quantized cache), so that lines arrive in time.
+  template <int kDistance = 1, typename F>
   void for_chunks(const T* base, F&& f, const Lookahead& after = {}) const {
-    lines_of_chunk(base, first).fetch(0, 1);
+    int64_t ahead_pos = first;
+    for (int d = 0; d < kDistance; ++d) {
+      lines_of_chunk(base, ahead_pos).fetch(0, 1);
+      if (ahead_pos < end) ahead_pos += chunk_at(ahead_pos).second;
+    }
+    bool is_after_sent = false;
     for (int64_t pos = first; pos < end;) {
       const auto [offset, n] = chunk_at(pos);
-      const Lookahead ahead = pos + n < end ? lines_of_chunk(base, pos + n) : after;
+      Lookahead ahead;
+      if (ahead_pos < end) {
+        ahead = lines_of_chunk(base, ahead_pos);
+        ahead_pos += chunk_at(ahead_pos).second;
+      } else if (!is_after_sent) {
+        ahead = after;
+        is_after_sent = true;
+      }
       f(pos - first, offset, n, ahead);
       pos += n;
     }

@@ -1,0 +1,77 @@
+"""The client side of latency promises: refusals are answers, attainment and jitter are counted
+over the admitted, and the rate sweep's R_sat is the last rate the server kept up with."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from tokenmill.bench.serve import LoadRun, RequestResult
+from tokenmill.bench.serve_slo import (
+    SweepPoint,
+    rate_sweep,
+    saturation_rate,
+    summarize_slo,
+    write_timeline,
+)
+from tokenmill.workload import ArrivalSpec
+from tokenmill.workload.slo import SLO
+
+SLO_2S = SLO(ttft_s=2.0, tpot_s=0.1)
+
+
+def served(ttft_s, tpot_s, n=11, start=0.0):
+    latency = ttft_s + tpot_s * (n - 1)
+    return RequestResult(True, 8, n, n, start_s=start, ttft_s=ttft_s, latency_s=latency)
+
+
+def refused(start=0.0):
+    return RequestResult(False, 8, 0, 11, start_s=start, error='HTTP 429: {"error": ...}')
+
+
+def test_summary_counts_refusals_attainment_and_jitter():
+    results = [served(0.5, 0.05), served(0.5, 0.06), served(3.0, 0.05), refused(), refused()]
+    s = summarize_slo(LoadRun(results, duration_s=2.0, max_in_flight=3), SLO_2S)
+    assert (s.num_requests, s.num_refused, s.num_admitted) == (5, 2, 3)
+    assert s.admitted_meeting_slo == pytest.approx(2 / 3)
+    assert s.all_meeting_slo == pytest.approx(2 / 5)
+    assert s.goodput == pytest.approx(1.0)
+    assert s.tpot_p50_ms == pytest.approx(50.0) and s.tpot_jitter == pytest.approx(59.8 / 50)
+
+
+def test_timeline_rows_are_in_send_order(tmp_path):
+    path = tmp_path / "timeline.csv"
+    write_timeline([served(0.5, 0.05, start=1.0), refused(start=0.5)], str(path), SLO_2S)
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["start_s"], r["refused"], r["meets"]) for r in rows] == [
+        ("0.500", "1", "0"),
+        ("1.000", "0", "1"),
+    ]
+    assert rows[1]["tpot_ms"] == "50.00"
+
+
+def test_r_sat_is_the_last_rate_kept_up_with():
+    def run_at(rate):  # a server that completes at most 3 req/s: 30 requests take >= 10 s
+        duration = 30 / min(rate, 3.0)
+        return LoadRun([served(0.1, 0.01)] * 30, duration_s=duration, max_in_flight=1)
+
+    points = rate_sweep([4.0, 1.0, 2.0, 3.0, 6.0], run_at)
+    assert [p.offered_rate for p in points] == [1.0, 2.0, 3.0, 4.0, 6.0]
+    assert saturation_rate(points) == 3.0
+    assert saturation_rate([SweepPoint(1.0, 0.5, 0, None, 1.0)]) is None
+
+
+def test_bursty_arrivals_keep_the_mean_rate_and_cluster():
+    even = ArrivalSpec(rate=4.0, burstiness=1.0).offsets(2000, seed=1)
+    bursty = ArrivalSpec(rate=4.0, burstiness=0.25).offsets(2000, seed=1)
+    assert bursty[-1] / 2000 == pytest.approx(0.25, rel=0.15)  # mean gap 1 / rate
+
+    def gap_cv(times):
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        mean = sum(gaps) / len(gaps)
+        return (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean
+
+    # gamma(shape k) gaps have a CV of 1 / sqrt(k): 1 for Poisson, 2 for burstiness 0.25.
+    assert gap_cv(even) == pytest.approx(1.0, rel=0.1)
+    assert gap_cv(bursty) == pytest.approx(2.0, rel=0.15)

@@ -1,0 +1,260 @@
+"""Latency promises in the scheduler, with a cost model whose steps take exactly what it says.
+
+The step-time model is 16 ms + 1 ms per computed token, in units of 1/1024 s so that every sum
+is exact; `run_step` plays the runner: it advances the scheduler's clock by that same cost, so
+the predictor is right and every decision below follows from arithmetic on the model.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenmill.engine.interfaces import BaseRunner, RunnerOutput
+from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.slo_predictor import LinearStepModel, StepTimePredictor
+from tokenmill.errors import SloUnattainableError
+from tokenmill.perf.step_cost import BatchShape, RequestShape, request_shapes
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.workload.slo import SLO
+
+MS = 1 / 1024  # the model's unit: exact in binary
+STEP, TOKEN = 16 * MS, 1 * MS
+BS = 4
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(policy="reject", budget=64, max_seqs=8, num_blocks=256, order="fcfs", **kw):
+    clock = Clock()
+    cfg = SchedulerConfig(
+        max_num_seqs=max_seqs, max_num_batched_tokens=budget, policy=order,
+        slo_policy=policy, **kw,
+    )  # fmt: skip
+    predictor = StepTimePredictor(LinearStepModel(STEP, TOKEN))
+    sched = Scheduler(cfg, KVCacheManager(num_blocks, BS), 512, predictor, clock)
+    return sched, clock
+
+
+def req(name, prompt_len, ttft=None, tpot=None, max_tokens=4, priority=0, arrival=0.0):
+    slo = SLO(ttft_s=ttft, tpot_s=tpot)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    tokens = [hash(name) % 1000 + i for i in range(prompt_len)]
+    return Request(name, tokens, params, arrival_time=arrival, priority=priority, slo=slo)
+
+
+def add(sched, request):
+    sched.admit([request])
+    sched.add_request(request)
+    return request
+
+
+def run_step(sched, clock, slowdown=1.0) -> list[tuple[str, int]]:
+    """One step of the runner: it takes what the model says (times `slowdown`)."""
+    out = sched.schedule()
+    clock.now += (STEP + TOKEN * out.num_scheduled_tokens) * slowdown if out.scheduled else 0.0
+    sampled = {s.req_id: [7] for s in out.scheduled if s.do_sample}
+    sched.update_from_output(out, RunnerOutput(sampled=sampled))
+    sched.kv.check_invariants()
+    return [(s.req_id, len(s.token_ids)) for s in out.scheduled]
+
+
+def test_prompt_capacity_is_the_largest_chunk_within_the_tpot():
+    sched, _ = make()
+    decodes = [RequestShape(1, 40)] * 4
+    # 16 + 4 decodes + k <= 36  ->  k = 16, and the step takes exactly the cap.
+    assert sched.slo.prompt_capacity(decodes, 36 * MS) == (16, 36 * MS)
+    assert sched.slo.prompt_capacity(decodes, None) == (60, 80 * MS)  # the whole budget
+    assert sched.slo.prompt_capacity(decodes, 20 * MS)[0] == 0  # decodes alone take 20
+
+
+def test_reject_admits_only_what_the_predictor_says_meets_every_ttft():
+    sched, clock = make()
+    # No TPOT promised: k = 64 tokens a step, a step of 64 prompt tokens takes 80 ms.
+    a = add(sched, req("a", 32, ttft=100 * MS))  # 1 step: 80 <= 100
+    assert a.is_promised
+    with pytest.raises(SloUnattainableError) as err:  # a + b = 96 tokens: 2 steps, 160 > 100
+        add(sched, req("b", 64, ttft=100 * MS))
+    assert err.value.reason == "ttft" and err.value.retry_after_s == 1.0
+    # f itself would make it (48 tokens, 1 step, 80 <= 90), but it goes first and pushes a,
+    # which met its TTFT without f, to 2 steps: f is refused for a's sake.
+    with pytest.raises(SloUnattainableError):
+        add(sched, req("f", 48, ttft=90 * MS))
+    c = add(sched, req("c", 64, ttft=200 * MS))  # a then c: 96 tokens, 2 steps, 160 <= 200
+    # A refused request leaves no trace.
+    assert set(sched.requests) == {"a", "c"} and [r.request_id for r in sched.waiting] == ["a", "c"]
+    assert sched.slo_stats.refused == {"ttft": 2}
+    while sched.has_unfinished():
+        run_step(sched, clock)
+    assert a.first_token_time - a.arrival_time <= 100 * MS
+    assert c.first_token_time - c.arrival_time <= 200 * MS
+    assert sched.slo_stats.attained == {("ttft", "0"): 2} and not sched.slo_stats.missed
+    assert sched.slo_stats.num_good_requests == 2
+
+
+def test_prompt_chunks_shrink_so_decodes_keep_their_tpot():
+    sched, clock = make()
+    for i in range(4):
+        add(sched, req(f"d{i}", 8, tpot=36 * MS, max_tokens=50))
+    run_step(sched, clock)  # the four prompts
+    late = add(sched, req("p", 60))  # best effort: no promise, fills what the TPOT leaves
+    assert late.is_best_effort and not late.is_promised
+    # 16 + 4 decodes + 16 prompt tokens = 36 ms: the chunk is cut to 16, not the 60 that fit.
+    steps = [run_step(sched, clock) for _ in range(4)]
+    assert steps[0] == [("d0", 1), ("d1", 1), ("d2", 1), ("d3", 1), ("p", 16)]
+    assert [dict(s)["p"] for s in steps] == [16, 16, 16, 12]  # 60 tokens in chunks of <= 16
+    for _ in range(50):
+        run_step(sched, clock)
+    assert sched.slo_stats.attained[("tpot", "0")] == 4 and not sched.slo_stats.missed
+
+
+def test_a_promise_of_tpot_refuses_a_request_whose_decode_would_break_it():
+    sched, clock = make()
+    for i in range(4):
+        add(sched, req(f"d{i}", 8, tpot=21 * MS, max_tokens=50))
+    run_step(sched, clock)
+    # A fifth decode: 16 + 5 + a 1-token chunk = 22 > 21 ms.
+    with pytest.raises(SloUnattainableError) as err:
+        add(sched, req("e", 8, tpot=21 * MS))
+    assert err.value.reason == "tpot"
+    # Retry-After: the nearest end, 49 more tokens at 21 ms (5 decodes), rounded up: 2 s.
+    assert err.value.retry_after_s == 2.0
+
+
+def test_queue_waits_while_the_ttft_can_be_met_then_expires():
+    sched, clock = make(policy="queue", max_seqs=1)
+    a = add(sched, req("a", 8, ttft=1.0, max_tokens=10))
+    b = add(sched, req("b", 8, ttft=2.0, arrival=0.0))  # no seat now, but a ends in < 2 s
+    c = add(sched, req("c", 8, ttft=0.3, arrival=0.0))  # no seat; a's 10 tokens take < 0.3 s
+    assert a.is_promised and not b.is_promised and not c.is_promised
+    assert sched.num_waiting == 3
+    while sched.has_unfinished():
+        run_step(sched, clock)
+    # a (10 tokens of 17-24 ms) ends near 0.2 s: c is promised then (earlier deadline) and
+    # served; b is then promised and served within its 2 s.
+    assert c.first_token_time <= 0.3 and b.first_token_time <= 2.0
+    assert sched.slo_stats.missed == {} and sched.slo_stats.refused == {}
+
+
+def test_queue_refuses_at_once_what_waiting_cannot_save_and_expires_the_late():
+    sched, clock = make(policy="queue", max_seqs=1)
+    add(sched, req("a", 8, ttft=1.0, max_tokens=40))  # holds the one seat: 40 steps of 17 ms
+    with pytest.raises(SloUnattainableError) as err:  # its seat frees too late for 0.1 s
+        add(sched, req("x", 8, ttft=0.1))
+    assert err.value.reason == "capacity"
+    y = add(sched, req("y", 8, ttft=0.9))  # predicted to start at ~0.7 s: queued
+    expired, expired_at = [], None
+    while sched.has_unfinished():
+        run_step(sched, clock, slowdown=2.0)  # the machine runs at half the predicted speed
+        if (new := sched.take_expired()) and expired_at is None:
+            expired, expired_at = new, clock.now
+    # Before a's n-th token (t = 48 ms + (n - 1) 34 ms) y's predicted first token is
+    # t + (40 - n) 18 ms (a's end, both decoding) + 25 ms (y's prompt): past 0.9 s from n = 11,
+    # seen once that step (a's 11th decode, 2 * 17 ms) has run.
+    assert expired == [y] and expired_at == 2 * (24 + 11 * 17) * MS
+    assert y.status == RequestStatus.FINISHED_ABORTED
+    assert y.stop_reason == "slo_unattainable"
+    assert sched.slo_stats.refused == {"capacity": 1, "ttft_expired": 1}
+
+
+def test_best_effort_policy_demotes_instead_of_refusing():
+    sched, clock = make(policy="best-effort")
+    add(sched, req("a", 32, ttft=100 * MS))
+    b = add(sched, req("b", 64, ttft=100 * MS))  # the same b that `reject` refuses
+    assert b.is_best_effort and b.slo_class == "best_effort"
+    while sched.has_unfinished():
+        run_step(sched, clock)
+    assert sched.slo_stats.attained == {("ttft", "0"): 1}
+    assert sched.slo_stats.missed == {("ttft", "best_effort"): 1}
+
+
+def test_priority_preemption_is_bounded_per_request():
+    sched, clock = make(policy="queue", max_seqs=1, order="priority", max_priority_preemptions=2)
+    low = add(sched, req("low", 8, ttft=10.0, max_tokens=30, priority=5))
+    run_step(sched, clock)
+    highs = []
+    while low.status != RequestStatus.FINISHED_LENGTH:
+        if not any(r.priority == 0 for r in sched.requests.values()):
+            highs.append(add(sched, req(f"h{len(highs)}", 8, ttft=10.0, max_tokens=3,
+                                        arrival=clock.now)))  # fmt: skip
+        run_step(sched, clock)
+        assert len(highs) < 60
+    # Preempted for the first two high-priority requests; the third waits for it to end.
+    assert low.num_preemptions == 2 and sched.num_preemptions == 2
+    assert len(highs) == 3 and highs[-1].status == RequestStatus.WAITING
+    assert all(h.status == RequestStatus.FINISHED_LENGTH for h in highs[:2])
+
+
+def test_a_lower_class_is_not_starved_below_capacity():
+    sched, clock = make(policy="reject", order="priority")
+    background = [add(sched, req(f"be{i}", 16, max_tokens=20, priority=9)) for i in range(3)]
+    for step in range(200):
+        if step % 4 == 0:
+            add(sched, req(f"h{step}", 8, ttft=0.5, tpot=60 * MS, max_tokens=4, arrival=clock.now))
+        run_step(sched, clock)
+    assert all(r.status == RequestStatus.FINISHED_LENGTH for r in background)
+    assert not sched.slo_stats.missed and not sched.slo_stats.refused
+
+
+def test_predictor_is_corrected_by_measured_steps():
+    predictor = StepTimePredictor(LinearStepModel(STEP, TOKEN), alpha=0.5)
+    decode = BatchShape.from_requests([RequestShape(1, 10)] * 4)
+    prompt = BatchShape.from_requests([RequestShape(32, 0, 0)])
+    assert predictor.predict(decode) == 20 * MS
+    assert predictor.observe(decode, 40 * MS) == 20 * MS  # the first measurement replaces
+    assert predictor.predict(decode) == 40 * MS
+    assert predictor.predict(prompt) == 48 * MS  # prompt steps are corrected apart
+    predictor.observe(decode, 20 * MS)  # ratio 2 -> (2 + 1) / 2
+    assert predictor.predict(decode) == 30 * MS
+    stats = predictor.stats["decode"]
+    assert (stats.num_steps, stats.last_error_s) == (2, 20 * MS)
+    assert stats.abs_error_s == 40 * MS and predictor.stats["prompt"].num_steps == 0
+
+
+def test_policy_off_keeps_plain_fcfs():
+    sched, clock = make(policy="off")
+    assert sched.slo is None
+    for name in "abc":
+        add(sched, req(name, 40, ttft=1 * MS))  # unattainable, yet nothing is refused
+    assert run_step(sched, clock) == [("a", 40), ("b", 24)]
+    assert request_shapes  # the boundary helper the engine feeds the predictor with
+
+
+class ConstantRunner(BaseRunner):
+    """Every step samples token 7 for each request that samples."""
+
+    num_blocks = 64
+
+    def execute(self, scheduler_output):
+        return RunnerOutput({s.req_id: [7] for s in scheduler_output.scheduled if s.do_sample})
+
+
+def test_engine_refusal_leaves_no_trace_and_the_default_slo_applies():
+    cfg = EngineConfig(
+        cache=CacheConfig(block_size=BS, num_blocks=64),
+        scheduler=SchedulerConfig(slo="ttft=10s", slo_policy="reject"),
+    )
+    predictor = StepTimePredictor(LinearStepModel(STEP, TOKEN))
+    engine = LLMEngine(cfg, ConstantRunner(), predictor=predictor)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    with pytest.raises(SloUnattainableError):
+        engine.add_request("tight", list(range(8)), params, slo=SLO(ttft_s=1 * MS))
+    assert not engine.output_processor.has_request("tight")
+    assert not engine.scheduler.requests and not engine.has_unfinished_requests()
+    engine.add_request("default", list(range(8)), params)  # gets ttft=10s: promised
+    assert engine.scheduler.requests["default"].is_promised
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert outputs[-1].finished and engine.stats().slo.attained == {("ttft", "0"): 1}
+    assert engine.stats().slo.refused == {"ttft": 1}
+    assert engine.stats().slo.step_prediction["prompt"].num_steps == 1

@@ -1,0 +1,148 @@
+"""Latency promises seen from the client: refusals, attainment, jitter, and the rate sweep that
+finds a server's saturation rate R_sat.
+
+    refused    requests answered 429 (code slo_unattainable, or queue_full): told at once
+    admitted   requests that streamed tokens
+    attainment share of the admitted, and of all requests, meeting every SLO target
+    jitter     TPOT p99 / p50 of the admitted
+
+R_sat is the highest offered rate the server keeps up with: the largest swept rate whose
+completed request rate is at least `keep_up` (95%) of the offered one (for a run of N requests
+the completed rate is N / duration, which falls behind once the queue grows without bound).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from tokenmill.bench.report import meets_slo
+from tokenmill.bench.serve import LoadRun, RequestResult
+from tokenmill.workload.slo import SLO
+
+
+def is_refused(result: RequestResult) -> bool:
+    return not result.ok and result.error.startswith("HTTP 429")
+
+
+@dataclass(frozen=True)
+class SloSummary:
+    num_requests: int
+    num_refused: int
+    num_admitted: int
+    admitted_meeting_slo: float  # share of the admitted
+    all_meeting_slo: float  # share of every request sent
+    goodput: float  # requests / s meeting every target
+    tpot_p50_ms: float | None
+    tpot_p99_ms: float | None
+
+    @property
+    def tpot_jitter(self) -> float | None:
+        """TPOT p99 / p50 of the admitted requests (bounded jitter: <= 1.5)."""
+        if not self.tpot_p50_ms or self.tpot_p99_ms is None:
+            return None
+        return self.tpot_p99_ms / self.tpot_p50_ms
+
+
+def summarize_slo(run: LoadRun, slo: SLO) -> SloSummary:
+    results = run.results
+    admitted = [r for r in results if r.ok]
+    good = sum(meets_slo(r, slo) for r in admitted)
+    tpots = [r.tpot_s * 1e3 for r in admitted if r.tpot_s is not None]
+    return SloSummary(
+        num_requests=len(results),
+        num_refused=sum(is_refused(r) for r in results),
+        num_admitted=len(admitted),
+        admitted_meeting_slo=good / len(admitted) if admitted else 0.0,
+        all_meeting_slo=good / len(results) if results else 0.0,
+        goodput=good / run.duration_s if run.duration_s > 0 else 0.0,
+        tpot_p50_ms=float(np.percentile(tpots, 50)) if tpots else None,
+        tpot_p99_ms=float(np.percentile(tpots, 99)) if tpots else None,
+    )
+
+
+def format_slo_summary(s: SloSummary, slo: SLO) -> str:
+    jitter = f"{s.tpot_jitter:.2f}" if s.tpot_jitter is not None else "n/a"
+    return (
+        f"- SLO {slo.describe()}: {s.num_admitted} admitted, {s.num_refused} refused; "
+        f"{100 * s.admitted_meeting_slo:.1f}% of admitted and {100 * s.all_meeting_slo:.1f}% "
+        f"of all meet it; goodput {s.goodput:.2f} req/s; TPOT p99/p50 {jitter}"
+    )
+
+
+def write_timeline(results: Sequence[RequestResult], path: str, slo: SLO | None = None) -> None:
+    """One row per request, by send time: what a plot of TTFT and TPOT over time needs."""
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["start_s", "ok", "refused", "ttft_ms", "tpot_ms", "output_len", "meets"])
+        for r in sorted(results, key=lambda r: r.start_s):
+            tpot = f"{r.tpot_s * 1e3:.2f}" if r.tpot_s is not None else ""
+            ttft = f"{r.ttft_s * 1e3:.2f}" if r.ok else ""
+            meets = int(meets_slo(r, slo)) if slo is not None else ""
+            out.writerow(
+                [f"{r.start_s:.3f}", int(r.ok), int(is_refused(r)), ttft, tpot, r.output_len, meets]
+            )
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    offered_rate: float
+    completed_rate: float  # requests completed / duration
+    num_refused: int
+    goodput: float | None
+    ttft_p50_ms: float
+
+    @property
+    def keeps_up(self) -> bool:
+        return self.completed_rate >= 0.95 * self.offered_rate
+
+
+def sweep_point(rate: float, run: LoadRun, slo: SLO | None) -> SweepPoint:
+    done = [r for r in run.results if r.ok]
+    ttfts = [r.ttft_s * 1e3 for r in done]
+    good = sum(meets_slo(r, slo) for r in done) / run.duration_s if slo else None
+    return SweepPoint(
+        offered_rate=rate,
+        completed_rate=len(done) / run.duration_s if run.duration_s > 0 else 0.0,
+        num_refused=sum(is_refused(r) for r in run.results),
+        goodput=good,
+        ttft_p50_ms=float(np.median(ttfts)) if ttfts else float("nan"),
+    )
+
+
+def rate_sweep(
+    rates: Sequence[float], run_at: Callable[[float], LoadRun], slo: SLO | None = None
+) -> list[SweepPoint]:
+    """Run the same workload at each offered rate (ascending); `run_at(rate)` sends it."""
+    return [sweep_point(rate, run_at(rate), slo) for rate in sorted(rates)]
+
+
+def saturation_rate(points: Sequence[SweepPoint]) -> float | None:
+    """R_sat: the highest rate kept up with, below the first one that is not (None: none was)."""
+    r_sat = None
+    for point in sorted(points, key=lambda p: p.offered_rate):
+        if not point.keeps_up:
+            break
+        r_sat = point.offered_rate
+    return r_sat
+
+
+def format_sweep(points: Sequence[SweepPoint]) -> str:
+    lines = ["| offered req/s | completed req/s | refused | goodput req/s | TTFT p50 ms |"]
+    lines.append("|---|---|---|---|---|")
+    for p in points:
+        good = f"{p.goodput:.2f}" if p.goodput is not None else "-"
+        lines.append(
+            f"| {p.offered_rate:g} | {p.completed_rate:.2f} | {p.num_refused} | {good} "
+            f"| {p.ttft_p50_ms:.0f} |"
+        )
+    r_sat = saturation_rate(points)
+    lines.append(f"\nR_sat = {r_sat:g} req/s" if r_sat else "\nR_sat: below the lowest rate")
+    return "\n".join(lines)
+
+
+def sweep_json(points: Sequence[SweepPoint]) -> dict:
+    return {"points": [asdict(p) for p in points], "r_sat": saturation_rate(points)}

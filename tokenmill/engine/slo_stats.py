@@ -1,0 +1,75 @@
+"""What the engine counts about its latency promises: each finished request with targets, per
+target kind (ttft, tpot) and class (its priority, or best_effort), attained or missed; the
+requests that met every target (goodput) and their tokens; refusals by reason; and the step-time
+predictor's predicted against measured times."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from tokenmill.engine.slo_predictor import PredictionStats
+
+if TYPE_CHECKING:
+    from tokenmill.engine.request import Request
+
+SLO_KINDS = ("ttft", "tpot")
+
+
+@dataclass(frozen=True)
+class SloSnapshot:
+    attained: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, class) -> n
+    missed: dict[tuple[str, str], int] = field(default_factory=dict)
+    num_good_requests: int = 0  # finished meeting every target they set
+    num_good_tokens: int = 0  # their output tokens
+    refused: dict[str, int] = field(default_factory=dict)  # reason -> requests
+    step_prediction: dict[str, PredictionStats] = field(default_factory=dict)  # kind -> sums
+
+
+def measured_latency(request: Request) -> dict[str, float | None]:
+    """TTFT and TPOT on the scheduler's clock (TPOT None below two output tokens)."""
+    first, last = request.first_token_time, request.last_token_time
+    ttft = None if first is None else first - request.arrival_time
+    n = request.num_output_tokens
+    tpot = (last - first) / (n - 1) if first is not None and n >= 2 else None
+    return {"ttft": ttft, "tpot": tpot}
+
+
+class SloStats:
+    def __init__(self) -> None:
+        self.attained: dict[tuple[str, str], int] = {}
+        self.missed: dict[tuple[str, str], int] = {}
+        self.num_good_requests = 0
+        self.num_good_tokens = 0
+        self.refused: dict[str, int] = {}
+
+    def record_finished(self, request: Request) -> None:
+        """A request that ended normally; only the targets it set are counted."""
+        if request.slo is None or request.first_token_time is None:
+            return
+        measured = measured_latency(request)
+        is_good = True
+        for kind in SLO_KINDS:
+            target, value = getattr(request.slo, f"{kind}_s"), measured[kind]
+            if target is None or value is None:
+                continue
+            counts = self.attained if value <= target else self.missed
+            key = (kind, request.slo_class)
+            counts[key] = counts.get(key, 0) + 1
+            is_good = is_good and value <= target
+        if is_good and (request.slo.ttft_s is not None or request.slo.tpot_s is not None):
+            self.num_good_requests += 1
+            self.num_good_tokens += request.num_output_tokens
+
+    def record_refused(self, reason: str, num_requests: int = 1) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + num_requests
+
+    def snapshot(self, prediction: dict[str, PredictionStats] | None = None) -> SloSnapshot:
+        return SloSnapshot(
+            attained=dict(self.attained),
+            missed=dict(self.missed),
+            num_good_requests=self.num_good_requests,
+            num_good_tokens=self.num_good_tokens,
+            refused=dict(self.refused),
+            step_prediction={k: replace(v) for k, v in (prediction or {}).items()},
+        )

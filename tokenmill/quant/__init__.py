@@ -1,0 +1,1 @@
+"""Quantized weights computed natively: formats, packing, quantizers, the reference matmul."""
