@@ -69,7 +69,7 @@ def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0(server):
     start = time.monotonic()
     server.terminate()
     slow_body.settimeout(30)
-    reply = slow_body.recv(65536)
+    reply = _read_response(slow_body)
     reply_s = time.monotonic() - start
     slow_body.close()
     assert reply.startswith(b"HTTP/1.1 503") and reply_s < 3, (reply, reply_s)
@@ -92,3 +92,23 @@ def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0(server):
     error = json.loads(long[-2][len("data: ") :])["error"]
     assert error["code"] == "shutting_down" and "shutting down" in error["message"]
     assert "Traceback" not in server.output()
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One whole HTTP response: the head and then Content-Length bytes of body (they may
+    arrive in separate segments)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
