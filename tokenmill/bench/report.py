@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -298,7 +299,8 @@ def _targets(g, offline, serve) -> list[str]:
         rows.append(f"| concurrency-1 TPOT vs llama-server | <= | {tm_tpot:.1f} vs {lc_tpot:.1f} ms"
                     f" | {'met' if tm_tpot <= lc_tpot else 'missed'} |")  # fmt: skip
     phases = _engine_phases(g)
-    decode = [n for n in phases if n.startswith("decode batch") and n != "decode batch 1"]
+    # The float path's large batches (labels of quantized phases carry ", <scheme> weights").
+    decode = [n for n in phases if re.fullmatch(r"decode batch \d+", n) and n != "decode batch 1"]
     if decode:
         best = max(decode, key=lambda n: int(n.rsplit(" ", 1)[1]))
         frac = _median([r["matmul_fraction"] for r in phases[best]])
