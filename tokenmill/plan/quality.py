@@ -2,7 +2,7 @@
 runtime: the planner quotes it beside any answer that uses int8/int4 weights or an int8/fp8 KV
 cache, so a speed or $/Mtok figure never comes without its quality price.
 
-The figures live in catalogue/quant_quality.json, written from a quant-eval result by
+The figures live in plan/quant_quality.json, written from a quant-eval result by
 `python -m tokenmill.plan.quality QUANT_EVAL_JSON` (BENCHMARKS.md says which run).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenmill.perf import Precision
 
-CATALOGUE = Path(__file__).parent / "catalogue" / "quant_quality.json"
+CATALOGUE = Path(__file__).parent / "quant_quality.json"
 # Planner precision -> the quant-eval scheme that stores the same way (int4 here: groups of 128
 # with one bf16 scale, i.e. symmetric).
 WEIGHT_SCHEMES = {"int8": "int8", "int4": "int4-g128-sym"}
