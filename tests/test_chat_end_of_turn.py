@@ -7,13 +7,10 @@ import pytest
 
 from tests._fixtures_loader import requires_gemma3
 from tokenmill import LLM, SamplingParams
-from tokenmill.config import CacheConfig, EngineConfig, ModelConfig
 from tokenmill.engine.interfaces import BaseRunner
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.loader.gguf_loader import open_gguf
-from tokenmill.loader.registry import open_model
 from tokenmill.tokenizer.chat_template import end_of_turn_token_ids, with_end_of_turn
-from tokenmill.worker.model_runner import ModelRunner
 
 # Gemma's turn format, as its instruction-tuned models' templates write it.
 GEMMA_TEMPLATE = (
@@ -74,16 +71,10 @@ class EndsTurnAfter(BaseRunner):
 
 
 @requires_gemma3
-def test_gemma_end_of_turn_ends_a_chat_reply():
-    from tokenmill.loader.default_model import gemma3_model_path
-
-    config = EngineConfig(
-        model=ModelConfig(model=gemma3_model_path(), dtype="float32"),
-        cache=CacheConfig(kv_cache_memory_gib=0.25),
-    )
-    loaded = open_model(config.model)
-    runner = EndsTurnAfter(ModelRunner.load(loaded, config), n=6)
-    gemma3 = LLM.from_engine(LLMEngine(config, runner, loaded))
+def test_gemma_end_of_turn_ends_a_chat_reply(gemma3_fp32):
+    base = gemma3_fp32.engine  # the real Gemma 3 in float32; its weights, a runner of our own
+    runner = EndsTurnAfter(base.runner.sharing_weights(base.config), n=6)
+    gemma3 = LLM.from_engine(LLMEngine(base.config, runner, base.loaded))
     tokenizer = gemma3.get_tokenizer()
     assert tokenizer.chat_template is None and END_OF_TURN not in tokenizer.eos_token_ids
     assert end_of_turn_token_ids(tokenizer) == (END_OF_TURN,)  # known by name

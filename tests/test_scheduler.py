@@ -142,3 +142,21 @@ def test_no_chunking_waits_for_a_whole_prompt_budget():
     sched.add_request(req("b", 6, base=50))
     assert run_step(sched) == [("a", 6)]
     assert run_step(sched) == [("a", 1), ("b", 6)]
+
+
+def test_a_long_running_prompt_leaves_room_for_waiting_requests():
+    sched = make_scheduler(budget=16, num_blocks=64, max_len=256)
+    sched.add_request(req("long", 100, arrival=0.0))
+    assert run_step(sched) == [("long", 16)]  # alone: the whole budget
+    sched.add_request(req("short", 3, arrival=1.0, base=500))
+    # Someone waits: the long prompt's chunk is capped at half the budget and "short" starts.
+    assert run_step(sched) == [("long", 8), ("short", 3)]
+    assert run_step(sched) == [("long", 15), ("short", 1)]  # nobody waits: no cap
+
+
+def test_long_prefill_threshold_zero_keeps_the_whole_budget():
+    sched = make_scheduler(budget=16, max_len=256, long_prefill_token_threshold=0)
+    sched.add_request(req("long", 100, arrival=0.0))
+    run_step(sched)
+    sched.add_request(req("short", 3, arrival=1.0, base=500))
+    assert run_step(sched) == [("long", 16)]

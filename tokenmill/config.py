@@ -96,6 +96,10 @@ class SchedulerConfig:
     # Priority preemption: a running request is preempted for a more important one at most this
     # many times.
     max_priority_preemptions: int = 2
+    # While requests wait, a running prompt's chunk takes at most this many tokens of a step, so
+    # a long prompt does not hold new requests back until it ends (vLLM's name). None: half of
+    # max_num_batched_tokens; 0: no cap.
+    long_prefill_token_threshold: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -116,6 +120,11 @@ class SchedulerConfig:
             from tokenmill.workload.slo import parse_slo
 
             parse_slo(self.slo)  # a clear error for a malformed SLO
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 0:
+            raise ConfigError(
+                "long_prefill_token_threshold must be >= 0, got "
+                f"{self.long_prefill_token_threshold}"
+            )
         if self.max_priority_preemptions < 0:
             raise ConfigError(
                 f"max_priority_preemptions must be >= 0, got {self.max_priority_preemptions}"
@@ -136,8 +145,15 @@ class EngineConfig:
     cpu_fused_decode: bool = True
     # Record (step shape, wall time) for every step; the planner calibrates from this trace.
     record_step_trace: bool = False
+    # Speculative decoding (tokenmill/spec): a SpeculativeConfig, its JSON text or dict as vLLM
+    # spells it ({"method": "ngram", "num_speculative_tokens": 4}), or None for none.
+    speculative_config: object | None = None
 
     def __post_init__(self) -> None:
+        from tokenmill.spec.config import parse_speculative_config
+
+        spec = parse_speculative_config(self.speculative_config)  # a clear error when malformed
+        object.__setattr__(self, "speculative_config", spec)
         if self.decode_graphs not in ("auto", "off", "no-capture"):
             raise ConfigError(
                 f"decode_graphs must be auto, off or no-capture, got {self.decode_graphs!r}"

@@ -49,6 +49,7 @@ class LLM:
         decode_graphs: str = "auto",
         cpu_fused_decode: bool = True,
         record_step_trace: bool = False,
+        speculative_config: str | dict | None = None,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(
@@ -69,6 +70,7 @@ class LLM:
             decode_graphs=decode_graphs,
             cpu_fused_decode=cpu_fused_decode,
             record_step_trace=record_step_trace,
+            speculative_config=speculative_config,
         )  # fmt: skip
         self.engine = build_engine(config)
         self._ids = itertools.count()

@@ -43,15 +43,16 @@ class EngineBenchResult:
 
 def resident_weight_bytes(model) -> int:
     """Bytes of the weights as the model holds them (packed integers where quantized)."""
+    from tokenmill.models.linear_ops import PackedWeight
     from tokenmill.quant.packing import QuantizedWeight
 
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     seen = set()
     for module in model.modules():
         w = getattr(module, "weight", None)
-        if isinstance(w, QuantizedWeight) and id(w) not in seen:
+        if isinstance(w, QuantizedWeight | PackedWeight) and id(w) not in seen:
             seen.add(id(w))
-            total += w.nbytes
+            total += w.packed.nbytes
     return total
 
 

@@ -57,6 +57,12 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
         "(reject: 429 + Retry-After), waits while its TTFT still can be met (queue), or is "
         "served without a promise (best-effort); off: FCFS. Default: reject with --slo, else off",
     )  # fmt: skip
+    group.add_argument(
+        "--speculative-config", default=None, metavar="JSON",
+        help="speculative decoding, as vLLM spells it: '{\"method\": \"ngram\" | \"draft\" | "
+        "\"self\", \"num_speculative_tokens\": k | \"auto\"}' (ngram: prompt_lookup_min/max; "
+        "draft: model; self: quantization of the target's own weights as the draft)",
+    )  # fmt: skip
     group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     group.add_argument("--device", default="cpu")
     group.add_argument("--seed", type=int, default=0)
@@ -79,6 +85,7 @@ def engine_config_from_args(args: argparse.Namespace, **scheduler_overrides) -> 
             slo_policy=_slo_policy(args), **scheduler_overrides,
         ),
         attention_backend=args.attention_backend,
+        speculative_config=getattr(args, "speculative_config", None),
     )  # fmt: skip
 
 

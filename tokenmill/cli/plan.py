@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--slo", help="e.g. ttft=500ms,tpot=50ms[,itl=..,e2e=..,tok_s_per_user=..][,pct=99]"
     )
-    p.add_argument("--spec-decode", help="speculative decoding: k=4,accept=0.7[,cost=0.05]")
+    p.add_argument("--spec-decode", help=SPEC_DECODE_HELP)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--block-size", type=int, default=16)
@@ -205,21 +205,39 @@ def _parse_slo(text: str):
     return slo
 
 
-def _parse_spec_decode(text: str):
-    from tokenmill.plan.sim_runner import SpecDecodeConfig
+SPEC_DECODE_HELP = (
+    "speculative decoding: k=4,accept=0.7[,cost=0.05]; accept per draft position (0.9/0.8/0.7), "
+    "or measured:URL (a tokenmill server's /metrics, or a saved copy)"
+)
 
-    values = {}
+
+def _parse_spec_decode(text: str):
+    """k=4,accept=0.7[,cost=0.05]; accept may be per position (0.9/0.8/0.7) or
+    measured:<a tokenmill server's /metrics URL or a saved copy>."""
+    from tokenmill.plan.sim_runner import SpecDecodeConfig
+    from tokenmill.plan.spec_acceptance import measured_acceptance
+
+    usage = "use k=4,accept=0.7[,cost=0.05] (accept=0.9/0.8/0.7 or accept=measured:URL)"
+    values, per_position = {}, ()
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, raw = item.partition("=")
         if not sep or key not in ("k", "accept", "cost"):
-            raise ConfigError(f"bad --spec-decode item {item!r}; use k=4,accept=0.7[,cost=0.05]")
+            raise ConfigError(f"bad --spec-decode item {item!r}; {usage}")
         try:
+            if key == "accept" and raw.startswith("measured:"):
+                per_position = measured_acceptance(raw.removeprefix("measured:"))
+                raw = str(per_position[-1])
+            elif key == "accept" and "/" in raw:
+                per_position = tuple(float(r) for r in raw.split("/"))
+                raw = raw.split("/")[-1]
             values[key] = float(raw)
         except ValueError:
-            raise ConfigError(f"bad --spec-decode value {item!r}") from None
+            raise ConfigError(f"bad --spec-decode value {item!r}; {usage}") from None
     if "k" not in values or "accept" not in values or values["k"] != int(values["k"]):
         raise ConfigError("--spec-decode needs an integer k= and accept=, e.g. k=4,accept=0.7")
-    return SpecDecodeConfig(int(values["k"]), values["accept"], values.get("cost", 0.0))
+    return SpecDecodeConfig(
+        int(values["k"]), values["accept"], values.get("cost", 0.0), per_position
+    )
 
 
 def _tokenizer_loader(request):

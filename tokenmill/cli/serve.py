@@ -61,6 +61,19 @@ def register(subparsers) -> None:
         help="record every engine step (batch shape, wall time) and write them to PATH as "
         "JSON lines when the server stops (for `tokenmill plan`: memory grows with the steps)",
     )  # fmt: skip
+    replicas = parser.add_argument_group("replicas (Ray Serve; pip install 'tokenmill[ray]')")
+    replicas.add_argument(
+        "--replicas", type=int, default=0,
+        help="serve N engine replicas on Ray Serve behind this server (0: one engine in-process)",
+    )  # fmt: skip
+    replicas.add_argument(
+        "--ray-address", default=None,
+        help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting one",
+    )  # fmt: skip
+    replicas.add_argument(
+        "--routing", default="prefix-aware", choices=["prefix-aware", "round-robin"],
+        help="which replica gets a request: the one caching its longest prefix, or in turn",
+    )  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -84,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         body_timeout_s=args.body_timeout,
         max_connections=args.max_connections,
     )
+    if args.replicas:
+        return _run_replicas(args, sock, engine_config, config)
     app = create_app(None, config, model_root=args.model)
     startup = _EngineStartup(app, engine_config, args.step_trace)
     if native.needs_build():
@@ -103,6 +118,24 @@ def run(args: argparse.Namespace) -> int:
     if startup.trace is not None:
         startup.trace.flush()
     return 1 if startup.failed else code
+
+
+def _run_replicas(args: argparse.Namespace, sock: socket.socket, engine_config, config) -> int:
+    from tokenmill.serve_ray.cluster import ReplicaSetConfig, start_replica_app, stop_replicas
+    from tokenmill.server.launch import run_server
+
+    replica_config = ReplicaSetConfig(
+        num_replicas=args.replicas, ray_address=args.ray_address, routing=args.routing
+    )
+    app = start_replica_app(engine_config, config, replica_config, model_root=args.model)
+    _print_banner(args.host, sock.getsockname()[1], config)
+    try:
+        return run_server(
+            app, sock, log_level=args.log_level.lower(), access_log=args.access_log,
+            shutdown_timeout_s=args.shutdown_timeout,
+        )  # fmt: skip
+    finally:
+        stop_replicas(replica_config)
 
 
 class _EngineStartup:
@@ -184,6 +217,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-connections must be >= 1, got {args.max_connections}")
     if args.shutdown_timeout < 0:
         raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.replicas < 0:
+        raise ConfigError(f"--replicas must be >= 0, got {args.replicas}")
+    if args.replicas and args.step_trace:
+        raise ConfigError("--step-trace records one in-process engine: not with --replicas")
 
 
 def _bind(host: str, port: int) -> socket.socket:

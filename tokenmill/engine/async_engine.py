@@ -152,6 +152,10 @@ class AsyncEngine:
     def add_observer(self, observer: RequestObserver) -> None:
         self._latency.add(observer)
 
+    def prefix_cache_hashes(self) -> list[bytes]:
+        """The block hashes in the prefix cache, for a replica router (any thread)."""
+        return self.engine.kv_manager.cached_block_hashes()
+
     def stats(self) -> ServingStats:
         """The latest snapshot (taken on the loop thread; never touches the engine)."""
         return self._stats

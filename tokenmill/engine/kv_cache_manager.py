@@ -22,6 +22,16 @@ def hash_block(parent_hash: bytes, token_ids: list[int]) -> bytes:
     return hashlib.blake2b(parent_hash + array("q", token_ids).tobytes(), digest_size=16).digest()
 
 
+def prefix_block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
+    """The prefix cache's keys of `token_ids`' full blocks, in order: what a request with these
+    leading tokens would look up (a replica router compares them with a replica's cache)."""
+    hashes: list[bytes] = []
+    for i in range(len(token_ids) // block_size):
+        parent = hashes[-1] if hashes else _ROOT_HASH
+        hashes.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size]))
+    return hashes
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -52,6 +62,12 @@ class KVCacheManager:
     def usage(self) -> float:
         """Fraction of blocks referenced by requests (cached-but-unreferenced ones are free)."""
         return self.pool.num_used_blocks / self.pool.num_blocks
+
+    def cached_block_hashes(self) -> list[bytes]:
+        """The hash of every block in the prefix cache (in use or evictable), a copy. Safe to call
+        from another thread: it only reads the pool's fixed block list (a racing step may make
+        the answer one step stale, never inconsistent with itself)."""
+        return [b.block_hash for b in self.pool.blocks if b.block_hash is not None]
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table (a live list: read it, do not keep or change it)."""

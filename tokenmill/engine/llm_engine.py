@@ -25,6 +25,7 @@ from tokenmill.outputs import OutputKind, RequestOutput
 from tokenmill.perf.step_cost import BatchShape, request_shapes
 from tokenmill.perf.trace import StepRecord
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec.build import build_spec_decoder
 from tokenmill.structured.compiler import with_compiled_grammar
 from tokenmill.workload.slo import SLO, parse_slo
 
@@ -65,6 +66,7 @@ class LLMEngine:
         )
         self.default_slo = parse_slo(config.scheduler.slo) if config.scheduler.slo else None
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.spec = build_spec_decoder(config, runner, loaded, self.predictor, self.max_model_len)
         self.step_trace: list[StepRecord] = []
         self._num_generation_tokens = 0
         self._num_model_steps = 0
@@ -168,6 +170,7 @@ class LLMEngine:
             num_model_steps=self._num_model_steps,
             prompt_step_time_s=self._prompt_step_time_s,
             slo=scheduler.slo_stats.snapshot(self.predictor.stats if self.predictor else None),
+            spec=self.spec.counters.snapshot() if self.spec is not None else None,
         )
 
     def reset_prefix_cache(self) -> int:
@@ -186,6 +189,8 @@ class LLMEngine:
         if sched_out.is_empty:
             if sched_out.finished_req_ids:
                 self.runner.execute(sched_out)  # lets the runner drop finished state
+            if self.spec is not None:
+                self.spec.propose(self.scheduler.running)  # releases what ended
             return self.output_processor.process(expired, {})[0] if expired else []
         runner_out = self._execute(sched_out)
         touched = expired + self.scheduler.update_from_output(sched_out, runner_out)
@@ -194,7 +199,11 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(touched, runner_out.logprobs)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         # The whole step (schedule, forward, sampling, detokenization): what the planner models.
-        self._account(sched_out, runner_out, time.perf_counter() - start)
+        wall = time.perf_counter() - start
+        self._account(sched_out, runner_out, wall)
+        if self.spec is not None:
+            self.spec.observe(sched_out, runner_out, wall)
+            self.spec.propose(self.scheduler.running)  # drafts for the next step
         return outputs
 
     def _execute(self, sched_out: SchedulerOutput) -> RunnerOutput:

@@ -6,7 +6,10 @@ taking prefix-cache hits for free and chunking prompts to what the budget has le
 run out, the least important running request not yet served this step is preempted by recompute
 (blocks freed, computed reset to zero, back to the front of the queue). A request preempted
 `max_preemptions_before_protected` times is only chosen when no other can be, so no request
-is preempted over and over while others run.
+is preempted over and over while others run. While requests wait, a running prompt's chunk is
+capped (`long_prefill_token_threshold`, default half the budget) so a long prompt does not hold
+new requests back until it ends, and a running prompt chunk always leaves one token per running
+decode behind it.
 
 With latency promises on (`slo_policy`, engine/slo_admission.py), requests are ordered earliest
 deadline first, a step's prompt tokens are capped so its predicted time keeps every promised
@@ -130,7 +133,7 @@ class Scheduler:
         idx = 0
         while idx < len(self.running) and budget > 0:
             request = self.running[idx]
-            num_new = self._num_tokens_to_schedule(request, budget)
+            num_new = self._num_tokens_to_schedule(request, budget - self._reserve(idx))
             if num_new <= 0:
                 idx += 1
                 continue
@@ -262,7 +265,23 @@ class Scheduler:
         num_new = min(num_new, self.max_model_len - request.num_computed_tokens)
         if not self.config.enable_chunked_prefill and num_new > budget:
             return 0
+        if self.waiting and len(self.running) < self.config.max_num_seqs and in_prefill(request):
+            num_new = min(num_new, self._long_prefill_cap())
         return self._cap_prompt_chunk(request, min(num_new, budget))
+
+    def _reserve(self, idx: int) -> int:
+        """Budget a running prompt chunk leaves for the decodes served after it: one token each,
+        so a long prompt never stalls the requests already generating."""
+        if not in_prefill(self.running[idx]):
+            return 0
+        return sum(1 for r in self.running[idx + 1 :] if not in_prefill(r))
+
+    def _long_prefill_cap(self) -> int:
+        """A running prompt's share of a step while others wait: the rest admits them."""
+        threshold = self.config.long_prefill_token_threshold
+        if threshold is None:
+            threshold = max(1, self.config.max_num_batched_tokens // 2)
+        return threshold or self.config.max_num_batched_tokens
 
     def _make_scheduled(
         self, request: Request, num_new: int, new_requests: list[NewRequestData]

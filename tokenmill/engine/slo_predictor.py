@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STEP_KINDS = ("prompt", "decode")
+STEP_KINDS = ("prompt", "decode", "verify")
 _MIN_RATIO, _MAX_RATIO = 1e-3, 1e3
 
 
@@ -56,7 +56,11 @@ class LinearStepModel:
 
 
 def step_kind(batch: BatchShape) -> str:
-    return "prompt" if batch.has_prompt_tokens else "decode"
+    """prompt: any prompt tokens; verify: decodes with drafts (more logits rows than requests);
+    decode: one token per request. Each drifts from the profile differently."""
+    if batch.has_prompt_tokens:
+        return "prompt"
+    return "verify" if batch.num_logits > batch.num_reqs else "decode"
 
 
 @dataclass

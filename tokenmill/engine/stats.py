@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenmill.engine.slo_stats import SloSnapshot
+from tokenmill.spec.acceptance import SpecCounters
 
 
 @dataclass(frozen=True)
@@ -25,3 +26,5 @@ class EngineStats:
     prompt_step_time_s: float = 0.0  # wall time of the steps that computed prompt tokens
     # Latency promises: attained / missed targets, goodput, refusals, predicted step times.
     slo: SloSnapshot = field(default_factory=SloSnapshot)
+    # Speculative decoding: drafts proposed and accepted, per position; None when it is off.
+    spec: SpecCounters | None = None

@@ -23,7 +23,7 @@ from tokenmill.models.layers import (
     RotaryEmbedding,
     apply_rotary,
 )
-from tokenmill.models.linear_ops import linear
+from tokenmill.models.linear_ops import compute_weight, linear, tied_head_weight
 
 
 def is_sliding_layer(arch: ArchConfig, layer_idx: int) -> bool:
@@ -133,9 +133,9 @@ class Gemma3ForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = (
-            self.model.embed_tokens.weight if self.arch.tie_word_embeddings else self.lm_head.weight
-        )
+        # Held once: a tied table's lookups read the head's panels (linear_ops.tied_head_weight).
+        tied = self.arch.tie_word_embeddings
+        head = tied_head_weight(self.model) if tied else compute_weight(self.lm_head)
         logits = linear(hidden, head).float()
         cap = self.arch.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tokenmill.errors import UnsupportedModelError
-from tokenmill.models.linear_ops import linear, rms_norm
+from tokenmill.models.linear_ops import compute_weight, linear, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -113,10 +113,11 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, factor: float, cfg: dict) -> torch.
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose product goes through tokenmill's matmul dispatch (linear_ops.linear)."""
+    """nn.Linear whose product goes through tokenmill's matmul dispatch (linear_ops.linear); on
+    the CPU its weight becomes the native GEMM's panels on first use (linear_ops.compute_weight)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, compute_weight(self), self.bias)
 
 
 class MergedLinear(Linear):

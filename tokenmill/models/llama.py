@@ -21,7 +21,7 @@ from tokenmill.models.layers import (
     RotaryEmbedding,
     apply_rotary,
 )
-from tokenmill.models.linear_ops import linear, linear_argmax
+from tokenmill.models.linear_ops import compute_weight, linear, linear_argmax, tied_head_weight
 
 
 class LlamaAttention(nn.Module):
@@ -122,6 +122,7 @@ class LlamaForCausalLM(nn.Module):
         return linear_argmax(hidden, self._head_weight())
 
     def _head_weight(self) -> torch.Tensor:
-        return (
-            self.model.embed_tokens.weight if self.arch.tie_word_embeddings else self.lm_head.weight
-        )
+        # Held once: a tied table's lookups read the head's panels (linear_ops.tied_head_weight).
+        if self.arch.tie_word_embeddings:
+            return tied_head_weight(self.model)
+        return compute_weight(self.lm_head)

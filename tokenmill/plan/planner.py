@@ -243,7 +243,7 @@ def _simulate(
         CostModelStepTime(step_model, req.spec),
         jitter_cv=hw.profile.step_jitter_cv if req.jitter else 0.0,
         seed=req.seed,
-        acceptance_rate=req.spec.acceptance_rate if req.spec else None,
+        acceptance_rate=req.spec,
     )
     bs = req.block_size
     # Blocks past what every request of the run holds at once change no decision (no prefix

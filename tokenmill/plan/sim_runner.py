@@ -72,17 +72,26 @@ class ReplayStepTime:
 @dataclass(frozen=True)
 class SpecDecodeConfig:
     """Speculative decoding: k drafts per decode step, each accepted with `acceptance_rate`
-    (until the first rejection); a draft token costs `draft_cost` of a target decode step."""
+    (until the first rejection), or with `per_position[i]` at draft position i where given (the
+    engine's measured conditional acceptance, plan/spec_acceptance.py); a draft token costs
+    `draft_cost` of a target decode step."""
 
     num_draft_tokens: int
     acceptance_rate: float
     draft_cost: float = 0.0
+    per_position: tuple[float, ...] = ()
+
+    def rate_at(self, position: int) -> float:
+        if position < len(self.per_position):
+            return self.per_position[position]
+        return self.acceptance_rate
 
     def __post_init__(self) -> None:
         if self.num_draft_tokens < 1:
             raise ConfigError(f"draft length k must be >= 1, got {self.num_draft_tokens}")
-        if not 0 <= self.acceptance_rate <= 1:
-            raise ConfigError(f"acceptance rate must be in [0, 1], got {self.acceptance_rate}")
+        for rate in (self.acceptance_rate, *self.per_position):
+            if not 0 <= rate <= 1:
+                raise ConfigError(f"acceptance rate must be in [0, 1], got {rate}")
         if self.draft_cost < 0:
             raise ConfigError(f"draft cost must be >= 0, got {self.draft_cost}")
 
@@ -138,7 +147,7 @@ class SimRunner(BaseRunner):
         timer: BaseStepTimer,
         jitter_cv: float = 0.0,
         seed: int = 0,
-        acceptance_rate: float | None = None,
+        acceptance_rate: float | SpecDecodeConfig | None = None,
         decode_time_scale: float = 1.0,
         prompt_time_scale: float = 1.0,
         decode_per_request_s: float = 0.0,
@@ -183,9 +192,11 @@ class SimRunner(BaseRunner):
         return RunnerOutput(sampled=sampled)
 
     def _num_accepted(self, num_drafts: int) -> int:
-        if not num_drafts or self.acceptance_rate is None:
+        rates = self.acceptance_rate
+        if not num_drafts or rates is None:
             return 0
+        rate_at = rates.rate_at if isinstance(rates, SpecDecodeConfig) else lambda _: rates
         accepted = 0
-        while accepted < num_drafts and self._rng.random() < self.acceptance_rate:
+        while accepted < num_drafts and self._rng.random() < rate_at(accepted):
             accepted += 1
         return accepted

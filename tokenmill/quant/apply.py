@@ -11,6 +11,7 @@ from torch import nn
 
 from tokenmill.loader.base import LoadedModel
 from tokenmill.models.layers import Linear, MergedLinear
+from tokenmill.models.linear_ops import PackedEmbedding, float_weight
 from tokenmill.quant.embedding import QuantizedEmbedding
 from tokenmill.quant.packing import QuantizedWeight, QuantTensor, pack
 from tokenmill.quant.quantize import quantize_int4, quantize_int8
@@ -29,7 +30,7 @@ def quantize_model(model: nn.Module, loaded: LoadedModel, scheme: QuantScheme) -
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear):
             packed = source(name, module, _checkpoint_names(name, module))
-        elif isinstance(module, nn.Embedding) and name == _EMBEDDING:
+        elif isinstance(module, nn.Embedding | PackedEmbedding) and name == _EMBEDDING:
             packed = source(name, module, [f"{name}.weight"])
         else:
             continue
@@ -52,7 +53,7 @@ def _checkpoint_names(name: str, module: Linear) -> list[str]:
 
 
 def _install(model: nn.Module, name: str, module: nn.Module, packed: QuantizedWeight) -> None:
-    if isinstance(module, nn.Embedding):
+    if name == _EMBEDDING:
         parent_name, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(parent_name), attr, QuantizedEmbedding(packed, module))
         return
@@ -62,8 +63,8 @@ def _install(model: nn.Module, name: str, module: nn.Module, packed: QuantizedWe
 
 def _float_source(scheme: QuantScheme):
     def quantize(name: str, module: nn.Module, _names: list[str]) -> QuantizedWeight:
-        w = module.weight.detach()
-        is_table = isinstance(module, nn.Embedding) or name == "lm_head"
+        w = float_weight(module.weight)
+        is_table = name in (_EMBEDDING, "lm_head")
         if scheme.kind == "int8" or is_table:
             return pack(quantize_int8(w, None if is_table else scheme.group))
         return pack(quantize_int4(w, scheme.group, scheme.symmetric))

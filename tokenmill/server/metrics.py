@@ -9,7 +9,8 @@
                 tokenmill:engine_prompt_step_seconds_total,
                 tokenmill:engine_loop_seconds_total (tokenmill's own),
                 tokenmill:request_success_total{finished_reason="stop|length|abort|error"},
-                latency promises: tokenmill:slo_* and tokenmill:step_time_* (slo_metrics.py)
+                latency promises: tokenmill:slo_* and tokenmill:step_time_* (slo_metrics.py),
+                speculative decoding: tokenmill:spec_decode_* (spec_metrics.py)
     histograms  tokenmill:time_to_first_token_seconds, tokenmill:inter_token_latency_seconds,
                 tokenmill:e2e_request_latency_seconds
 
@@ -26,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.server.slo_metrics import slo_families
+from tokenmill.server.spec_metrics import spec_families
 
 PREFIX = "tokenmill:"
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -125,3 +127,4 @@ class _EngineCollector(Collector):
             family.add_metric(labels, value)
             yield family
         yield from slo_families(stats.slo, self._model_name)
+        yield from spec_families(stats.spec, self._model_name)

@@ -4,7 +4,7 @@
     tokenmill:slo_missed_total{kind, class}
     tokenmill:slo_good_requests_total, tokenmill:slo_good_tokens_total   (goodput: rate() them)
     tokenmill:slo_refused_total{reason="ttft|tpot|capacity|ttft_expired"}
-    tokenmill:step_time_predicted_seconds_total{kind="prompt|decode"}, ..._measured_..., and
+    tokenmill:step_time_predicted_seconds_total{kind="prompt|decode|verify"}, ..._measured_..., and
     tokenmill:step_time_prediction_abs_error_seconds_total{kind}; the last step's predicted
     minus measured time: the gauge tokenmill:step_time_prediction_error_seconds{kind}
 

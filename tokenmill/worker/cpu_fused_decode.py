@@ -3,7 +3,8 @@
 At batch 1 an eager decoder layer is ~25 PyTorch operator calls whose dispatch overhead is a
 third of the step; tokenmill/native/csrc/llama_decode_cpu.cpp runs the whole layer (norms, packed
 GEMMs — bf16 or quantized weights —, rotary, K/V write, paged attention, SiLU*up, residuals) in
-one call. Like the CUDA
+one call, over a bf16 KV cache or an int8 / fp8 one (attention/kv_quant.py: the new K/V are
+quantized into their slots, attention reads the 1-byte values in place). Like the CUDA
 graphs of cuda_graphs.py, this is a runner concern: the model file keeps the math, and steps
 with any prompt chunk run eagerly.
 """
@@ -12,9 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.models.linear_ops import packed_weight
+from tokenmill.models.linear_ops import PackedWeight, compute_weight, packed_weight
 from tokenmill.quant.packing import QuantizedWeight
 from tokenmill.worker.input_batch import StepInputs
+
+# Tokens per request the fused layer takes in one step; each is a row of the GEMMs and attends
+# on its own, so past a few tokens the eager path's prompt attention is the better one.
+MAX_QUERY_LEN = 16
 
 
 def fused_decode_for(model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
@@ -44,7 +49,7 @@ class FusedCpuDecode:
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            weights, layouts = zip(*(self._weight(m.weight) for m in linears), strict=True)
+            weights, layouts = zip(*(self._weight(compute_weight(m)) for m in linears), strict=True)
             self._layers.append(
                 (
                     layer.input_layernorm.weight,
@@ -61,24 +66,43 @@ class FusedCpuDecode:
         if isinstance(weight, QuantizedWeight):
             w = weight
             return w.packed, (w.bits, int(w.has_min), w.group, w.out_features)
+        if isinstance(weight, PackedWeight):
+            return weight.packed, (16, 0, 0, weight.out_features)
         return packed_weight(self.kernels.pack_bf16_weight, weight), (16, 0, 0, weight.shape[0])
 
     def can_run(self, inputs: StepInputs) -> bool:
-        return inputs.metadata.num_tokens == inputs.metadata.num_reqs
+        """No prompt tokens, and a few tokens per request at most: decodes, drafts being
+        verified, a draft model catching up on the tokens the target accepted."""
+        return not inputs.has_prompt_tokens and inputs.max_query_len <= MAX_QUERY_LEN
 
     @torch.inference_mode()
-    def run(self, inputs: StepInputs, kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        """Hidden states [B, E] of a step in which every request computes one token."""
+    def run(
+        self,
+        inputs: StepInputs,
+        kv_caches: list[torch.Tensor],
+        kv_scale_caches: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [T, E] of a step in which every request computes one token (or one
+        and its drafts); per layer kv_caches [2, NB, BS, Hkv, D] (bf16, or int8 / fp8 with
+        kv_scale_caches [2, NB, Hkv, BS])."""
         inner = self.model.model
         arch = self.arch
         md = inputs.metadata
         x = inner.embed_tokens(inputs.input_ids).contiguous()  # (B, E)
         cos = inner.rotary_emb.cos_cache[inputs.positions].contiguous()  # (B, D) fp32
         sin = inner.rotary_emb.sin_cache[inputs.positions].contiguous()
+        block_table, seq_lens = md.block_table, md.seq_lens
+        if md.num_tokens != md.num_reqs:
+            # Drafts: each token is a row of its own that sees its request's keys up to itself
+            # (all of the step's K/V are written before any attention reads).
+            q_lens = md.query_start_loc[1:] - md.query_start_loc[:-1]
+            block_table = block_table.repeat_interleave(q_lens, dim=0)
+            seq_lens = inputs.positions + 1
         for i, (norm1, norm2, weights, layouts, scale) in enumerate(self._layers):
             self.kernels.llama_decode_layer(
                 x, norm1, norm2, arch.rms_norm_eps, weights, layouts, cos, sin,
-                kv_caches[i], md.slot_mapping, md.block_table, md.seq_lens,
+                kv_caches[i], md.slot_mapping, block_table, seq_lens,
                 arch.num_attention_heads, arch.num_key_value_heads, scale,
+                kv_scale_caches[i] if kv_scale_caches is not None else None,
             )  # fmt: skip
         return inner.norm(x)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,6 +20,12 @@ class StepInputs:
     logits_indices: torch.Tensor  # [N]
     sample_rows: list[tuple[int, int]]  # (scheduled index, row in logits) for do_sample requests
     prompt_logprob_rows: dict[int, tuple[int, int]]  # scheduled index -> [row_start, row_end)
+    # Requests verifying k drafts: scheduled index -> the first of their k + 1 logits rows (the
+    # last one is their sample row).
+    draft_rows: dict[int, int] = field(default_factory=dict)
+    # The longest query of the step, and whether any request computes prompt tokens.
+    max_query_len: int = 1
+    has_prompt_tokens: bool = False
 
 
 def prepare_inputs(
@@ -51,7 +57,9 @@ def prepare_inputs(
     slot_mapping = (
         block_table[req_idx, positions // block_size] * block_size + positions % block_size
     )
-    logits_idx, sample_rows, prompt_rows = _logits_rows(scheduled, starts, wants_prompt_logprobs)
+    logits_idx, sample_rows, prompt_rows, draft_rows = _logits_rows(
+        scheduled, starts, wants_prompt_logprobs
+    )
 
     def to_t(a) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -75,15 +83,19 @@ def prepare_inputs(
         logits_indices=torch.tensor(logits_idx, dtype=torch.long, device=device),
         sample_rows=sample_rows,
         prompt_logprob_rows=prompt_rows,
+        draft_rows=draft_rows,
+        max_query_len=int(q_lens.max()) if len(q_lens) else 0,
+        has_prompt_tokens=any(s.is_prompt_step for s in scheduled),
     )
 
 
 def _logits_rows(scheduled: list[ScheduledRequest], starts: np.ndarray, wants_prompt_logprobs):
-    """Which token rows get logits: the last of each sampling request, and every row of a
-    prompt chunk whose prompt logprobs are asked for."""
+    """Which token rows get logits: the last of each sampling request (its last k + 1 when it
+    verifies k drafts), and every row of a prompt chunk whose prompt logprobs are asked for."""
     logits_idx: list[int] = []
     sample_rows: list[tuple[int, int]] = []
     prompt_rows: dict[int, tuple[int, int]] = {}
+    draft_rows: dict[int, int] = {}
     for b, s in enumerate(scheduled):
         start, end = int(starts[b]), int(starts[b + 1])
         if s.is_prompt_step and wants_prompt_logprobs(s.req_id):
@@ -92,6 +104,9 @@ def _logits_rows(scheduled: list[ScheduledRequest], starts: np.ndarray, wants_pr
             if s.do_sample:
                 sample_rows.append((b, len(logits_idx) - 1))
         elif s.do_sample:
-            logits_idx.append(end - 1)
+            num_drafts = len(s.spec_token_ids)
+            if num_drafts:
+                draft_rows[b] = len(logits_idx)
+            logits_idx.extend(range(end - 1 - num_drafts, end))
             sample_rows.append((b, len(logits_idx) - 1))
-    return logits_idx, sample_rows, prompt_rows
+    return logits_idx, sample_rows, prompt_rows, draft_rows

@@ -32,6 +32,7 @@ from tokenmill.quant.apply import quantize_model
 from tokenmill.quant.schemes import resolve_quantization
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.compiler import GrammarMatcher
+from tokenmill.worker import spec_verify
 from tokenmill.worker.cpu_fused_decode import fused_decode_for
 from tokenmill.worker.cuda_graphs import DecodeGraphs
 from tokenmill.worker.input_batch import StepInputs, prepare_inputs
@@ -83,8 +84,8 @@ class ModelRunner(BaseRunner):
         self.quantization = "none"  # the resolved scheme, set by load
         self._seed_source = random.Random(config.model.seed)
         self.graphs = self._decode_graphs(config.decode_graphs, config.scheduler.max_num_seqs)
-        # The fused layer writes and reads a float cache only (a quantized one runs eagerly).
-        use_fused = config.cpu_fused_decode and self.kv_scales is None
+        # The fused layer writes and reads a bf16 cache or an int8 / fp8 one with its scales.
+        use_fused = config.cpu_fused_decode
         self.fused_decode = fused_decode_for(model, self.dtype, self.device) if use_fused else None
 
     def _allocate_kv_cache(self, arch: ArchConfig, config: EngineConfig) -> None:
@@ -208,12 +209,14 @@ class ModelRunner(BaseRunner):
         if self.graphs is not None and self.graphs.can_run(inputs):
             hidden = self.graphs.run(inputs)  # (B, E)
         elif self.fused_decode is not None and self.fused_decode.can_run(inputs):
-            hidden = self.fused_decode.run(inputs, self.kv_caches)  # (B, E)
+            hidden = self.fused_decode.run(inputs, self.kv_caches, self.kv_scale_caches)  # (B, E)
         else:
             with forward_context(inputs.metadata, self.kv_caches, self.kv_scale_caches):
                 hidden = self.model(inputs.input_ids, inputs.positions)  # (T, E)
         rows = hidden[inputs.logits_indices]  # (N, E)
-        if self._plain_greedy_in_order(sched_out, inputs, rows.shape[0]):
+        if inputs.draft_rows:
+            out = spec_verify.verify(self, sched_out, inputs, rows)
+        elif self._plain_greedy_in_order(sched_out, inputs, rows.shape[0]):
             out = self._greedy(sched_out, inputs, rows)
         else:
             out = self._sample(sched_out, inputs, self.model.compute_logits(rows))  # (N, V)

@@ -46,15 +46,7 @@ def sample(
     logits = logits.float()
     want_logprobs = [r.params.logprobs is not None for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-    for i, ids in enumerate(stop_ids_before_min):
-        if ids:
-            logits[i, ids] = float("-inf")
-    for i, row in enumerate(rows):
-        if row.matcher is not None:
-            row.matcher.mask_logits(logits[i], row.params.stop_token_ids)
-    _apply_penalties(logits, rows)
-    # Extreme penalties can overflow: NaN never wins, +inf becomes the largest finite value.
-    torch.nan_to_num_(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    logits = constrained_logits(logits, rows, stop_ids_before_min)
     device = logits.device
     tokens = torch.empty(len(rows), dtype=torch.long, device=device)
     greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
@@ -75,6 +67,27 @@ def sample(
             if want_logprobs[i]:
                 logprobs[i] = token_logprobs(raw_logprobs[i], token_list[i], row.params.logprobs)
     return token_list, logprobs
+
+
+def constrained_logits(
+    logits: torch.Tensor, rows: list[SamplingRow], stop_ids_before_min: list[list[int]]
+) -> torch.Tensor:
+    """float32 logits [N, V], modified in place: forbidden stop ids, grammar masks, penalties."""
+    for i, ids in enumerate(stop_ids_before_min):
+        if ids:
+            logits[i, ids] = float("-inf")
+    for i, row in enumerate(rows):
+        if row.matcher is not None:
+            row.matcher.mask_logits(logits[i], row.params.stop_token_ids)
+    _apply_penalties(logits, rows)
+    # Extreme penalties can overflow: NaN never wins, +inf becomes the largest finite value.
+    return torch.nan_to_num_(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+
+
+def sampling_probs(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
+    """The distribution a random row samples from: constrained logits [V] after temperature,
+    min-p, top-k and top-p (what speculative verification compares drafts against)."""
+    return torch.softmax(_filtered_logits(logits[None], [row])[0], dim=-1)
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
@@ -150,8 +163,8 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
             logits[i] -= p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """logits [M, V] of random rows -> [M] token ids."""
+def _filtered_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Temperature, min-p, top-k and top-p applied to logits [M, V] of random rows."""
     device = logits.device
     temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=device)
     logits = logits / temps[:, None]
@@ -167,6 +180,13 @@ def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     top_ps = [r.params.top_p for r in rows]
     if any(p < 1.0 for p in top_ps):
         logits = _top_p(logits, top_ps)
+    return logits
+
+
+def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """logits [M, V] of random rows -> [M] token ids."""
+    device = logits.device
+    logits = _filtered_logits(logits, rows)
     # Inverse CDF, one uniform per row drawn from the row's own generator: a seeded request's
     # tokens do not depend on the batch, and a draw costs one random number instead of one per
     # vocabulary entry (an exponential race over 49k entries took ~0.7 ms per row).

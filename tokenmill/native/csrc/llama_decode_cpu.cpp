@@ -9,7 +9,10 @@
 //   x            [T, E] bf16, updated in place (the residual stream); T = number of requests,
 //                one new token each
 //   cos, sin     [T, D] fp32 rotary angles of each token's position (rotate-half layout)
-//   kv_cache     [2, NB, BS, Hkv, D] bf16; slot_mapping [T]; block_table [T, MB]; seq_lens [T]
+//   kv_cache     [2, NB, BS, Hkv, D] bf16, or int8 / fp8 (e4m3) with kv_scales [2, NB, Hkv, BS]
+//                bf16 beside it (tokenmill/attention/kv_quant.py): the new K/V are quantized
+//                into their slots and attention reads the 1-byte values in place
+//   slot_mapping [T]; block_table [T, MB]; seq_lens [T]
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -17,10 +20,12 @@
 #include <ATen/ops/empty_like.h>
 
 #include "kernels.h"
+#include "paged_attention_kv_quant.h"
 #include "simd.h"
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -142,6 +147,66 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, const in
   return tokenmill::quant_gemm(x, packed, layout[0], layout[1] != 0, layout[2], layout[3]);
 }
 
+// One layer's KV cache as the K/V write sees it: a bf16 cache, or an int8 / fp8 one with its
+// scales [2, NB, Hkv, BS].
+struct KvSlots {
+  at::ScalarType dtype;
+  void* k;
+  void* v;
+  bf16* k_scales = nullptr;
+  bf16* v_scales = nullptr;
+  int64_t heads, dim, block_size;
+
+  KvSlots(at::Tensor& cache, const std::optional<at::Tensor>& scales)
+      : dtype(cache.scalar_type()), k(cache[0].data_ptr()), v(cache[1].data_ptr()),
+        heads(cache.size(3)), dim(cache.size(4)), block_size(cache.size(2)) {
+    TORCH_CHECK(cache.is_contiguous() && cache.dim() == 5 && cache.size(0) == 2,
+                "a contiguous KV cache [2, NB, BS, Hkv, D] expected");
+    if (!scales) {
+      TORCH_CHECK(dtype == at::kBFloat16, "bf16 KV cache expected (or kv_scales for int8 / fp8)");
+      return;
+    }
+    TORCH_CHECK(dtype == at::kChar || dtype == at::kFloat8_e4m3fn,
+                "a KV cache with scales must be int8 or float8_e4m3fn");
+    const at::Tensor& s = *scales;
+    TORCH_CHECK(s.scalar_type() == at::kBFloat16 && s.is_contiguous() && s.dim() == 4 &&
+                    s.size(0) == 2 && s.size(1) == cache.size(1) && s.size(2) == heads &&
+                    s.size(3) == block_size,
+                "contiguous bf16 kv_scales [2, NB, Hkv, BS] of the cache expected");
+    k_scales = s[0].data_ptr<bf16>();
+    v_scales = s[1].data_ptr<bf16>();
+  }
+
+  // One token's K and V rows [Hkv, D] into cache slot `slot`: copied, or quantized.
+  void store(const bf16* k_row, const bf16* v_row, int64_t slot) const {
+    using tokenmill::attention::Fp8;
+    using tokenmill::attention::store_token;
+    const int64_t n = heads * dim;  // a slot holds all KV heads contiguously: [Hkv, D]
+    if (dtype == at::kBFloat16) {
+      std::memcpy(static_cast<bf16*>(k) + slot * n, k_row, n * sizeof(bf16));
+      std::memcpy(static_cast<bf16*>(v) + slot * n, v_row, n * sizeof(bf16));
+    } else if (dtype == at::kChar) {
+      store_token(k_row, v_row, heads, dim, block_size, slot, static_cast<int8_t*>(k),
+                  static_cast<int8_t*>(v), k_scales, v_scales);
+    } else {
+      store_token(k_row, v_row, heads, dim, block_size, slot, static_cast<Fp8*>(k),
+                  static_cast<Fp8*>(v), k_scales, v_scales);
+    }
+  }
+};
+
+// Decode attention of q [T, H, D] over the layer's cache, float or quantized.
+at::Tensor attend(const at::Tensor& q, const at::Tensor& kv_cache,
+                  const std::optional<at::Tensor>& kv_scales, const at::Tensor& block_table,
+                  const at::Tensor& seq_lens, double scale) {
+  if (!kv_scales)
+    return tokenmill::paged_decode_attention(q, kv_cache[0], kv_cache[1], block_table, seq_lens,
+                                             scale, 0);
+  return tokenmill::paged_decode_attention_quant(q, kv_cache[0], kv_cache[1], (*kv_scales)[0],
+                                                 (*kv_scales)[1], block_table, seq_lens, scale,
+                                                 0);
+}
+
 }  // namespace
 
 namespace tokenmill {
@@ -160,9 +225,10 @@ void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::T
                         const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv_cache,
                         const at::Tensor& slot_mapping, const at::Tensor& block_table,
                         const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads,
-                        double scale) {
+                        double scale, const std::optional<at::Tensor>& kv_scales) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "bf16 x [T, E] expected");
-  TORCH_CHECK(kv_cache.scalar_type() == at::kBFloat16, "bf16 KV cache expected");
+  const KvSlots slots_of_layer(kv_cache, kv_scales);
+  TORCH_CHECK(slots_of_layer.heads == num_kv_heads, "the cache's KV heads must be num_kv_heads");
   TORCH_CHECK(weights.size() == 4 && layouts.size() == 4 * kLayoutFields,
               "four weights (qkv, o, gate_up, down) and their layouts expected");
   const auto linear = [&](const at::Tensor& in, int i) {
@@ -175,8 +241,6 @@ void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::T
   at::Tensor q = at::empty({tokens, num_heads, dim}, x.options());
   bf16* qkv_p = qkv.data_ptr<bf16>();
   bf16* q_p = q.data_ptr<bf16>();
-  bf16* k_cache = kv_cache[0].data_ptr<bf16>();
-  bf16* v_cache = kv_cache[1].data_ptr<bf16>();
   const auto* slots = slot_mapping.data_ptr<int64_t>();
   const float* cos_p = cos.data_ptr<float>();
   const float* sin_p = sin.data_ptr<float>();
@@ -185,12 +249,9 @@ void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::T
     bf16* r = qkv_p + t * row;
     rotate(r, num_heads + num_kv_heads, dim, cos_p + t * dim, sin_p + t * dim);
     std::memcpy(q_p + t * q_size, r, q_size * sizeof(bf16));
-    // The cache slot of this token holds all KV heads contiguously: [Hkv, D].
-    std::memcpy(k_cache + slots[t] * kv_size, r + q_size, kv_size * sizeof(bf16));
-    std::memcpy(v_cache + slots[t] * kv_size, r + q_size + kv_size, kv_size * sizeof(bf16));
+    slots_of_layer.store(r + q_size, r + q_size + kv_size, slots[t]);
   });
-  at::Tensor attn = paged_decode_attention(q, kv_cache[0], kv_cache[1], block_table, seq_lens,
-                                           scale, 0);
+  const at::Tensor attn = attend(q, kv_cache, kv_scales, block_table, seq_lens, scale);
   const at::Tensor attn_out = linear(attn.view({tokens, q_size}), 1);
 
   // x += attn_out, then the MLP's norm of it, in one pass over x.

@@ -1,0 +1,198 @@
+"""Speculative decoding: the rejection sampler is exact, prompt lookup finds what repeats, the
+draft-count controller turns itself off when extra tokens cost more than they bring, and the
+engine's greedy output with speculation equals its output without."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tokenmill import LLM
+from tokenmill.engine.build import engine_sharing_weights
+from tokenmill.errors import ConfigError
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec.config import parse_speculative_config
+from tokenmill.spec.controller import allocate, choose_drafts, draft_gains
+from tokenmill.spec.ngram import find_continuation
+from tokenmill.spec.rejection import greedy_accept, rejection_sample
+
+# Chi-square critical value at p = 0.001 for 4 degrees of freedom (5 outcomes).
+CHI2_CRIT_DF4 = 18.467
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token of probability 0 was emitted"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+@pytest.mark.parametrize("draft_kind", ["equal", "disjoint", "one_hot", "point_mass"])
+def test_rejection_sampler_preserves_the_target_distribution(draft_kind):
+    p = torch.tensor([0.05, 0.4, 0.25, 0.3, 0.0], dtype=torch.float64)
+    q_of = {
+        "equal": p.clone(),
+        "disjoint": torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64),
+        "one_hot": torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64),
+        "point_mass": None,
+    }
+    q = q_of[draft_kind]
+    gen = torch.Generator().manual_seed(1234)
+    draft_gen = torch.Generator().manual_seed(99)
+    counts = torch.zeros(5, dtype=torch.float64)
+    trials = 20000
+    for _ in range(trials):
+        # The draft token is drawn from q (point mass: always token 3).
+        draft = 3 if q is None else int(torch.multinomial(q, 1, generator=draft_gen))
+        target = torch.stack([p, p])
+        draft_probs = None if q is None else q[None]
+        first = rejection_sample(target, [draft], gen, draft_probs)[0]
+        counts[first] += 1
+    assert _chi_square(counts, p) < CHI2_CRIT_DF4
+
+
+def test_rejection_sampler_is_reproducible_with_a_seed():
+    p = torch.softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(0)), -1)
+    runs = [rejection_sample(p, [1, 2], torch.Generator().manual_seed(7), None) for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_greedy_acceptance():
+    assert greedy_accept([5, 6, 7], [5, 6, 7, 8]) == [5, 6, 7, 8]  # all accepted + bonus
+    assert greedy_accept([5, 9, 7], [5, 6, 7, 8]) == [5, 6]  # corrected at the first miss
+    assert greedy_accept([4], [5, 6]) == [5]
+    assert greedy_accept([], [5]) == [5]
+
+
+def test_prompt_lookup_finds_the_latest_match():
+    tokens = [1, 2, 3, 4, 9, 1, 2, 3, 5, 7, 1, 2, 3]
+    assert find_continuation(tokens, 2, 3, 2) == [5, 7]  # the latest "1 2 3" came before 5 7
+    assert find_continuation(tokens, 2, 3, 10) == [5, 7, 1, 2, 3]
+    assert find_continuation([1, 2, 3], 2, 3, 4) == []
+    assert find_continuation(tokens, 2, 3, 0) == []
+
+
+def test_controller_allocates_to_likely_drafts_and_turns_off_when_costly():
+    gains = [draft_gains([0.9, 0.9, 0.9], 3), draft_gains([0.2, 0.2, 0.2], 3)]
+    assert allocate(gains, 3) == [3, 0]
+    assert allocate(gains, 4) == [3, 1]
+    # Extra tokens nearly free: every draft is worth it.
+    assert choose_drafts(gains, lambda c: 1.0 + 0.001 * sum(c)) == [3, 3]
+    # Each extra token costs as much as a whole step: none is.
+    assert choose_drafts(gains, lambda c: 1.0 + 1.0 * sum(c)) == [0, 0]
+    # In between, only the likely drafts.
+    assert choose_drafts(gains, lambda c: 1.0 + 0.3 * sum(c)) == [3, 0]
+
+
+def test_speculative_config_is_validated():
+    spec = parse_speculative_config('{"method": "ngram", "num_speculative_tokens": 3}')
+    assert spec.max_drafts == 3 and not spec.is_auto
+    assert parse_speculative_config({"model": "x.gguf"}).method == "draft"
+    for bad, words in [
+        ("{", "not valid JSON"),
+        ({"method": "medusa"}, "method"),
+        ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
+        ({"prompt_lookup_min": 4, "prompt_lookup_max": 2}, "prompt_lookup_min"),
+        ({"method": "draft"}, "model"),
+        ({"speculative_tokens": 3}, "unknown"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            parse_speculative_config(bad)
+
+
+# ---- the engine ------------------------------------------------------------------------------
+
+
+def _with_spec(base: LLM, spec: dict | None, **scheduler) -> LLM:
+    cfg = base.engine.config
+    cfg = dataclasses.replace(
+        cfg,
+        speculative_config=spec,
+        scheduler=dataclasses.replace(cfg.scheduler, **scheduler),
+    )
+    return LLM.from_engine(engine_sharing_weights(base.engine, cfg))
+
+
+@pytest.fixture(scope="module")
+def grounded_prompts(llm_fp32) -> list[list[int]]:
+    """Prompts that ask the model to repeat a text: drafts from prompt lookup get accepted."""
+    with open(find_continuation.__code__.co_filename) as f:
+        text = f.read()
+    tok = llm_fp32.get_tokenizer()
+    out = []
+    for start in (0, 900, 1700, 2100):
+        body = text[start : start + 400]
+        messages = [{"role": "user", "content": "Copy this text exactly:\n\n" + body}]
+        out.append(tok.apply_chat_template(messages, add_generation_prompt=True))
+    return out
+
+
+GREEDY = SamplingParams(max_tokens=32, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(llm_fp32, grounded_prompts) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm_fp32.generate(grounded_prompts, GREEDY)]
+
+
+@pytest.mark.parametrize("k", [1, 4, "auto"])
+def test_greedy_output_equals_no_speculation_in_float32(
+    llm_fp32, grounded_prompts, greedy_reference, k
+):
+    spec = _with_spec(llm_fp32, {"method": "ngram", "num_speculative_tokens": k})
+    got = [o.outputs[0].token_ids for o in spec.generate(grounded_prompts, GREEDY)]
+    assert got == greedy_reference
+    counters = spec.engine.stats().spec
+    assert counters.num_draft_tokens > 0 and counters.num_accepted_tokens > 0
+    assert spec.engine.kv_manager.pool.num_used_blocks == 0  # drafts' blocks all returned
+
+
+def test_stops_logprobs_and_max_tokens_stay_exact(llm_fp32, grounded_prompts):
+    params = [
+        SamplingParams(max_tokens=7, temperature=0, logprobs=2),
+        SamplingParams(max_tokens=24, temperature=0, stop=["def "]),
+        SamplingParams(max_tokens=20, temperature=0, min_tokens=16),
+    ]
+    prompts = grounded_prompts[:3]
+    ref = llm_fp32.generate(prompts, params)
+    spec = _with_spec(llm_fp32, {"method": "ngram", "num_speculative_tokens": 4})
+    got = spec.generate(prompts, params)
+    for r, g in zip(ref, got, strict=True):
+        assert g.outputs[0].token_ids == r.outputs[0].token_ids
+        assert g.outputs[0].text == r.outputs[0].text
+        assert g.outputs[0].finish_reason == r.outputs[0].finish_reason
+    ref_lp, got_lp = ref[0].outputs[0].logprobs, got[0].outputs[0].logprobs
+    assert len(got_lp) == len(ref_lp) == 7
+    for a, b in zip(ref_lp, got_lp, strict=True):
+        assert a.keys() == b.keys()
+        for tid in a:
+            assert a[tid].logprob == pytest.approx(b[tid].logprob, abs=1e-3)
+
+
+def test_seeded_sampling_with_speculation_is_reproducible(llm_fp32, grounded_prompts):
+    params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.95, seed=11)
+    spec = _with_spec(llm_fp32, {"method": "ngram", "num_speculative_tokens": 4})
+    first = spec.generate(grounded_prompts[:2], params)
+    second = spec.generate(grounded_prompts[:2], params)
+    assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in second]
+
+
+def test_bfloat16_fused_verify_differs_only_at_near_ties(grounded_prompts):
+    """In bfloat16 the fused CPU decode layer verifies drafts (k + 1 rows per request); a
+    different summation order may flip a near-tie, nothing more."""
+    base = LLM(dtype="bfloat16", kv_cache_memory_gib=0.25)
+    spec = _with_spec(base, {"method": "ngram", "num_speculative_tokens": 4})
+    ref = [o.outputs[0].token_ids for o in base.generate(grounded_prompts, GREEDY)]
+    got = [o.outputs[0].token_ids for o in spec.generate(grounded_prompts, GREEDY)]
+    assert spec.engine.stats().spec.num_accepted_tokens > 0
+    for prompt, r, g in zip(grounded_prompts, ref, got, strict=True):
+        diff = next((i for i, (a, b) in enumerate(zip(r, g, strict=False)) if a != b), None)
+        if diff is None:
+            assert r == g
+            continue
+        scored = SamplingParams(max_tokens=1, temperature=0, logprobs=2)
+        top = base.generate([prompt + r[:diff]], scored)[0].outputs[0].logprobs[0]
+        first, second = sorted((lp.logprob for lp in top.values()), reverse=True)[:2]
+        assert first - second < 0.1, f"differs at {diff} with a top-2 gap of {first - second}"

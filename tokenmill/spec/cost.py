@@ -1,0 +1,62 @@
+"""The price of a verify step: the engine's decode-step prediction plus a marginal cost per
+extra (draft) token, learned from measured verify steps per batch-size bucket.
+
+The roofline gives the first guess of the marginal cost (near zero while a step streams weights,
+a token's FLOPs once it is compute-bound); what this machine's kernels really do with k + 1
+tokens per request (one fused call, or an eager pass) is measured and replaces it.
+"""
+
+from __future__ import annotations
+
+from tokenmill.engine.slo_predictor import StepTimePredictor
+from tokenmill.perf.step_cost import BatchShape, RequestShape
+
+ALPHA = 0.2
+FALLBACK_DECODE_S = 0.02  # without a predictor: a typical small-model CPU decode step
+
+
+def bucket(batch_size: int) -> int:
+    return max(batch_size, 1).bit_length()  # 1, 2-3, 4-7, ...
+
+
+class VerifyCost:
+    def __init__(self, predictor: StepTimePredictor | None) -> None:
+        self.predictor = predictor
+        self.marginal_s: dict[int, float] = {}  # per batch bucket: seconds per extra token
+
+    def decode_seconds(self, contexts: list[int]) -> float:
+        """A plain decode step of requests with these cached lengths."""
+        if self.predictor is None:
+            return FALLBACK_DECODE_S
+        return self.predictor.predict_shapes([RequestShape(1, c, 1) for c in contexts])
+
+    def seconds(self, contexts: list[int], counts: list[int]) -> float:
+        extra = sum(counts)
+        base = self.decode_seconds(contexts)
+        return base if extra == 0 else base + extra * self.marginal(contexts)
+
+    def marginal(self, contexts: list[int]) -> float:
+        key = bucket(len(contexts))
+        if key not in self.marginal_s:
+            self.marginal_s[key] = self._roofline_marginal(contexts)
+        return self.marginal_s[key]
+
+    def _roofline_marginal(self, contexts: list[int]) -> float:
+        if self.predictor is None:
+            return FALLBACK_DECODE_S / 8
+        shapes = [RequestShape(2, c, 2) for c in contexts]
+        base = self.decode_seconds(contexts)
+        more = self.predictor.model.seconds(BatchShape.from_requests(shapes))
+        more *= self.predictor.ratio["decode"]
+        return max(more - base, 0.0) / len(contexts)
+
+    def observe(self, contexts: list[int], num_extra: int, measured_s: float) -> None:
+        """A measured verify step (no prompt tokens) of these requests with num_extra drafts."""
+        if num_extra <= 0 or not contexts:
+            return
+        key = bucket(len(contexts))
+        sample = max(measured_s - self.decode_seconds(contexts), 0.0) / num_extra
+        if key not in self.marginal_s:
+            self.marginal_s[key] = sample
+        else:
+            self.marginal_s[key] += ALPHA * (sample - self.marginal_s[key])

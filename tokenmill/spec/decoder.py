@@ -1,0 +1,138 @@
+"""The engine's speculation: after each step, propose drafts for the requests that decode next
+(they ride in the next step beside everyone's decodes and prompt chunks), and learn from each
+verification how often drafts are accepted and what extra tokens cost.
+
+    step N:    schedule (drafts of step N-1 appended) -> execute + verify -> update (accepted
+               tokens appended, rejected ones rolled back by lowering the computed count)
+               -> observe (acceptance, cost) -> propose (drafts for step N+1)
+"""
+
+from __future__ import annotations
+
+import time
+
+from tokenmill.engine.interfaces import RunnerOutput, SchedulerOutput
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.spec.acceptance import PRIORS, AcceptanceModel, SpecCounters
+from tokenmill.spec.config import SpeculativeConfig
+from tokenmill.spec.controller import choose_drafts, draft_gains
+from tokenmill.spec.cost import VerifyCost
+from tokenmill.spec.proposer import Proposer
+
+# A request "auto" gives no drafts still drafts one every this many steps, so its acceptance
+# keeps being measured (a request written off early would never be reconsidered): at most a
+# few percent more tokens where speculation does not pay.
+EXPLORE_EVERY = 16
+
+
+class SpecDecoder:
+    def __init__(
+        self,
+        config: SpeculativeConfig,
+        proposer: Proposer,
+        cost: VerifyCost,
+        max_model_len: int,
+    ) -> None:
+        self.config = config
+        self.proposer = proposer
+        self.cost = cost
+        self.max_model_len = max_model_len
+        self.acceptance = AcceptanceModel(config.max_drafts, PRIORS[config.method])
+        self._idle: dict[str, int] = {}  # proposals since a request last drafted
+        self.counters = SpecCounters()
+        self._tracked: set[str] = set()  # requests with acceptance or proposer state
+
+    # ---- after a step ----------------------------------------------------------------------
+
+    def observe(self, sched_out: SchedulerOutput, runner_out: RunnerOutput, wall_s: float) -> None:
+        contexts, num_extra, has_prompt = [], 0, False
+        for s in sched_out.scheduled:
+            has_prompt |= s.is_prompt_step
+            contexts.append(s.num_computed_tokens)
+            k = len(s.spec_token_ids)
+            tokens = runner_out.sampled.get(s.req_id)
+            if not k or tokens is None:
+                continue
+            accepted = min(len(tokens) - 1, k)
+            self.counters.record(k, accepted)
+            self.acceptance.observe(s.req_id, k, accepted)
+            num_extra += k
+        if num_extra:
+            self.counters.verify_time_s += wall_s
+            if not has_prompt:
+                self.cost.observe(contexts, num_extra, wall_s)
+
+    def propose(self, running: list[Request]) -> None:
+        """Set `spec_token_ids` of the running requests that decode next."""
+        start = time.perf_counter()
+        self._release_gone(running)
+        ready = [r for r in running if self._decodes_next(r)]
+        caps = [self._cap(r) for r in ready]
+        ready = [r for r, cap in zip(ready, caps, strict=True) if cap > 0]
+        caps = [cap for cap in caps if cap > 0]
+        if not ready:
+            return
+        lookup = getattr(self.proposer, "is_lookup", False)
+        drafts = self.proposer.propose(ready, caps) if lookup else None
+        if drafts is not None:  # a lookup proposes cheaply: what it found bounds each count
+            caps = [len(d) for d in drafts]
+        counts = caps if not self.config.is_auto else self._choose(ready, caps)
+        if drafts is None:
+            pick = [(r, k) for r, k in zip(ready, counts, strict=True) if k > 0]
+            found = self.proposer.propose([r for r, _ in pick], [k for _, k in pick])
+            drafts_of = {r.request_id: d for (r, _), d in zip(pick, found, strict=True)}
+            drafts = [drafts_of.get(r.request_id, []) for r in ready]
+        for request, draft, k in zip(ready, drafts, counts, strict=True):
+            request.spec_token_ids = list(draft[:k])
+            if k:
+                self._tracked.add(request.request_id)
+        self.counters.draft_time_s += time.perf_counter() - start
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _choose(self, ready: list[Request], caps: list[int]) -> list[int]:
+        gains = [
+            draft_gains(self.acceptance.rates(r.request_id), cap)
+            for r, cap in zip(ready, caps, strict=True)
+        ]
+        contexts = [r.num_computed_tokens for r in ready]
+
+        def step_seconds(counts: list[int]) -> float:
+            return self.cost.seconds(contexts, counts) + self.proposer.draft_seconds(counts)
+
+        counts = choose_drafts(gains, step_seconds)
+        for i, (request, k) in enumerate(zip(ready, counts, strict=True)):
+            idle = 0 if k else self._idle.get(request.request_id, 0) + 1
+            if idle >= EXPLORE_EVERY and caps[i]:
+                counts[i], idle = 1, 0
+            self._idle[request.request_id] = idle
+            self._tracked.add(request.request_id)
+        return counts
+
+    @staticmethod
+    def _decodes_next(request: Request) -> bool:
+        return (
+            request.status == RequestStatus.RUNNING
+            and not request.spec_token_ids
+            and request.num_computed_tokens == request.num_tokens - 1
+            and request.sampling_params.prompt_logprobs is None
+        )
+
+    def _cap(self, request: Request) -> int:
+        """Drafts that could still be emitted: within max_tokens and the context (the token
+        sampled at the end of the step counts too)."""
+        cap = self.config.max_drafts
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None:
+            cap = min(cap, max_tokens - request.num_output_tokens - 1)
+        return min(cap, self.max_model_len - request.num_tokens - 1)
+
+    def _release_gone(self, running: list[Request]) -> None:
+        live = {r.request_id for r in running}
+        gone = [rid for rid in self._tracked if rid not in live]
+        if gone:
+            self._tracked.difference_update(gone)
+            self.acceptance.release(gone)
+            for rid in gone:
+                self._idle.pop(rid, None)
+            self.proposer.release(gone)
