@@ -87,7 +87,9 @@ def run_config(run: SpecRun, model: str, parts: list[tuple[str, Workload]], out_
     if run.engine == "tokenmill":
         server = ServeProcess([model, *run.args], out_dir / f"{run.name}.log")
     else:
-        server = LlamaServer(build, model, parallel=128, ctx_per_slot=2048, extra_args=run.args)
+        # One slot when only batch-1 parts run (llama-server's own batch-1 setting).
+        slots = 1 if all(part == "grounded" for part, _ in parts) else 128
+        server = LlamaServer(build, model, slots, ctx_per_slot=2048, extra_args=run.args)
     rows = []
     with server:
         target = ServeTarget(server.base_url, first_model(server.base_url), endpoint="chat",
@@ -180,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrencies", default=",".join(map(str, CONCURRENCIES)))
     parser.add_argument("--methods", default="ngram,self,llama.cpp")
     parser.add_argument("--k", type=int, default=4, help="the fixed draft count compared")
+    parser.add_argument("--only", default="", help="comma list of configuration names to run")
     parser.add_argument("--parts", default="grounded,sharegpt")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     methods = tuple(args.methods.split(","))
     runs = default_runs(args.k, methods)
+    if args.only:
+        runs = [r for r in runs if r.name in args.only.split(",")]
     parts: list[tuple[str, Workload]] = []
     if "grounded" in args.parts:
         parts.append(

@@ -17,6 +17,7 @@ from tokenmill.spec.acceptance import PRIORS, AcceptanceModel, SpecCounters
 from tokenmill.spec.config import SpeculativeConfig
 from tokenmill.spec.controller import choose_drafts, draft_gains
 from tokenmill.spec.cost import VerifyCost
+from tokenmill.spec.guard import ThroughputGuard
 from tokenmill.spec.proposer import Proposer
 
 # A request "auto" gives no drafts still drafts one every this many steps, so its acceptance
@@ -41,6 +42,8 @@ class SpecDecoder:
         self._idle: dict[str, int] = {}  # proposals since a request last drafted
         self.counters = SpecCounters()
         self._tracked: set[str] = set()  # requests with acceptance or proposer state
+        self.guard = ThroughputGuard() if config.is_auto else None
+        self._last: tuple[bool, float] | None = None  # the last proposal: speculated, seconds
 
     # ---- after a step ----------------------------------------------------------------------
 
@@ -61,6 +64,10 @@ class SpecDecoder:
             self.counters.verify_time_s += wall_s
             if not has_prompt:
                 self.cost.observe(contexts, num_extra, wall_s)
+        last, self._last = self._last, None
+        if self.guard is not None and last is not None and not has_prompt:
+            tokens = sum(len(t) for t in runner_out.sampled.values())
+            self.guard.record(len(sched_out.scheduled), last[0], tokens, wall_s + last[1])
 
     def propose(self, running: list[Request]) -> None:
         """Set `spec_token_ids` of the running requests that decode next."""
@@ -77,6 +84,8 @@ class SpecDecoder:
         if drafts is not None:  # a lookup proposes cheaply: what it found bounds each count
             caps = [len(d) for d in drafts]
         counts = caps if not self.config.is_auto else self._choose(ready, caps)
+        if self.guard is not None and not self.guard.allows(len(ready)):
+            counts = [0] * len(ready)
         if drafts is None:
             pick = [(r, k) for r, k in zip(ready, counts, strict=True) if k > 0]
             found = self.proposer.propose([r for r, _ in pick], [k for _, k in pick])
@@ -86,7 +95,9 @@ class SpecDecoder:
             request.spec_token_ids = list(draft[:k])
             if k:
                 self._tracked.add(request.request_id)
-        self.counters.draft_time_s += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.counters.draft_time_s += seconds
+        self._last = (any(counts), seconds)
 
     # ---- helpers -----------------------------------------------------------------------
 
