@@ -30,6 +30,7 @@ from tokenmill.engine.interfaces import (
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec.cost import bucket
 from tokenmill.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -86,17 +87,13 @@ class DraftStepTimes:
         self.prior_s = prior_s
         self.seconds_by_bucket: dict[int, float] = {}
 
-    @staticmethod
-    def bucket(batch_size: int) -> int:
-        return max(batch_size, 1).bit_length()
-
     def observe(self, batch_size: int, seconds: float) -> None:
-        key = self.bucket(batch_size)
+        key = bucket(batch_size)
         old = self.seconds_by_bucket.get(key)
         self.seconds_by_bucket[key] = seconds if old is None else old + ALPHA * (seconds - old)
 
     def seconds(self, batch_size: int) -> float:
-        key = self.bucket(batch_size)
+        key = bucket(batch_size)
         if key in self.seconds_by_bucket:
             return self.seconds_by_bucket[key]
         if not self.seconds_by_bucket:

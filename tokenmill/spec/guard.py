@@ -11,12 +11,10 @@ prompt's).
 
 from __future__ import annotations
 
+from tokenmill.spec.cost import bucket
+
 EXPLORE = 32
 ALPHA = 0.1
-
-
-def bucket(batch_size: int) -> int:
-    return max(batch_size, 1).bit_length()  # 1, 2-3, 4-7, ...
 
 
 class ThroughputGuard:
