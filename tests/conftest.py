@@ -13,10 +13,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Under pytest-xdist (`make test` runs `-n 2`) the workers share the cores: each worker computes
-# on its share of threads, or the OpenMP threads of two workers spin against each other. OpenMP
-# reads OMP_NUM_THREADS once, when torch loads it; the servers and other subprocesses a test
-# starts keep every core (tests that time a server compare it with a much slower machine).
+# Under pytest-xdist (`make test` runs `-n 2`) the workers share the cores: each worker, and every
+# server or other subprocess a test starts (they inherit OMP_NUM_THREADS), computes on its share
+# of threads. More busy OpenMP threads than cores is a collapse, not a slowdown: a parallel region
+# waits for its descheduled thread, hundreds of times a step. Measured here, one chat request to
+# a two-thread server beside a busy process took 7-16 s; to a one-thread server, 0.7-1.1 s.
 _NUM_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _NUM_WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
     _threads = max(1, len(os.sched_getaffinity(0)) // _NUM_WORKERS)
@@ -24,7 +25,6 @@ if _NUM_WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
     import torch
 
     torch.set_num_threads(_threads)
-    del os.environ["OMP_NUM_THREADS"]
 
 # Under xdist (`--dist loadfile`: a module is one unit of work, so its fixtures load once) the
 # modules that run longest go first, so that no worker is left with a long one at the end while
@@ -72,15 +72,23 @@ def llm_fp32():
 
 
 @pytest.fixture(scope="session")
-def hf_reference(smollm_path):
+def hf_tokenizer(smollm_path):
+    """Hugging Face transformers' tokenizer of the bundled GGUF (~7 s; the model is ~20 s more)."""
+    from transformers import AutoTokenizer
+
+    folder, name = os.path.split(smollm_path)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+@pytest.fixture(scope="session")
+def hf_reference(smollm_path, hf_tokenizer):
     """Hugging Face transformers loading the same GGUF in float32: the reference."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder, name = os.path.split(smollm_path)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return model.eval(), tokenizer
+    return model.eval(), hf_tokenizer
 
 
 @pytest.fixture(scope="session")

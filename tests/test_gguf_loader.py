@@ -1,5 +1,5 @@
-"""GGUF loading: the bundled SmolLM2 and Gemma 3 against transformers, every dequantizer
-against gguf's reference, the Q/K unpermute, rope-scaling metadata, and the error paths."""
+"""GGUF loading: the bundled SmolLM2 against transformers, Gemma 3 from its metadata, every
+dequantizer against gguf's reference, the Q/K unpermute, rope-scaling metadata, and the error paths."""
 
 from __future__ import annotations
 
@@ -308,7 +308,7 @@ def test_gemma3_model_path_is_cached(gemma3_path):
 @requires_gemma3
 def test_gemma3_config_from_metadata(gemma3_path):
     # Checked by hand against the file's metadata and llama.cpp's Gemma 3 constants;
-    # test_gemma3_config_matches_transformers (slow) checks the same against transformers.
+    # test_gemma3_parity.py checks the same against transformers.
     arch = open_gguf(gemma3_path, with_tokenizer=False).arch
     assert arch.architecture == "gemma3"
     assert (arch.vocab_size, arch.hidden_size, arch.intermediate_size) == (262144, 640, 2048)
@@ -343,44 +343,3 @@ def test_gemma3_weights_names_shapes_and_norms(gemma3_path):
             assert torch.equal(tensor, stored - 1)
         seen.add(name)
     assert seen == set(expected_shapes)
-
-
-@requires_gemma3
-@pytest.mark.slow
-def test_gemma3_config_matches_transformers(gemma3_path, gemma3_hf_model):
-    ref = gemma3_hf_model.config  # what AutoConfig.from_pretrained reads from the GGUF
-    arch = open_gguf(gemma3_path, with_tokenizer=False).arch
-    for field in (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "sliding_window",
-        "max_position_embeddings",
-        "query_pre_attn_scalar",
-        "final_logit_softcapping",
-        "attn_logit_softcapping",
-        "tie_word_embeddings",
-    ):
-        assert getattr(arch, field) == getattr(ref, field), field
-    assert arch.hidden_act == ref.hidden_activation
-    assert arch.rope_theta == ref.rope_parameters["full_attention"]["rope_theta"]
-    assert arch.rope_local_base_freq == ref.rope_parameters["sliding_attention"]["rope_theta"]
-    sliding = [
-        "full_attention" if (i + 1) % arch.sliding_window_pattern == 0 else "sliding_attention"
-        for i in range(arch.num_hidden_layers)
-    ]
-    assert sliding == ref.layer_types
-
-
-@requires_gemma3
-@pytest.mark.slow
-def test_gemma3_weights_equal_transformers(gemma3_path, gemma3_hf_model):
-    ref_sd = gemma3_hf_model.state_dict()
-    ours = dict(open_gguf(gemma3_path, with_tokenizer=False).iter_weights(torch.float32))
-    assert set(ref_sd) - set(ours) == {"lm_head.weight"}
-    for name, tensor in ours.items():
-        assert torch.equal(tensor, ref_sd[name]), name

@@ -66,11 +66,11 @@ def _tiny_gemma3():
 
 
 @pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory, hf_reference):
+def llama_folder(tmp_path_factory, hf_tokenizer):
     folder = tmp_path_factory.mktemp("tiny_llama")
     model = _tiny_llama()
     model.save_pretrained(folder, safe_serialization=True)
-    hf_reference[1].save_pretrained(folder)
+    hf_tokenizer.save_pretrained(folder)
     return str(folder), model
 
 
@@ -103,10 +103,10 @@ def test_config_and_weights_load_identical(llama_folder):
     assert all(t.dtype == torch.bfloat16 for _, t in loaded.iter_weights(torch.bfloat16))
 
 
-def test_tokenizer_from_folder_equals_transformers(llama_folder, hf_reference):
+def test_tokenizer_from_folder_equals_transformers(llama_folder, hf_tokenizer):
     folder, _ = llama_folder
     tok = open_model(ModelConfig(model=folder)).tokenizer
-    reference = hf_reference[1]
+    reference = hf_tokenizer
     assert tok.bos_token_id == 1 and 2 in tok.eos_token_ids
     assert tok.vocab_size == 49152 and tok.all_special_ids == frozenset(range(17))
     for text in ("Hello world!", "<|im_start|>user\n中文 😀<|im_end|>", "x" * 50):
