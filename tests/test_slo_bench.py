@@ -13,6 +13,7 @@ from tokenmill.bench.serve_slo import (
     rate_sweep,
     saturation_rate,
     summarize_slo,
+    sweep_point,
     write_timeline,
 )
 from tokenmill.workload import ArrivalSpec
@@ -52,14 +53,23 @@ def test_timeline_rows_are_in_send_order(tmp_path):
 
 
 def test_r_sat_is_the_last_rate_kept_up_with():
-    def run_at(rate):  # a server that completes at most 3 req/s: 30 requests take >= 10 s
-        duration = 30 / min(rate, 3.0)
-        return LoadRun([served(0.1, 0.01)] * 30, duration_s=duration, max_in_flight=1)
+    def run_at(rate):  # 30 requests sent at `rate`; the server serves one at a time, 3 req/s
+        free, results = 0.0, []
+        for i in range(30):
+            sent = i / rate
+            begin = max(sent, free)
+            free = begin + 1 / 3
+            results.append(served(free - sent - 0.1, 0.01, start=sent))
+        return LoadRun(results, duration_s=free, max_in_flight=1)
 
     points = rate_sweep([4.0, 1.0, 2.0, 3.0, 6.0], run_at)
     assert [p.offered_rate for p in points] == [1.0, 2.0, 3.0, 4.0, 6.0]
     assert saturation_rate(points) == 3.0
     assert saturation_rate([SweepPoint(1.0, 0.5, 0, None, 1.0)]) is None
+    # A short run kept up with though each request takes 2 s: 5 requests at 1 req/s finish 1 s
+    # apart (5 / duration would say 0.83 req/s).
+    short = LoadRun([served(1.0, 0.1, start=float(i)) for i in range(5)], 6.0, 1)
+    assert sweep_point(1.0, short, None).keeps_up
 
 
 def test_bursty_arrivals_keep_the_mean_rate_and_cluster():

@@ -1,71 +1,34 @@
-"""Latency promises in the scheduler, with a cost model whose steps take exactly what it says.
-
-The step-time model is 16 ms + 1 ms per computed token, in units of 1/1024 s so that every sum
-is exact; `run_step` plays the runner: it advances the scheduler's clock by that same cost, so
-the predictor is right and every decision below follows from arithmetic on the model.
+"""Latency promises in the scheduler, with a cost model whose steps take exactly what it says
+(tests/slo_step_model.py: 16 ms + 1 ms per computed token, in units of 1/1024 s), so that every
+decision below follows from arithmetic on the model.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
+from tests.slo_step_model import (
+    BS,
+    MS,
+    STEP,
+    TOKEN,
+    ContextStepModel,
+    add,
+    make,
+    req,
+    run_step,
+)
 from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenmill.engine.interfaces import BaseRunner, RunnerOutput
-from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.llm_engine import LLMEngine
-from tokenmill.engine.request import Request, RequestStatus
-from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.request import RequestStatus
 from tokenmill.engine.slo_predictor import LinearStepModel, StepTimePredictor
 from tokenmill.errors import SloUnattainableError
 from tokenmill.perf.step_cost import BatchShape, RequestShape, request_shapes
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.workload.slo import SLO
-
-MS = 1 / 1024  # the model's unit: exact in binary
-STEP, TOKEN = 16 * MS, 1 * MS
-BS = 4
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make(policy="reject", budget=64, max_seqs=8, num_blocks=256, order="fcfs", **kw):
-    clock = Clock()
-    cfg = SchedulerConfig(
-        max_num_seqs=max_seqs, max_num_batched_tokens=budget, policy=order,
-        slo_policy=policy, **kw,
-    )  # fmt: skip
-    predictor = StepTimePredictor(LinearStepModel(STEP, TOKEN))
-    sched = Scheduler(cfg, KVCacheManager(num_blocks, BS), 512, predictor, clock)
-    return sched, clock
-
-
-def req(name, prompt_len, ttft=None, tpot=None, max_tokens=4, priority=0, arrival=0.0):
-    slo = SLO(ttft_s=ttft, tpot_s=tpot)
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    tokens = [hash(name) % 1000 + i for i in range(prompt_len)]
-    return Request(name, tokens, params, arrival_time=arrival, priority=priority, slo=slo)
-
-
-def add(sched, request):
-    sched.admit([request])
-    sched.add_request(request)
-    return request
-
-
-def run_step(sched, clock, slowdown=1.0) -> list[tuple[str, int]]:
-    """One step of the runner: it takes what the model says (times `slowdown`)."""
-    out = sched.schedule()
-    clock.now += (STEP + TOKEN * out.num_scheduled_tokens) * slowdown if out.scheduled else 0.0
-    sampled = {s.req_id: [7] for s in out.scheduled if s.do_sample}
-    sched.update_from_output(out, RunnerOutput(sampled=sampled))
-    sched.kv.check_invariants()
-    return [(s.req_id, len(s.token_ids)) for s in out.scheduled]
 
 
 def test_prompt_capacity_is_the_largest_chunk_within_the_tpot():
@@ -117,6 +80,38 @@ def test_prompt_chunks_shrink_so_decodes_keep_their_tpot():
     assert sched.slo_stats.attained[("tpot", "0")] == 4 and not sched.slo_stats.missed
 
 
+class RecordingModel(ContextStepModel):
+    """The runner's side: every step it ran, with its time."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[BatchShape, float]] = []
+
+    def seconds(self, batch: BatchShape) -> float:
+        seconds = super().seconds(batch)
+        self.steps.append((batch, seconds))
+        return seconds
+
+
+@pytest.mark.parametrize("share", [1.0, 0.8])
+def test_a_step_filled_to_the_tpot_never_passes_it_when_chunks_have_context(share):
+    # A chunk after c tokens of context costs c/128 ms a token more: sized as if it had none,
+    # a step filled to the cap runs over it. Steps are planned to `share` of the promise.
+    sched, clock = make(max_seqs=6, model=ContextStepModel(), slo_tpot_share=share)
+    runner, promised = RecordingModel(), 60 * MS
+    cap = promised * share
+    for step in range(600):
+        if step % 3 == 0:
+            with contextlib.suppress(SloUnattainableError):
+                add(sched, req(f"r{step}", 160, ttft=2.0, tpot=promised, max_tokens=24,
+                               arrival=clock.now))  # fmt: skip
+        run_step(sched, clock, model=runner)
+    with_decodes = [(b, s) for b, s in runner.steps if b.num_reqs > b.num_prefill_reqs]
+    mixed = [s for b, s in with_decodes if b.num_prefill_tokens]
+    assert len(mixed) > 100 and max(s for _, s in with_decodes) <= cap
+    assert sum(s > cap - 2 * MS for s in mixed) > len(mixed) / 2  # filled up to it
+    assert sched.slo_stats.attained[("tpot", "0")] > 50 and not sched.slo_stats.missed
+
+
 def test_a_promise_of_tpot_refuses_a_request_whose_decode_would_break_it():
     sched, clock = make()
     for i in range(4):
@@ -158,9 +153,10 @@ def test_queue_refuses_at_once_what_waiting_cannot_save_and_expires_the_late():
         if (new := sched.take_expired()) and expired_at is None:
             expired, expired_at = new, clock.now
     # Before a's n-th token (t = 48 ms + (n - 1) 34 ms) y's predicted first token is
-    # t + (40 - n) 18 ms (a's end, both decoding) + 25 ms (y's prompt): past 0.9 s from n = 11,
-    # seen once that step (a's 11th decode, 2 * 17 ms) has run.
-    assert expired == [y] and expired_at == 2 * (24 + 11 * 17) * MS
+    # t + (40 - n) 18 ms (a's end, both decoding) + 80 ms (y's prompt step, charged as a full
+    # one: a's decode and 63 prompt tokens, since prompts behind y would fill it): past 0.9 s
+    # from n = 7, seen once that step (a's 7th decode, 2 * 17 ms) has run.
+    assert expired == [y] and expired_at == 2 * (24 + 7 * 17) * MS
     assert y.status == RequestStatus.FINISHED_ABORTED
     assert y.stop_reason == "slo_unattainable"
     assert sched.slo_stats.refused == {"capacity": 1, "ttft_expired": 1}

@@ -15,13 +15,13 @@ import jsonschema
 import pytest
 import torch
 
-from tests.json_schemas import random_schema
 from tests.server_fixtures import MODEL_NAME, SHARED_ARGS, shared_server_fixture
 from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.default_model import default_model_path
 from tokenmill.loader.gguf_loader import open_gguf
 from tokenmill.structured.compiler import GrammarCompiler
 from tokenmill.structured.grammar import Grammar
+from tokenmill.structured.schema_gen import random_schema
 
 server = shared_server_fixture(*SHARED_ARGS)
 

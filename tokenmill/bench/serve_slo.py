@@ -7,13 +7,16 @@ finds a server's saturation rate R_sat.
     jitter     TPOT p99 / p50 of the admitted
 
 R_sat is the highest offered rate the server keeps up with: the largest swept rate whose
-completed request rate is at least `keep_up` (95%) of the offered one (for a run of N requests
-the completed rate is N / duration, which falls behind once the queue grows without bound).
+completion rate is at least 95% of the offered one. The completion rate is how fast requests
+finish, (N - 1) / (last finish - first finish): a server that keeps up finishes them as they are
+sent, one whose queue grows finishes them at its own service rate. (N / duration would count
+the last request's own latency against the rate, and fail a short run that kept up.)
 """
 
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -90,7 +93,7 @@ def write_timeline(results: Sequence[RequestResult], path: str, slo: SLO | None 
 @dataclass(frozen=True)
 class SweepPoint:
     offered_rate: float
-    completed_rate: float  # requests completed / duration
+    completed_rate: float  # how fast requests finished: (N - 1) / (last - first finish)
     num_refused: int
     goodput: float | None
     ttft_p50_ms: float
@@ -106,11 +109,17 @@ def sweep_point(rate: float, run: LoadRun, slo: SLO | None) -> SweepPoint:
     good = sum(meets_slo(r, slo) for r in done) / run.duration_s if slo else None
     return SweepPoint(
         offered_rate=rate,
-        completed_rate=len(done) / run.duration_s if run.duration_s > 0 else 0.0,
+        completed_rate=completion_rate(done),
         num_refused=sum(is_refused(r) for r in run.results),
         goodput=good,
         ttft_p50_ms=float(np.median(ttfts)) if ttfts else float("nan"),
     )
+
+
+def completion_rate(done: Sequence[RequestResult]) -> float:
+    finishes = sorted(r.start_s + r.latency_s for r in done)
+    span = finishes[-1] - finishes[0] if len(finishes) > 1 else 0.0
+    return (len(finishes) - 1) / span if span > 0 else 0.0
 
 
 def rate_sweep(
@@ -146,3 +155,89 @@ def format_sweep(points: Sequence[SweepPoint]) -> str:
 
 def sweep_json(points: Sequence[SweepPoint]) -> dict:
     return {"points": [asdict(p) for p in points], "r_sat": saturation_rate(points)}
+
+
+# ---- issue 14's targets: the policy against FCFS and llama-server on the same arrivals ----
+
+POLICY, FCFS, LLAMA = "policy", "fcfs", "llama.cpp"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float | None  # None: a run it needs was not made
+    bound: float
+    is_upper: bool = False  # True: value <= bound, else value >= bound
+
+    @property
+    def is_met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value <= self.bound if self.is_upper else self.value >= self.bound
+
+    def describe(self) -> str:
+        status = {True: "met", False: "MISSED", None: "not run"}[self.is_met]
+        value = "-" if self.value is None else f"{self.value:.2f}"
+        return f"{self.name} = {value} (target {'<=' if self.is_upper else '>='} {self.bound:g}): {status}"
+
+
+def goodput_ratio(num: SloSummary | None, den: SloSummary | None) -> float | None:
+    """num's goodput over den's (None: one was not run); inf when only num served anything
+    within the SLO, 0 when num served nothing within it."""
+    if num is None or den is None:
+        return None
+    if num.goodput == 0:
+        return 0.0
+    return num.goodput / den.goodput if den.goodput > 0 else math.inf
+
+
+def overload_targets(runs: dict[str, SloSummary]) -> list[Target]:
+    """At 1.5 x R_sat, bursty: goodput >= 2x FCFS and >= 3x llama-server, >= 99% of the admitted
+    within the SLO, TPOT p99/p50 <= 1.5."""
+    policy = runs.get(POLICY)
+    return [
+        Target("goodput(policy)/goodput(FCFS)", goodput_ratio(policy, runs.get(FCFS)), 2.0),
+        Target(
+            "goodput(policy)/goodput(llama-server)", goodput_ratio(policy, runs.get(LLAMA)), 3.0
+        ),
+        Target("admitted meeting SLO (policy)", policy and policy.admitted_meeting_slo, 0.99),
+        Target("TPOT p99/p50 (policy)", policy and policy.tpot_jitter, 1.5, is_upper=True),
+    ]
+
+
+def underload_targets(runs: dict[str, SloSummary]) -> list[Target]:
+    """At 0.8 x R_sat: >= 95% of all requests within the SLO (nothing servable refused), TPOT
+    p99/p50 <= 1.5; the goodput ratios are shown without a target."""
+    policy = runs.get(POLICY)
+    return [
+        Target("all meeting SLO (policy)", policy and policy.all_meeting_slo, 0.95),
+        Target("TPOT p99/p50 (policy)", policy and policy.tpot_jitter, 1.5, is_upper=True),
+    ]
+
+
+def format_rate_table(title: str, runs: dict[str, SloSummary], targets: list[Target]) -> str:
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    lines = [
+        f"### {title}", "",
+        "| server | admitted | refused | % admitted meeting SLO | % all meeting SLO "
+        "| goodput req/s | TPOT p50 ms | TPOT p99 ms | p99/p50 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for name, s in runs.items():
+        lines.append(
+            f"| {name} | {s.num_admitted} | {s.num_refused} | {100 * s.admitted_meeting_slo:.1f} "
+            f"| {100 * s.all_meeting_slo:.1f} | {s.goodput:.3f} | {num(s.tpot_p50_ms, '.1f')} "
+            f"| {num(s.tpot_p99_ms, '.1f')} | {num(s.tpot_jitter, '.2f')} |"
+        )
+    ratios = (("FCFS", FCFS), ("llama-server", LLAMA))
+    shown = {t.name for t in targets}
+    lines.append("")
+    for label, name in ratios:
+        key = f"goodput(policy)/goodput({label})"
+        if key not in shown:
+            ratio = goodput_ratio(runs.get(POLICY), runs.get(name))
+            lines.append(f"- {key} = {num(ratio, '.2f')} (no target at this rate)")
+    lines += [f"- {t.describe()}" for t in targets]
+    return "\n".join(lines)

@@ -6,6 +6,7 @@ import argparse
 
 from tokenmill.config import (
     KV_CACHE_DTYPES,
+    SLO_POLICIES,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -52,10 +53,15 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
         "{\"ttft_ms\", \"tpot_ms\"}), e.g. ttft=2s,tpot=100ms",
     )  # fmt: skip
     group.add_argument(
-        "--slo-policy", default=None, choices=["off", "reject", "queue", "best-effort"],
+        "--slo-policy", default=None, choices=SLO_POLICIES,
         help="a request the step-time predictor says cannot meet its SLO is refused at once "
         "(reject: 429 + Retry-After), waits while its TTFT still can be met (queue), or is "
         "served without a promise (best-effort); off: FCFS. Default: reject with --slo, else off",
+    )  # fmt: skip
+    group.add_argument(
+        "--slo-tpot-share", type=float, default=0.85, metavar="F",
+        help="steps are planned to this share of the tightest promised TPOT, leaving the rest "
+        "for step-time noise (default 0.85; 1.0: to the promise exactly)",
     )  # fmt: skip
     group.add_argument(
         "--speculative-config", default=None, metavar="JSON",
@@ -82,7 +88,9 @@ def engine_config_from_args(args: argparse.Namespace, **scheduler_overrides) -> 
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             policy=args.scheduling_policy, slo=getattr(args, "slo", None),
-            slo_policy=_slo_policy(args), **scheduler_overrides,
+            slo_policy=_slo_policy(args),
+            slo_tpot_share=getattr(args, "slo_tpot_share", SchedulerConfig.slo_tpot_share),
+            **scheduler_overrides,
         ),
         attention_backend=args.attention_backend,
         speculative_config=getattr(args, "speculative_config", None),

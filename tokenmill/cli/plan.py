@@ -5,6 +5,8 @@
     tokenmill plan --model llama-3.1-70b --compare h100,h200,groq-lpu,cerebras-wse3 --rate 4
     tokenmill plan --model llama-3.1-70b --hardware h100 --size --rate 20 \\
                    --slo ttft=2s,tpot=50ms                  # fewest chips meeting it, ranked by $
+    tokenmill plan --model llama-3.1-8b --hardware h100 --rate 40 --slo ttft=2s,tpot=100ms \\
+                   --slo-policy reject       # the engine's admission: refused share, goodput
     tokenmill plan --model llama-3.1-70b --sweep concurrency=1,4,16,64,256 \\
                    --compare h100x8,groq-lpu,cerebras-wse3  # the crossover chart
     tokenmill plan --list [--verbose]                   # --verbose: every guessed/fitted figure
@@ -21,6 +23,7 @@ import math
 
 from tokenmill.cli import plan_calibrate, plan_validate
 from tokenmill.cli.plan_compare import DEFAULT_PLOT
+from tokenmill.config import SLO_POLICIES
 from tokenmill.errors import ConfigError
 
 SEARCH_OPEN_SAMPLE = 128  # measured requests per simulation when a search runs many
@@ -63,16 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chips", type=int, help="chips per replica (default: the fewest that fit)")
     p.add_argument("--tp", type=int, help="tensor-parallel width")
     p.add_argument("--replicas", type=int, default=1, help="identical replicas sharing the load")
-    p.add_argument(
-        "--slo", help="e.g. ttft=500ms,tpot=50ms[,itl=..,e2e=..,tok_s_per_user=..][,pct=99]"
-    )
-    p.add_argument("--spec-decode", help=SPEC_DECODE_HELP)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-seqs", type=int, help="sequences the placement must hold KV for")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-jitter", action="store_true", help="no step-time jitter on GPUs/CPUs")
+    _add_engine_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument(
         "--plot", default=None, help=f"Pareto plot file for --compare ({DEFAULT_PLOT}; 'none')"
@@ -86,6 +80,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     modes = p.add_subparsers(dest="plan_mode", metavar="{calibrate,validate}")
     plan_calibrate.register(modes)
     plan_validate.register(modes)
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    """What the simulated engine is told: targets, latency promises, scheduler knobs."""
+    p.add_argument(
+        "--slo", help="e.g. ttft=500ms,tpot=50ms[,itl=..,e2e=..,tok_s_per_user=..][,pct=99]"
+    )
+    p.add_argument(
+        "--slo-policy", default="off", choices=SLO_POLICIES,
+        help="simulate the engine's latency promises for --slo, as `tokenmill serve "
+        "--slo-policy`: reject | queue | best-effort; off (default): no admission control",
+    )  # fmt: skip
+    p.add_argument("--spec-decode", help=SPEC_DECODE_HELP)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-seqs", type=int, help="sequences the placement must hold KV for")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-jitter", action="store_true", help="no step-time jitter on GPUs/CPUs")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,6 +181,7 @@ def _plan_request(args: argparse.Namespace):
         tp=args.tp,
         replicas=args.replicas,
         slo=_parse_slo(args.slo) if args.slo else None,
+        slo_policy=args.slo_policy,
         spec=_parse_spec_decode(args.spec_decode) if args.spec_decode else None,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -12,15 +12,15 @@ new requests back until it ends, and a running prompt chunk always leaves one to
 decode behind it.
 
 With latency promises on (`slo_policy`, engine/slo_admission.py), requests are ordered earliest
-deadline first, a step's prompt tokens are capped so its predicted time keeps every promised
-decode within its TPOT (prompt chunks shrink, decodes never wait), only promised or best-effort
-requests that fit join the batch, and a promised waiting request may preempt running requests
-of a lower class (each at most `max_priority_preemptions` times).
+deadline first (no long-prefill share: a running prompt is not cut for later deadlines), each
+prompt chunk is capped so the step's predicted time, the chunk at its own context, keeps every
+promised decode within its TPOT (prompt chunks shrink, decodes never wait), only promised or
+best-effort requests that fit join the batch, and a promised waiting request may preempt
+running requests of a lower class (each at most `max_priority_preemptions` times).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -34,7 +34,7 @@ from tokenmill.engine.interfaces import (
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.request_queue import RequestQueue
-from tokenmill.engine.slo_admission import SloController, in_prefill
+from tokenmill.engine.slo_admission import PromptBudget, SloController, in_prefill
 from tokenmill.engine.slo_predictor import StepTimePredictor
 from tokenmill.engine.slo_stats import SloStats
 
@@ -58,7 +58,7 @@ class Scheduler:
             self.slo = SloController(config, predictor, clock, self.slo_stats)
         self.requests: dict[str, Request] = {}
         self.waiting = RequestQueue(config.policy, deadline_first=self.slo is not None)
-        self._prompt_budget = math.inf  # prompt tokens the current step may still compute
+        self._prompt_budget: PromptBudget | None = None  # this step's chunks under a TPOT
         self._expired: list[Request] = []  # queued requests whose TTFT can no longer be met
         self.running: list[Request] = []
         self._finished_ids: list[str] = []  # to tell the runner at the next step
@@ -169,7 +169,7 @@ class Scheduler:
             num_new = request.num_tokens - request.num_computed_tokens - num_hit
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break
-            num_new = self._cap_prompt_chunk(request, min(num_new, budget))
+            num_new = self._cap_prompt_chunk(request, min(num_new, budget), num_hit)
             if num_new <= 0:
                 break  # this step's prompt tokens are spent
             if self.kv.allocate_slots(request, num_new, computed_blocks) is None:
@@ -201,7 +201,7 @@ class Scheduler:
     def _begin_slo_step(self) -> None:
         """Promise or expire queued requests, preempt for a promised one of a higher class, and
         size this step's prompt tokens."""
-        self._prompt_budget = math.inf
+        self._prompt_budget = None
         if self.slo is None:
             return
         expired = self.slo.review_waiting(self)
@@ -216,10 +216,13 @@ class Scheduler:
                 self._preempt(victim)
         self._prompt_budget = self.slo.prompt_budget(self.running)
 
-    def _cap_prompt_chunk(self, request: Request, num_new: int) -> int:
-        if num_new <= 1 or not in_prefill(request):
+    def _cap_prompt_chunk(self, request: Request, num_new: int, num_hit: int = 0) -> int:
+        """The prompt tokens that keep this step within the promised TPOT, predicted at the
+        chunk's own context (its computed tokens and prefix-cache hit)."""
+        if self._prompt_budget is None or num_new <= 0:
             return num_new
-        return int(min(num_new, self._prompt_budget))
+        num_context = request.num_computed_tokens + num_hit
+        return self._prompt_budget.cap_chunk(request, num_new, num_context)
 
     def update_from_output(
         self, sched_out: SchedulerOutput, runner_out: RunnerOutput
@@ -265,7 +268,10 @@ class Scheduler:
         num_new = min(num_new, self.max_model_len - request.num_computed_tokens)
         if not self.config.enable_chunked_prefill and num_new > budget:
             return 0
-        if self.waiting and len(self.running) < self.config.max_num_seqs and in_prefill(request):
+        # Under latency promises prompts are served earliest deadline first, as admission
+        # predicts: a share of the step for the waiting would hand it to later deadlines.
+        is_sharing = self.slo is None and self.waiting
+        if is_sharing and len(self.running) < self.config.max_num_seqs and in_prefill(request):
             num_new = min(num_new, self._long_prefill_cap())
         return self._cap_prompt_chunk(request, min(num_new, budget))
 
@@ -295,8 +301,8 @@ class Scheduler:
             )
         start = request.num_computed_tokens
         end = start + num_new
-        if in_prefill(request):
-            self._prompt_budget -= num_new
+        if self._prompt_budget is not None:
+            self._prompt_budget.take(request, start, num_new)
         known_end = min(end, request.num_tokens)
         token_ids = request.all_token_ids[start:known_end]
         spec = request.spec_token_ids[: end - known_end] if end > request.num_tokens else []

@@ -3,15 +3,21 @@ step-time predictor, it and every request already promised still meet their targ
 
 The model behind every decision is the scheduler's own step, seen as a fluid:
 
-    step = [ one decode token per running request | a prompt chunk of k tokens ]
-    k    = the largest chunk whose predicted step time stays within the tightest TPOT promised
-           (the whole token budget when no TPOT is promised)
+    step = [ one decode token per request, at its last token's context | k prompt tokens ]
+    k    = the largest chunk whose predicted step stays within the tightest TPOT promised (the
+           whole token budget when no TPOT is promised), predicted at the most context a chunk
+           can have: the longest pending prompt
+    a step is charged the TPOT when it cuts k (the scheduler fills every step up to it, and a
+    chunk at its real, smaller context is larger), else the predicted step
 
-Prompts are served earliest deadline first, k tokens a step, so the j-th pending prompt (by
-TTFT deadline) gets its first token after ceil(prompt tokens up to j / k) steps. A candidate
-is admissible when every request whose deadline is not earlier than its own (those it delays)
+Each bound is one a real step cannot pass with an exact predictor, so the model is right by
+construction, not by a margin. Prompts are served in the scheduler's order (running prompts,
+then waiting ones earliest deadline first), k tokens a step, and a prompt's last step is a full
+one (the prompts behind it fill it): the j-th pending prompt gets its first token after
+ceil(prompt tokens up to j / k) steps. A candidate is admissible when every request it delays
 still finishes its prompt by its deadline, k stays >= 1 with it decoding too (TPOT), and a
-sequence slot and KV blocks for its prompt are free (capacity).
+sequence slot and KV blocks for its prompt are free (capacity). The scheduler sizes each real
+chunk by the same prediction at the chunk's own context (`PromptBudget`).
 
 What happens to one that is not, per `slo_policy`:
     reject       refused at once: SloUnattainableError, the server's 429 with Retry-After
@@ -37,7 +43,7 @@ if TYPE_CHECKING:
     from tokenmill.engine.request import Request
     from tokenmill.engine.scheduler import Scheduler
 
-MIN_PROMPT_CHUNK = 16  # prompt tokens a step still gets when decodes alone exceed their TPOT
+MIN_PROMPT_CHUNK = 16  # prompt tokens a step still gets when nothing fits beside its decodes
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,66 @@ def in_prefill(request: Request) -> bool:
 
 
 def decode_shapes(requests: list[Request]) -> list[RequestShape]:
-    return [RequestShape(1, r.num_tokens - 1) for r in requests]
+    """Each request decoding at the most context it will have: its last token's step (its
+    context now when it has no max_tokens)."""
+    shapes = []
+    for r in requests:
+        max_tokens = r.sampling_params.max_tokens
+        num_left = 0 if max_tokens is None else max(max_tokens - r.num_output_tokens - 1, 0)
+        shapes.append(RequestShape(1, r.num_tokens - 1 + num_left))
+    return shapes
+
+
+def chunk_context(requests: list[Request]) -> int:
+    """The context the fluid model's chunk is predicted at: the longest pending prompt, more
+    than any chunk of any of them attends to, alone or split across prompts in one step."""
+    return max((r.num_tokens for r in requests if in_prefill(r)), default=0)
+
+
+class PromptBudget:
+    """One step's prompt chunks under a promised TPOT: each chunk is the largest whose predicted
+    step (the step's decodes, the chunks granted before it and itself, each at its real
+    context, sampling or not) stays within the cap: the step the runner gets is the step
+    predicted."""
+
+    def __init__(self, predictor: StepTimePredictor, decoding: list[Request], cap: float) -> None:
+        self.predictor, self.cap = predictor, cap
+        self.decoding_ids = {r.request_id for r in decoding}
+        # (1 + drafts, context, 1 + drafts): RequestShape.of a decode as it will be scheduled.
+        self.shapes = [
+            RequestShape(1 + len(r.spec_token_ids), r.num_tokens - 1, 1 + len(r.spec_token_ids))
+            for r in decoding
+        ]
+        self.num_prompt_tokens = 0
+
+    def cap_chunk(self, request: Request, num_new: int, num_context: int) -> int:
+        """How many of `num_new` prompt tokens after `num_context` fit. When none does and the
+        step has no prompt tokens yet (the decodes alone are predicted over the cap),
+        MIN_PROMPT_CHUNK, so that prompts still progress."""
+        if request.request_id in self.decoding_ids:
+            return num_new
+
+        def fits(n: int) -> bool:
+            chunk = RequestShape(n, num_context, int(num_context + n >= request.num_tokens))
+            return self.predictor.predict_shapes([*self.shapes, chunk]) <= self.cap
+
+        if fits(num_new):
+            return num_new
+        lo, hi = 0, num_new - 1  # the predicted step grows with the chunk: bisect
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        if lo == 0 and self.num_prompt_tokens == 0:
+            return min(num_new, MIN_PROMPT_CHUNK)
+        return lo
+
+    def take(self, request: Request, num_computed: int, num_new: int) -> None:
+        """A chunk was scheduled: later chunks of the step are predicted beside it."""
+        if request.request_id in self.decoding_ids:
+            return
+        is_last = num_computed + num_new >= request.num_tokens
+        self.shapes.append(RequestShape(num_new, num_computed, int(is_last)))
+        self.num_prompt_tokens += num_new
 
 
 class SloController:
@@ -69,53 +134,56 @@ class SloController:
         self.max_priority_preemptions = config.max_priority_preemptions
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_num_seqs = config.max_num_seqs
+        self.tpot_share = config.slo_tpot_share
         self.predictor = predictor
         self.clock = clock
         self.stats = stats
 
     # ---- the fluid model ---------------------------------------------------------------
 
-    def prompt_capacity(self, decodes: list[RequestShape], tpot_cap: float | None):
-        """(k, step seconds): the largest prompt chunk that keeps the predicted step within
-        `tpot_cap` beside `decodes`, and that step's predicted time. k = 0: decodes alone
-        exceed the cap."""
+    def prompt_capacity(
+        self, decodes: list[RequestShape], tpot_cap: float | None, num_context: int = 0
+    ) -> tuple[int, float]:
+        """(k, step seconds) of the fluid model: the largest prompt chunk, after `num_context`
+        tokens, that keeps the predicted step within `tpot_cap` beside `decodes`, and what a
+        step is charged: the cap when it cuts the chunk, else the predicted step. k = 0:
+        nothing fits beside the decodes."""
         predict = self.predictor.predict_shapes
+
+        def step_s(n: int) -> float:
+            return predict([*decodes, RequestShape(n, num_context)])
+
         limit = self.max_num_batched_tokens - len(decodes)
         if limit <= 0:
             return 0, predict(decodes)
-        if tpot_cap is None:
-            return limit, predict([*decodes, RequestShape(limit, 0, 0)])
-        if predict([*decodes, RequestShape(1, 0, 0)]) > tpot_cap:
+        if tpot_cap is None or step_s(limit) <= tpot_cap:
+            return limit, step_s(limit)
+        if step_s(1) > tpot_cap:
             return 0, predict(decodes)
         lo, hi = 1, limit  # predicted time grows with the chunk: bisect for the largest that fits
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if predict([*decodes, RequestShape(mid, 0, 0)]) <= tpot_cap:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo, predict([*decodes, RequestShape(lo, 0, 0)])
-
-    def prompt_time(self, num_tokens: int, decodes: list[RequestShape], k: int, step_s: float):
-        """Predicted time to compute `num_tokens` prompt tokens k a step beside `decodes`."""
-        num_full, rest = divmod(num_tokens, k)
-        last = self.predictor.predict_shapes([*decodes, RequestShape(rest, 0, 0)]) if rest else 0
-        return num_full * step_s + last
+            lo, hi = (mid, hi) if step_s(mid) <= tpot_cap else (lo, mid - 1)
+        return lo, tpot_cap
 
     @staticmethod
-    def tpot_cap(requests: list[Request]) -> float | None:
-        caps = [r.slo.tpot_s for r in requests if not r.is_best_effort and r.slo.tpot_s]
-        return min(caps, default=None)
+    def prompt_time(num_tokens: int, k: int, step_s: float) -> float:
+        """Predicted time to compute `num_tokens` prompt tokens, k a step. The last step is a
+        full one: the prompts behind fill it (and when none does, it is shorter)."""
+        return -(-num_tokens // k) * step_s
 
-    def prompt_budget(self, running: list[Request]) -> float:
-        """Prompt tokens this step may compute so that the decodes promised a TPOT stay in it."""
-        promised = [r for r in running if r.is_promised]
-        cap = self.tpot_cap(promised)
+    def tpot_cap(self, requests: list[Request]) -> float | None:
+        """The step time planned for: the tightest TPOT promised, times slo_tpot_share."""
+        caps = [r.slo.tpot_s for r in requests if not r.is_best_effort and r.slo.tpot_s]
+        return min(caps) * self.tpot_share if caps else None
+
+    def prompt_budget(self, running: list[Request]) -> PromptBudget | None:
+        """This step's prompt chunks, sized so that the decodes promised a TPOT stay in it
+        (None: no TPOT is promised, no cap)."""
+        cap = self.tpot_cap([r for r in running if r.is_promised])
         if cap is None:
-            return math.inf
-        decoding = [r for r in running if not in_prefill(r)]
-        k, _ = self.prompt_capacity(decode_shapes(decoding), cap)
-        return max(k, MIN_PROMPT_CHUNK)
+            return None
+        return PromptBudget(self.predictor, [r for r in running if not in_prefill(r)], cap)
 
     # ---- classes and priority preemption ------------------------------------------------
 
@@ -154,7 +222,8 @@ class SloController:
         if len(running) >= self.max_num_seqs or not has_blocks:
             return False
         cap = self.tpot_cap([r for r in running if r.is_promised] + [request])
-        return self.prompt_capacity(decode_shapes([*running, request]), cap)[0] >= 1
+        everyone = [*running, request]
+        return self.prompt_capacity(decode_shapes(everyone), cap, chunk_context(everyone))[0] >= 1
 
     # ---- decisions ---------------------------------------------------------------------
 
@@ -165,8 +234,7 @@ class SloController:
         promised_waiting = [r for r in scheduler.waiting if r.is_promised]
         everyone = [*running, *promised_waiting, *candidates]
         cap = self.tpot_cap([r for r in everyone if r.is_promised or r in candidates])
-        decodes = decode_shapes(everyone)
-        k, step_s = self.prompt_capacity(decodes, cap)
+        k, step_s = self.prompt_capacity(decode_shapes(everyone), cap, chunk_context(everyone))
         slots = len(running) + len(promised_waiting) + len(candidates) > self.max_num_seqs
         if slots or not self._blocks_fit(scheduler, [*promised_waiting, *candidates]):
             return AdmissionDecision(
@@ -174,33 +242,40 @@ class SloController:
             )
         if k < 1:
             return AdmissionDecision(False, "tpot", self._time_to_free_seat(everyone, candidates))
-        return self._check_ttft(everyone, candidates, decodes, k, step_s)
+        pending = self._service_order(running, [*promised_waiting, *candidates])
+        return self._check_ttft(pending, candidates, k, step_s)
+
+    def _service_order(self, running: list[Request], waiting: list[Request]) -> list[Request]:
+        """Pending prompts in the order the scheduler serves them: the running ones, then the
+        waiting ones, each earliest deadline first."""
+
+        def key(r: Request) -> tuple:
+            return r.deadline_key(self.by_priority)
+
+        return [
+            *sorted((r for r in running if in_prefill(r)), key=key),
+            *sorted((r for r in waiting if in_prefill(r)), key=key),
+        ]
 
     def _check_ttft(
-        self,
-        everyone: list[Request],
-        candidates: list[Request],
-        decodes: list[RequestShape],
-        k: int,
-        step_s: float,
+        self, pending: list[Request], candidates: list[Request], k: int, step_s: float
     ) -> AdmissionDecision:
         now = self.clock()
-        pending = sorted((r for r in everyone if in_prefill(r)), key=lambda r: r.deadline)
-        first_deadline = min(r.deadline for r in candidates)
         tokens = others = 0
+        is_delayed = False  # served after a candidate
         for r in pending:
             num = r.num_tokens - r.num_computed_tokens
             tokens += num
             others += 0 if r in candidates else num
-            if r.deadline < first_deadline or math.isinf(r.deadline):
+            is_delayed = is_delayed or r in candidates
+            if not is_delayed or math.isinf(r.deadline):
                 continue  # not delayed by the candidates / no first-token promise
-            finish = now + self.prompt_time(tokens, decodes, k, step_s)
-            finish_without = now + self.prompt_time(others, decodes, k, step_s)
+            finish = now + self.prompt_time(tokens, k, step_s)
+            finish_without = now + self.prompt_time(others, k, step_s)
             if finish > r.deadline and (r in candidates or finish_without <= r.deadline):
                 backlog = sum(q.num_tokens - q.num_computed_tokens for q in pending)
                 backlog -= sum(q.num_tokens - q.num_computed_tokens for q in candidates)
-                retry_s = self.prompt_time(backlog, decodes, k, step_s)
-                return AdmissionDecision(False, "ttft", retry_s)
+                return AdmissionDecision(False, "ttft", self.prompt_time(backlog, k, step_s))
         return AdmissionDecision(True)
 
     def _blocks_fit(self, scheduler: Scheduler, waiting: list[Request]) -> bool:
@@ -226,11 +301,11 @@ class SloController:
             return True
         cap = self.tpot_cap([*scheduler.running, request])
         decodes = decode_shapes([r for r in scheduler.running if not in_prefill(r)])
-        k, step_s = self.prompt_capacity(decodes, cap)
+        k, step_s = self.prompt_capacity(decodes, cap, request.num_tokens)
         if k < 1:
             return False
         num_tokens = request.num_tokens - request.num_computed_tokens
-        prompt_s = self.prompt_time(num_tokens, decodes, k, step_s)
+        prompt_s = self.prompt_time(num_tokens, k, step_s)
         return self.clock() + delay_s + prompt_s <= request.deadline
 
     # ---- the policy ----------------------------------------------------------------------
@@ -288,4 +363,6 @@ class SloController:
             return False
         everyone = [*scheduler.running, request]
         cap = self.tpot_cap([r for r in scheduler.running if r.is_promised])
-        return cap is None or self.prompt_capacity(decode_shapes(everyone), cap)[0] >= 1
+        if cap is None:
+            return True
+        return self.prompt_capacity(decode_shapes(everyone), cap, chunk_context(everyone))[0] >= 1

@@ -2,9 +2,11 @@
 
 TTFT: send -> first token. TPOT: (finish - first token) / (output tokens - 1), per request.
 ITL: gaps between a request's successive token-bearing steps. E2E: send -> finish. Throughput
-over the run's duration (first send at 0 to last finish). Goodput: requests per second that met
-every per-request target. A run meets the SLO (tokenmill.workload.slo) when at least the SLO's
-percentile of requests met every target.
+over the run's duration (first send at 0 to last finish). Goodput: requests (and their output
+tokens) per second that met every per-request target. A run meets the SLO (tokenmill.workload.slo)
+when at least the SLO's percentile of requests met every target. Under latency promises
+(plan/simulate.py) a refused request has no latencies and counts as one that missed: attainment
+is given of the admitted and of all requests, and the verdict is on all of them.
 
 A steady-state open-loop run (plan/load.py) measures a window: latencies of the requests sent in
 it, throughput as the output tokens produced during it over its length, and `offered_tok_s`, the
@@ -14,6 +16,7 @@ than it is offered is overloaded: its queue grows with the run and its latencies
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,12 +68,19 @@ class SimMetrics:
     input_tok_s: float
     request_s: float
     per_user_tok_s: float  # 1 / median TPOT: a user's streaming speed
-    goodput_req_s: float | None
-    slo_attainment: float | None  # fraction of requests within every target
-    meets_slo: bool | None
     num_preemptions: int
     offered_tok_s: float | None = None  # open loop: output tokens asked for per second
     is_overloaded: bool = False  # open loop: produced less than was sent in the window
+    num_refused: int = 0  # latency promises: refused at once or expired in the queue
+    goodput_req_s: float | None = None  # requests/s within every target
+    goodput_tok_s: float | None = None  # their output tokens/s
+    slo_attainment: float | None = None  # share of all requests (refused too) within every target
+    slo_attainment_admitted: float | None = None  # share of the requests served
+    meets_slo: bool | None = None
+
+    @property
+    def refused_share(self) -> float:
+        return self.num_refused / max(self.num_requests + self.num_refused, 1)
 
 
 def _tokens_in(rec: RequestRecord, start: float, end: float) -> float:
@@ -83,16 +93,20 @@ def _tokens_in(rec: RequestRecord, start: float, end: float) -> float:
 
 
 def _waiting(records: Sequence[RequestRecord], t: float) -> int:
-    """Requests sent by `t` that had not started yet (no first token) at `t`."""
-    return sum(
-        1 for r in records if r.sent_s <= t and (r.first_token_s is None or r.first_token_s > t)
-    )
+    """Requests sent by `t` that had not started (no first token) nor been refused at `t`."""
+
+    def started_s(r: RequestRecord) -> float:
+        start = r.finish_s if r.is_refused else r.first_token_s
+        return math.inf if start is None else start
+
+    return sum(1 for r in records if r.sent_s <= t < started_s(r))
 
 
 def _latency_grows(records: Sequence[RequestRecord]) -> bool:
     """Whether the last quarter of the measured requests waited clearly longer than the first:
     a growing queue, rather than a window that by chance saw more arrivals than it finished."""
-    done = sorted((r for r in records if r.finish_s is not None), key=lambda r: r.sent_s)
+    done = sorted((r for r in records if r.finish_s is not None and not r.is_refused),
+                  key=lambda r: r.sent_s)  # fmt: skip
     quarter = len(done) // 4
     if quarter < 2:
         return True
@@ -142,12 +156,15 @@ def summarize(
 ) -> SimMetrics:
     """Metrics of the requests in `measured` (indices in arrival order; default all); with
     `window_s`, throughput is what was produced in that window. `nominal_tok_s` (input, output
-    tokens/s the arrival rate offers on average): a run that keeps up reports these, since in
-    the steady state a deployment that keeps up produces what it is offered; the window's own
-    count differs from them only by the sampling noise of its arrivals."""
-    recs = [r for r in result.records if r.finish_s is not None]
+    tokens/s the arrival rate offers on average): a run that keeps up reports these (less the
+    share of tokens refused), since in the steady state a deployment that keeps up produces what
+    it is offered; the window's own count differs from them only by the noise of its arrivals.
+    Refused requests (latency promises) have no latencies and count as missing the SLO."""
+    ended = [r for r in result.records if r.finish_s is not None]
     if measured is not None:
-        recs = [r for r in recs if int(r.req_id) in measured]
+        ended = [r for r in ended if int(r.req_id) in measured]
+    recs = [r for r in ended if not r.is_refused]
+    refused = [r for r in ended if r.is_refused]
     itls_by_req = [np.diff(r.token_event_s) if len(r.token_event_s) > 1 else [] for r in recs]
     ttft = stats([r.first_token_s - r.sent_s for r in recs])
     tpot = stats([t for t in map(_tpot, recs) if t is not None])
@@ -157,21 +174,12 @@ def summarize(
     rates = (in_tokens / duration, out_tokens / duration, None, False)
     if window_s is not None:
         duration = max(window_s[1] - window_s[0], 1e-12)
-        rates = _window_rates(result, window_s, in_tokens, out_tokens, nominal_tok_s)
+        served = _served_nominal(nominal_tok_s, recs, refused)
+        rates = _window_rates(result, window_s, in_tokens, out_tokens, served)
+        if nominal_tok_s is not None:
+            rates = (*rates[:2], nominal_tok_s[1], rates[3])  # offered: refused ones too
     in_rate, out_rate, offered, overloaded = rates
-    goodput = attainment = meets = None
-    if slo is not None:
-        ok = [
-            slo.is_met(
-                r.first_token_s - r.sent_s, _tpot(r), float(np.max(i)) if len(i) else None,
-                r.finish_s - r.sent_s,
-            )
-            for r, i in zip(recs, itls_by_req, strict=True)
-        ]  # fmt: skip
-        attainment = sum(ok) / max(len(ok), 1)
-        goodput = sum(ok) / duration
-        # An overloaded deployment misses whatever its first requests saw: its queue grows.
-        meets = attainment >= slo.percentile / 100 - 1e-9 and not overloaded
+    verdict = _slo_verdict(slo, recs, itls_by_req, len(refused), duration, overloaded)
     return SimMetrics(
         num_requests=len(recs),
         duration_s=result.duration_s,
@@ -185,10 +193,55 @@ def summarize(
         input_tok_s=in_rate,
         request_s=len(recs) / duration,
         per_user_tok_s=1.0 / tpot.median if tpot.median > 0 else 0.0,
-        goodput_req_s=goodput,
-        slo_attainment=attainment,
-        meets_slo=meets,
         num_preemptions=result.num_preemptions,
         offered_tok_s=offered,
         is_overloaded=overloaded,
+        num_refused=len(refused),
+        **verdict,
     )
+
+
+def _served_nominal(
+    nominal_tok_s: tuple[float, float] | None,
+    served: Sequence[RequestRecord],
+    refused: Sequence[RequestRecord],
+) -> tuple[float, float] | None:
+    """The nominal (input, output) tokens/s less the share of them that was refused."""
+    if nominal_tok_s is None or not refused:
+        return nominal_tok_s
+    shares = (
+        sum(getattr(r, key) for r in served)
+        / max(sum(getattr(r, key) for r in (*served, *refused)), 1)
+        for key in ("prompt_len", "output_len")
+    )
+    return tuple(n * share for n, share in zip(nominal_tok_s, shares, strict=True))
+
+
+def _slo_verdict(
+    slo: SLO | None,
+    recs: Sequence[RequestRecord],
+    itls_by_req: Sequence,
+    num_refused: int,
+    duration: float,
+    overloaded: bool,
+) -> dict:
+    """Goodput, attainment and the verdict; a refused request is one that missed."""
+    if slo is None:
+        return {}
+    ok = [
+        slo.is_met(
+            r.first_token_s - r.sent_s, _tpot(r), float(np.max(i)) if len(i) else None,
+            r.finish_s - r.sent_s,
+        )
+        for r, i in zip(recs, itls_by_req, strict=True)
+    ]  # fmt: skip
+    attainment = sum(ok) / max(len(ok) + num_refused, 1)
+    return {
+        "goodput_req_s": sum(ok) / duration,
+        "goodput_tok_s": sum(r.output_len for r, good in zip(recs, ok, strict=True) if good)
+        / duration,
+        "slo_attainment": attainment,
+        "slo_attainment_admitted": sum(ok) / max(len(ok), 1),
+        # An overloaded deployment misses whatever its first requests saw: its queue grows.
+        "meets_slo": attainment >= slo.percentile / 100 - 1e-9 and not overloaded,
+    }

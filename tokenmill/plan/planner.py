@@ -62,6 +62,9 @@ class PlanRequest:
     tp: int | None = None
     replicas: int = 1
     slo: SLO | None = None
+    # Latency promises (engine/slo_admission.py): the engine's policy for a request its
+    # predictor says cannot meet `slo` (reject | queue | best-effort); off: no admission control.
+    slo_policy: str = "off"
     spec: SpecDecodeConfig | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -81,6 +84,9 @@ class PlanRequest:
             raise ConfigError(f"number of prompts must be >= 1, got {self.num_prompts}")
         if self.replicas < 1:
             raise ConfigError(f"replicas must be >= 1, got {self.replicas}")
+        SchedulerConfig(slo_policy=self.slo_policy)  # the engine's own check of the name
+        if self.slo_policy != "off" and self.slo is None:
+            raise ConfigError(f"--slo-policy {self.slo_policy} needs --slo: the targets to promise")
 
 
 @dataclass(frozen=True)
@@ -254,9 +260,12 @@ def _simulate(
         max_model_len=model.arch.max_position_embeddings,
         block_size=req.block_size,
         scheduler=SchedulerConfig(
-            max_num_seqs=req.max_num_seqs, max_num_batched_tokens=req.max_num_batched_tokens
+            max_num_seqs=req.max_num_seqs,
+            max_num_batched_tokens=req.max_num_batched_tokens,
+            slo_policy=req.slo_policy,
         ),
         spec=req.spec,
+        slo=req.slo if req.slo_policy != "off" else None,
     )
     start = time.perf_counter()
     result = simulate(load.workload, runner, config, until=load.measured_end)

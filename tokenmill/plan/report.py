@@ -57,14 +57,7 @@ def to_json(r: PlanResult) -> dict[str, Any]:
         "cost_per_mtok_output_usd": e.cost_per_mtok_output_usd,
         "joules_per_token": e.joules_per_token,
         "power_kw": e.power_kw,
-        "slo": None
-        if slo is None
-        else {
-            "target": slo.describe(),
-            "attainment": m.slo_attainment,
-            "meets": m.meets_slo,
-            "goodput_req_s": (m.goodput_req_s or 0.0) * r.scale,
-        },
+        "slo": None if slo is None else _slo_json(r),
         "notes": list(r.notes),
         "sim": {
             "requests_per_replica": m.num_requests,
@@ -74,6 +67,38 @@ def to_json(r: PlanResult) -> dict[str, Any]:
             "preemptions": m.num_preemptions,
         },
     }
+
+
+def _slo_json(r: PlanResult) -> dict[str, Any]:
+    m = r.metrics
+    return {
+        "target": r.request.slo.describe(),
+        "policy": r.request.slo_policy,
+        "attainment": m.slo_attainment,  # of all requests: a refused one missed
+        "attainment_admitted": m.slo_attainment_admitted,
+        "refused_share": m.refused_share,
+        "meets": m.meets_slo,
+        "goodput_req_s": (m.goodput_req_s or 0.0) * r.scale,
+        "goodput_tok_s": (m.goodput_tok_s or 0.0) * r.scale,
+    }
+
+
+def _slo_text(r: PlanResult) -> list[str]:
+    m, slo, policy = r.metrics, r.request.slo, r.request.slo_policy
+    verdict = "MEETS" if m.meets_slo else "MISSES"
+    goodput = f"goodput {(m.goodput_req_s or 0) * r.scale:,.2f} req/s"
+    if policy == "off":
+        return [
+            f"{'SLO':<11}{slo.describe()}: {m.slo_attainment:.1%} of requests within -> {verdict} "
+            f"({goodput})"
+        ]
+    return [
+        f"{'SLO':<11}{slo.describe()} under --slo-policy {policy}: {m.refused_share:.1%} "
+        f"refused; {m.slo_attainment_admitted:.1%} of admitted and {m.slo_attainment:.1%} of "
+        f"all requests within -> {verdict}",
+        f"{'goodput':<11}{(m.goodput_req_s or 0) * r.scale:,.2f} req/s, "
+        f"{(m.goodput_tok_s or 0) * r.scale:,.0f} output tok/s within every target",
+    ]
 
 
 def _row(name: str, s: Stats, scale: float, fmt: str) -> str:
@@ -112,13 +137,8 @@ def to_text(r: PlanResult) -> str:
         f"{'energy':<11}{e.joules_per_token:,.3f} J per output token at rated power "
         f"({e.power_kw:,.2f} kW)",
     ]
-    slo = r.request.slo
-    if slo is not None:
-        verdict = "MEETS" if m.meets_slo else "MISSES"
-        lines.append(
-            f"{'SLO':<11}{slo.describe()}: {m.slo_attainment:.1%} of requests within -> {verdict} "
-            f"(goodput {(m.goodput_req_s or 0) * r.scale:,.2f} req/s)"
-        )
+    if r.request.slo is not None:
+        lines += _slo_text(r)
     lines.append(
         f"{'simulated':<11}{m.num_requests} requests measured per replica, {r.num_steps:,} steps, "
         f"{m.duration_s:,.1f} s virtual in {r.sim_wall_s:.1f} s"

@@ -17,6 +17,11 @@ per step); at `floor_bound` every replica holds about one request, so latencies 
 design's floor: a design that misses there misses at any count and is dropped. Between the two
 the count is bisected. Designs are ranked by $ per million output tokens, then joules per token.
 There is no cap on the chips searched.
+
+Under latency promises (`slo_policy`), a refused request counts as missing the SLO, so a count
+meets it when at least the SLO's percentile of all requests offered are served within every
+target (goodput >= pct x the offered rate). Refusals shed load, so a count that refuses is not
+overloaded: the search goes on doubling while the refused share falls.
 """
 
 from __future__ import annotations
@@ -121,15 +126,16 @@ def fewest_replicas(
         tried.append(run(dataclasses.replace(req, replicas=replicas)))
         return tried[-1]
 
-    best = at(low)
+    best, before = at(low), None
     if best.metrics.meets_slo:
         return best, tried
-    best = at(high) if high > low else best
-    while not best.metrics.meets_slo and (best.metrics.is_overloaded or req.rate is None):
+    if high > low:
+        before, best = best, at(high)
+    while not best.metrics.meets_slo and _more_may_help(best, before):
         if high >= (req.concurrency or math.inf) or len(tried) > 40:
             return None, tried
         low, high = high + 1, 2 * high
-        best = at(high)
+        before, best = best, at(high)
     if not best.metrics.meets_slo:
         return None, tried
     lo = low - 1  # fails (or is the empty deployment)
@@ -141,6 +147,18 @@ def fewest_replicas(
         else:
             lo = mid
     return best, tried
+
+
+def _more_may_help(r: PlanResult, fewer: PlanResult | None) -> bool:
+    """Whether more replicas than `r`'s, which misses, may meet the SLO: it is overloaded, a
+    closed loop's users are split further, or under latency promises it refuses requests, fewer
+    than with `fewer` replicas (refusals that do not fall with the load are the design's own)."""
+    m = r.metrics
+    if m.is_overloaded or r.request.rate is None:
+        return True
+    if not m.num_refused:
+        return False
+    return fewer is None or m.refused_share < fewer.metrics.refused_share
 
 
 def size(req: PlanRequest, sample: Workload) -> Sizing:

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tokenmill.engine.interfaces import BaseRunner, RunnerOutput, SchedulerOutput
+from tokenmill.engine.slo_predictor import BaseStepModel
 from tokenmill.errors import ConfigError
 from tokenmill.perf.step_cost import BatchShape, RequestShape
 from tokenmill.perf.trace import StepRecord
 from tokenmill.plan.step_time import LayoutStepTime
 
 PLACEHOLDER_TOKEN = 0
+_MEMO_SIZE = 1 << 16  # step times RunnerStepModel remembers
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,8 @@ class StepTiming:
 
 
 class BaseStepTimer(Protocol):
-    """How long a scheduled step takes."""
+    """How long a scheduled step takes. Timers with a model of it also give `batch_seconds`
+    (BatchShape -> seconds), which latency promises predict with (`SimRunner.step_model`)."""
 
     def step_time(self, sched_out: SchedulerOutput) -> StepTiming: ...
 
@@ -52,6 +55,9 @@ class ConstantStepTime:
 
     def step_time(self, sched_out: SchedulerOutput) -> StepTiming:
         return StepTiming(self.seconds, _token_share(sched_out))
+
+    def batch_seconds(self, batch: BatchShape) -> float:
+        return self.seconds
 
 
 class ReplayStepTime:
@@ -97,12 +103,19 @@ class SpecDecodeConfig:
 
 
 class CostModelStepTime:
-    """Step time from the layout's cost model; prefill and decode parts are timed alone too, to
-    split a mixed step's time between them in proportion."""
+    """Step time from the layout's cost model (or any BaseStepModel); prefill and decode parts
+    are timed alone too, to split a mixed step's time between them in proportion."""
 
-    def __init__(self, model: LayoutStepTime, spec: SpecDecodeConfig | None = None) -> None:
+    def __init__(
+        self, model: LayoutStepTime | BaseStepModel, spec: SpecDecodeConfig | None = None
+    ) -> None:
         self.model = model
         self.spec = spec
+
+    def batch_seconds(self, batch: BatchShape) -> float:
+        """The model's time of `batch`, drafting aside (a BatchShape does not say which
+        requests decode; the engine's predictor corrects for it from measured steps)."""
+        return self.model.seconds(batch)
 
     def step_time(self, sched_out: SchedulerOutput) -> StepTiming:
         prefill: list[RequestShape] = []
@@ -159,6 +172,7 @@ class SimRunner(BaseRunner):
         self.decode_per_request_s = decode_per_request_s
         self.decode_per_step_s = decode_per_step_s
         self.now = 0.0
+        self.last_step_s = 0.0
         self.prefill_time_s = 0.0
         self.decode_time_s = 0.0
         self.decode_step_time_s = 0.0  # of steps without prompt tokens
@@ -169,18 +183,14 @@ class SimRunner(BaseRunner):
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         timing = self.timer.step_time(scheduler_output)
-        if not timing.has_prompt_tokens:
-            seconds = (
-                timing.seconds * self.decode_time_scale + self.decode_per_step_s
-                + self.decode_per_request_s * len(scheduler_output.scheduled)
-            )  # fmt: skip
-        else:
-            seconds = timing.seconds * self.prompt_time_scale
+        num_reqs = len(scheduler_output.scheduled)
+        seconds = self.scaled(timing.seconds, timing.has_prompt_tokens, num_reqs)
         if self._sigma:
             seconds *= math.exp(self._rng.gauss(-(self._sigma**2) / 2, self._sigma))
         if not timing.has_prompt_tokens:
             self.decode_step_time_s += seconds
         self.now += seconds
+        self.last_step_s = seconds
         self.num_steps += 1
         self.prefill_time_s += seconds * timing.prefill_fraction
         self.decode_time_s += seconds * (1 - timing.prefill_fraction)
@@ -191,6 +201,19 @@ class SimRunner(BaseRunner):
         }
         return RunnerOutput(sampled=sampled)
 
+    def scaled(self, seconds: float, has_prompt_tokens: bool, num_reqs: int) -> float:
+        """A timer's step time as this machine runs it (before jitter)."""
+        if has_prompt_tokens:
+            return seconds * self.prompt_time_scale
+        return (
+            seconds * self.decode_time_scale + self.decode_per_step_s
+            + self.decode_per_request_s * num_reqs
+        )  # fmt: skip
+
+    def step_model(self) -> RunnerStepModel | None:
+        """This runner's own step time as a BaseStepModel (None: its timer has no model)."""
+        return RunnerStepModel(self) if hasattr(self.timer, "batch_seconds") else None
+
     def _num_accepted(self, num_drafts: int) -> int:
         rates = self.acceptance_rate
         if not num_drafts or rates is None:
@@ -200,3 +223,23 @@ class SimRunner(BaseRunner):
         while accepted < num_drafts and self._rng.random() < rate_at(accepted):
             accepted += 1
         return accepted
+
+
+class RunnerStepModel:
+    """A SimRunner's step time of a batch, as `execute` takes it less the jitter: the base of the
+    simulated engine's step-time predictor, which is then exact up to jitter and drafting."""
+
+    def __init__(self, runner: SimRunner) -> None:
+        self.runner = runner
+        # Admission asks about the same batches many times a step (a bisection per decision).
+        self._memo: dict[BatchShape, float] = {}
+
+    def seconds(self, batch: BatchShape) -> float:
+        seconds = self._memo.get(batch)
+        if seconds is None:
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            base = self.runner.timer.batch_seconds(batch)
+            seconds = self.runner.scaled(base, batch.has_prompt_tokens, batch.num_reqs)
+            self._memo[batch] = seconds
+        return seconds

@@ -1,12 +1,16 @@
 """The simulation driver: the engine's step loop on a virtual clock.
 
     while work remains:
-        admit requests whose send time has come (and, with a concurrency limit, a free slot)
+        send requests whose time has come (and, with a concurrency limit, a free slot):
+            scheduler.admit (latency promises: may refuse) -> scheduler.add_request
         idle? jump the clock to the next send time
-        [propose drafts] -> schedule -> SimRunner.execute (clock += step time) -> update
-        stamp every new token and finished request with the clock
+        [propose drafts] -> schedule -> take_expired -> SimRunner.execute (clock += step time)
+            -> update -> the predictor observes the step
+        stamp every new token and finished (or refused) request with the clock
 
-Prompt token ids are synthetic and distinct per request (no spurious prefix-cache hits); a
+With `SimConfig.slo` and a `slo_policy`, the Scheduler is built as the engine builds it: with a
+StepTimePredictor, here over the SimRunner's own step model (plan/sim_runner.py), and the virtual
+clock. Prompt token ids are synthetic and distinct per request (no spurious prefix-cache hits); a
 request's clock starts when it is sent, as a benchmark client measures it.
 """
 
@@ -21,7 +25,9 @@ from tokenmill.config import SchedulerConfig
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import Scheduler
-from tokenmill.errors import ConfigError
+from tokenmill.engine.slo_predictor import StepTimePredictor
+from tokenmill.errors import ConfigError, SloUnattainableError
+from tokenmill.perf.step_cost import BatchShape, request_shapes
 from tokenmill.perf.trace import ScheduleMismatch, StepRecord, first_schedule_mismatch
 from tokenmill.plan.sim_runner import (
     PLACEHOLDER_TOKEN,
@@ -30,6 +36,7 @@ from tokenmill.plan.sim_runner import (
     SpecDecodeConfig,
 )
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.workload.slo import SLO
 from tokenmill.workload.types import Workload, WorkloadRequest
 
 _ID_STRIDE = 1 << 24  # request i's prompt uses token ids [i * stride, i * stride + len)
@@ -49,6 +56,9 @@ class SimConfig:
     spec: SpecDecodeConfig | None = None
     record_trace: bool = False
     max_steps: int = 50_000_000
+    # Latency promises, made as the engine makes them: the targets every request carries (None:
+    # best effort) under `scheduler.slo_policy` (off: no admission control, plain FCFS).
+    slo: SLO | None = None
 
 
 @dataclass
@@ -61,6 +71,13 @@ class RequestRecord:
     finish_s: float | None = None
     token_event_s: list[float] = field(default_factory=list)  # one per step that gave tokens
     num_preemptions: int = 0
+    # Why the engine refused it (ttft, tpot, capacity: at once) or ended it unserved from the
+    # queue (ttft_expired); finish_s is then when the client heard. None: served.
+    refused_reason: str | None = None
+
+    @property
+    def is_refused(self) -> bool:
+        return self.refused_reason is not None
 
 
 @dataclass
@@ -98,58 +115,122 @@ def simulate(
     """Run `workload` through the real Scheduler and KVCacheManager on `runner`'s clock; with
     `until`, stop once the first `until` requests (in arrival order) have finished."""
     _check_fits(workload, config)
-    kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
-    scheduler = Scheduler(config.scheduler, kv, config.max_model_len)
-    pending = deque(enumerate(workload.requests))
-    records: dict[str, RequestRecord] = {}
-    trace: list[StepRecord] = []
-    limit = workload.max_concurrency
-    # When each free client slot became free: a request is sent at max(its arrival, that).
-    free_slots = deque([0.0] * (limit or 0))
-    num_left = workload.num_requests if until is None else min(until, workload.num_requests)
-    while num_left and (pending or scheduler.has_unfinished()):
-        while pending and pending[0][1].arrival_s <= runner.now and (limit is None or free_slots):
-            idx, wreq = pending.popleft()
-            sent = max(wreq.arrival_s, free_slots.popleft() if limit else 0.0)
-            records[str(idx)] = _admit(scheduler, idx, wreq, sent)
-        if not scheduler.has_unfinished():
-            runner.now = max(runner.now, pending[0][1].arrival_s)
-            continue
-        if config.spec is not None:
-            _propose_drafts(scheduler, config.spec.num_draft_tokens)
-        sched_out = scheduler.schedule()
-        if sched_out.is_empty:
-            raise SimulationError(
-                f"the scheduler made no progress with {scheduler.num_waiting} waiting and "
-                f"{scheduler.num_running} running requests: the KV cache "
-                f"({config.num_blocks} blocks of {config.block_size}) is too small"
-            )
-        start = runner.now
-        runner_out = runner.execute(sched_out)
-        if config.record_trace:
-            trace.append(StepRecord.from_scheduler_output(sched_out, runner.now - start))
-        for request in scheduler.update_from_output(sched_out, runner_out):
-            rec = records[request.request_id]
-            rec.token_event_s.append(runner.now)
-            if rec.first_token_s is None:
-                rec.first_token_s = runner.now
-            if request.is_finished:
-                rec.finish_s = runner.now
-                rec.num_preemptions = request.num_preemptions
-                num_left -= int(request.request_id) < (until or workload.num_requests)
-                if limit:
-                    free_slots.append(runner.now)
-        if runner.num_steps > config.max_steps:
-            raise SimulationError(f"simulation passed {config.max_steps} steps")
+    sim = _Simulation(workload, runner, config, until)
+    sim.run()
     return SimResult(
-        records=list(records.values()),
+        records=list(sim.records.values()),
         duration_s=runner.now,
         num_steps=runner.num_steps,
         prefill_time_s=runner.prefill_time_s,
         decode_time_s=runner.decode_time_s,
-        num_preemptions=scheduler.num_preemptions,
-        trace=trace,
+        num_preemptions=sim.scheduler.num_preemptions,
+        trace=sim.trace,
     )
+
+
+def _predictor(runner: SimRunner, config: SimConfig) -> StepTimePredictor | None:
+    """The engine's step-time predictor over the runner's own step model: the simulated policy
+    is the engine's with a predictor that is exact but for jitter (and drafting)."""
+    if config.scheduler.slo_policy == "off":
+        return None
+    model = runner.step_model()
+    if model is None:
+        raise SimulationError("latency promises need a step-time model; a replayed trace has none")
+    return StepTimePredictor(model)
+
+
+class _Simulation:
+    """One run: the client side (sends, concurrency slots) around the engine's step."""
+
+    def __init__(
+        self, workload: Workload, runner: SimRunner, config: SimConfig, until: int | None
+    ) -> None:
+        self.runner, self.config = runner, config
+        kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.predictor = _predictor(runner, config)
+        self.scheduler = Scheduler(
+            config.scheduler, kv, config.max_model_len, self.predictor, lambda: runner.now
+        )
+        self.pending = deque(enumerate(workload.requests))
+        self.records: dict[str, RequestRecord] = {}
+        self.trace: list[StepRecord] = []
+        self.limit = workload.max_concurrency
+        # When each free client slot became free: a request is sent at max(its arrival, that).
+        self.free_slots = deque([0.0] * (self.limit or 0))
+        self.num_counted = workload.num_requests if until is None else until
+        self.num_left = min(self.num_counted, workload.num_requests)
+
+    def run(self) -> None:
+        scheduler, runner = self.scheduler, self.runner
+        while self.num_left and (self.pending or scheduler.has_unfinished()):
+            self._send_due()
+            if not scheduler.has_unfinished():
+                if self.pending:  # idle: jump to the next send (none left when all were refused)
+                    runner.now = max(runner.now, self.pending[0][1].arrival_s)
+                continue
+            self._step()
+            if runner.num_steps > self.config.max_steps:
+                raise SimulationError(f"simulation passed {self.config.max_steps} steps")
+
+    def _send_due(self) -> None:
+        pending, slots = self.pending, self.free_slots
+        while pending and pending[0][1].arrival_s <= self.runner.now and (not self.limit or slots):
+            idx, wreq = pending.popleft()
+            sent = max(wreq.arrival_s, slots.popleft() if self.limit else 0.0)
+            self.records[str(idx)] = self._send(idx, wreq, sent)
+
+    def _send(self, idx: int, wreq: WorkloadRequest, sent: float) -> RequestRecord:
+        """The engine's add_request: admission (which may refuse), then the queue."""
+        params = SamplingParams(max_tokens=wreq.output_len, ignore_eos=True)
+        prompt = synthetic_prompt(idx, wreq.prompt_len)
+        request = Request(str(idx), prompt, params, arrival_time=sent, slo=self.config.slo)
+        record = RequestRecord(str(idx), wreq.prompt_len, wreq.output_len, sent)
+        try:
+            self.scheduler.admit([request])
+        except SloUnattainableError as err:
+            self._end(record, err.reason)  # the client hears at once (a 429)
+            return record
+        self.scheduler.add_request(request)
+        return record
+
+    def _step(self) -> None:
+        """One engine step, in the engine's order: schedule, expire, execute, update, observe."""
+        scheduler, runner = self.scheduler, self.runner
+        if self.config.spec is not None:
+            _propose_drafts(scheduler, self.config.spec.num_draft_tokens)
+        sched_out = scheduler.schedule()
+        expired = scheduler.take_expired()  # ended unserved: their TTFT became unattainable
+        for request in expired:
+            self._end(self.records[request.request_id], "ttft_expired")
+        if sched_out.is_empty:
+            if expired:
+                return
+            raise SimulationError(
+                f"the scheduler made no progress with {scheduler.num_waiting} waiting and "
+                f"{scheduler.num_running} running requests: the KV cache "
+                f"({self.config.num_blocks} blocks of {self.config.block_size}) is too small"
+            )
+        runner_out = runner.execute(sched_out)
+        if self.config.record_trace:
+            self.trace.append(StepRecord.from_scheduler_output(sched_out, runner.last_step_s))
+        for request in scheduler.update_from_output(sched_out, runner_out):
+            rec = self.records[request.request_id]
+            rec.token_event_s.append(runner.now)
+            if rec.first_token_s is None:
+                rec.first_token_s = runner.now
+            if request.is_finished:
+                rec.num_preemptions = request.num_preemptions
+                self._end(rec)
+        if self.predictor is not None:  # corrected by the measured step, as the engine's is
+            shape = BatchShape.from_requests(request_shapes(sched_out))
+            self.predictor.observe(shape, runner.last_step_s)
+
+    def _end(self, rec: RequestRecord, refused_reason: str | None = None) -> None:
+        rec.finish_s = self.runner.now
+        rec.refused_reason = refused_reason
+        self.num_left -= int(rec.req_id) < self.num_counted
+        if self.limit:
+            self.free_slots.append(self.runner.now)
 
 
 def replay_schedule(
@@ -161,13 +242,6 @@ def replay_schedule(
     runner = SimRunner(ReplayStepTime(engine_trace))
     result = simulate(workload, runner, dataclasses.replace(config, record_trace=True))
     return first_schedule_mismatch(engine_trace, result.trace, rename_ids=True)
-
-
-def _admit(scheduler: Scheduler, idx: int, wreq: WorkloadRequest, sent: float) -> RequestRecord:
-    params = SamplingParams(max_tokens=wreq.output_len, ignore_eos=True)
-    request = Request(str(idx), synthetic_prompt(idx, wreq.prompt_len), params, arrival_time=sent)
-    scheduler.add_request(request)
-    return RequestRecord(str(idx), wreq.prompt_len, wreq.output_len, sent)
 
 
 def _propose_drafts(scheduler: Scheduler, k: int) -> None:

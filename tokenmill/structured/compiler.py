@@ -36,8 +36,18 @@ logger = logging.getLogger(__name__)
 class GrammarMatcher:
     """One request's position in its grammar: which tokens may come next."""
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, vocab_size: int) -> None:
         self._matcher = matcher
+        self.vocab_size = vocab_size  # the grammar engine's (its bitmask's) vocabulary
+
+    @property
+    def engine_matcher(self) -> Any:
+        """llguidance's matcher, for batched calls (tokenmill.structured.masks)."""
+        return self._matcher
+
+    @property
+    def is_accepting(self) -> bool:
+        return self._matcher.is_accepting()
 
     def mask_logits(self, logits: torch.Tensor, end_ids: Sequence[int] = ()) -> None:
         """logits [V] -> -inf for every token the grammar does not allow next. `end_ids` (stop
@@ -71,11 +81,12 @@ class GrammarMatcher:
 class CompiledGrammar:
     """A grammar's matcher at its start state; `new_matcher()` copies it for one request."""
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, vocab_size: int) -> None:
         self._template = matcher
+        self.vocab_size = vocab_size
 
     def new_matcher(self) -> GrammarMatcher:
-        return GrammarMatcher(self._template.deep_copy())
+        return GrammarMatcher(self._template.deep_copy(), self.vocab_size)
 
 
 class GrammarCompiler:
@@ -101,7 +112,7 @@ class GrammarCompiler:
                 self._cache.move_to_end(key)
                 return replace(grammar, compiled=compiled)
         start = time.perf_counter()
-        compiled = CompiledGrammar(self._new_matcher(grammar))
+        compiled = CompiledGrammar(self._new_matcher(grammar), self.ll_tokenizer().vocab_size)
         elapsed = time.perf_counter() - start
         logger.debug("compiled a %s grammar in %.1f ms", grammar.kind, elapsed * 1e3)
         with self._lock:

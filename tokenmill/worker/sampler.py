@@ -17,6 +17,7 @@ import torch
 
 from tokenmill.engine.interfaces import TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured.masks import apply_bitmask, fill_bitmask
 
 if TYPE_CHECKING:
     from tokenmill.structured.compiler import GrammarMatcher
@@ -51,9 +52,11 @@ def sample(
     tokens = torch.empty(len(rows), dtype=torch.long, device=device)
     greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
     random = [i for i, r in enumerate(rows) if not r.params.is_greedy]
-    if greedy:
+    if len(greedy) == len(rows):
+        tokens = greedy_tokens(logits)
+    elif greedy:
         idx = torch.tensor(greedy, device=device)
-        tokens[idx] = logits[idx].argmax(dim=-1)
+        tokens[idx] = greedy_tokens(logits[idx])
     if random:
         idx = torch.tensor(random, device=device)
         tokens[idx] = _sample_random(logits[idx], [rows[i] for i in random])
@@ -76,12 +79,23 @@ def constrained_logits(
     for i, ids in enumerate(stop_ids_before_min):
         if ids:
             logits[i, ids] = float("-inf")
-    for i, row in enumerate(rows):
-        if row.matcher is not None:
-            row.matcher.mask_logits(logits[i], row.params.stop_token_ids)
-    _apply_penalties(logits, rows)
-    # Extreme penalties can overflow: NaN never wins, +inf becomes the largest finite value.
-    return torch.nan_to_num_(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    constrained = [i for i, row in enumerate(rows) if row.matcher is not None]
+    if constrained:
+        # All grammar rows in one bitmask and one masked fill (not ~0.2 ms per row).
+        matchers = [rows[i].matcher for i in constrained]
+        end_ids = [rows[i].params.stop_token_ids for i in constrained]
+        bitmask = fill_bitmask(matchers, end_ids, parallel=logits.device.type != "cpu")
+        apply_bitmask(logits, constrained, bitmask)
+    penalised = [i for i, row in enumerate(rows) if row.params.has_penalties]
+    if penalised:
+        _apply_penalties(logits, rows)
+        # Extreme penalties can overflow: NaN never wins, +inf becomes the largest finite value.
+        idx = torch.tensor(penalised, device=logits.device)
+        finite = torch.nan_to_num(
+            logits[idx], nan=float("-inf"), posinf=torch.finfo(logits.dtype).max
+        )
+        logits[idx] = finite
+    return logits
 
 
 def sampling_probs(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
@@ -91,7 +105,8 @@ def sampling_probs(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """argmax of each row [N, V] -> [N]; natively on CPUs (PyTorch's bf16 argmax is slow)."""
+    """argmax of each row [N, V] -> [N], the first of equal values, never a NaN; natively on
+    CPUs (PyTorch's bf16 argmax is slow)."""
     if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float32):
         from tokenmill.native import kernels as native_kernels
 

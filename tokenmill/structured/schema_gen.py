@@ -1,5 +1,5 @@
 """A seeded generator of small JSON schemas (nested objects, enums, arrays, bounded numbers),
-for the structured-output tests."""
+for the structured-output tests and `tokenmill.bench.structured_bench`."""
 
 from __future__ import annotations
 
