@@ -70,13 +70,17 @@ def add(sched, request):
     return request
 
 
-def run_step(sched, clock, slowdown=1.0, model: BaseStepModel | None = None):
+def run_step(sched, clock, slowdown=1.0, model: BaseStepModel | None = None, observe=False):
     """One step of the runner: it takes what the model (default: the linear one) says, times
-    `slowdown`. Returns the step as (req_id, tokens)."""
+    `slowdown`; with `observe`, the predictor is corrected by it as the engine does. Returns the
+    step as (req_id, tokens)."""
     out = sched.schedule()
     if out.scheduled:
         shape = BatchShape.from_requests(request_shapes(out))
-        clock.now += (model or step_model()).seconds(shape) * slowdown
+        seconds = (model or step_model()).seconds(shape) * slowdown
+        clock.now += seconds
+        if observe:
+            sched.slo.predictor.observe(shape, seconds)
     sampled = {s.req_id: [7] for s in out.scheduled if s.do_sample}
     sched.update_from_output(out, RunnerOutput(sampled=sampled))
     sched.kv.check_invariants()

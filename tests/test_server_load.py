@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 
 import httpx
 
@@ -145,3 +147,30 @@ def test_non_streaming_client_timeout_aborts(server):
         return m["tokenmill:num_requests_running"] == 0 and m["tokenmill:kv_cache_usage_perc"] == 0
 
     assert wait_for(drained, timeout_s=10), server.metrics()
+
+
+def test_a_long_prompt_does_not_hold_back_a_short_request(server):
+    # 3,072 prompt tokens fill six steps of the 512-token budget exactly: uncapped, they leave
+    # no room for the short request until their last chunk is done. While the short request
+    # waits, the long prompt's chunk is capped (long_prefill_token_threshold), so the short one
+    # is admitted at the next step and its first token comes before the long prompt's.
+    long_body = {"model": MODEL_NAME, "prompt": [(i * 7919) % 30000 + 100 for i in range(3072)],
+                 "max_tokens": 1, "stream": True}  # fmt: skip
+    first_token: dict[str, float] = {}
+
+    def stream(name: str, path: str, body: dict) -> None:
+        with httpx.stream("POST", server.url(path), json=body, timeout=120) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: {") and name not in first_token:
+                    first_token[name] = time.monotonic()
+
+    long = threading.Thread(target=stream, args=("long", "/v1/completions", long_body))
+    long.start()
+    assert wait_for(lambda: server.metrics()["tokenmill:num_requests_running"] >= 1, 30)
+    sent = time.monotonic()
+    stream("short", "/v1/chat/completions", chat_body("owls", max_tokens=2, stream=True))
+    long.join(120)
+    assert first_token["short"] < first_token["long"], (
+        f"short: {first_token['short'] - sent:.2f} s, long: {first_token['long'] - sent:.2f} s"
+    )

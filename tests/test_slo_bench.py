@@ -52,7 +52,7 @@ def test_timeline_rows_are_in_send_order(tmp_path):
     assert rows[1]["tpot_ms"] == "50.00"
 
 
-def test_r_sat_is_the_last_rate_kept_up_with():
+def test_r_sat_is_the_throughput_at_saturation():
     def run_at(rate):  # 30 requests sent at `rate`; the server serves one at a time, 3 req/s
         free, results = 0.0, []
         for i in range(30):
@@ -65,7 +65,8 @@ def test_r_sat_is_the_last_rate_kept_up_with():
     points = rate_sweep([4.0, 1.0, 2.0, 3.0, 6.0], run_at)
     assert [p.offered_rate for p in points] == [1.0, 2.0, 3.0, 4.0, 6.0]
     assert saturation_rate(points) == 3.0
-    assert saturation_rate([SweepPoint(1.0, 0.5, 0, None, 1.0)]) is None
+    assert saturation_rate([SweepPoint(1.0, 0.5, 0, None, 1.0)]) == 0.5
+    assert saturation_rate([SweepPoint(1.0, 0.99, 0, None, 1.0)]) is None  # sweep higher
     # A short run kept up with though each request takes 2 s: 5 requests at 1 req/s finish 1 s
     # apart (5 / duration would say 0.83 req/s).
     short = LoadRun([served(1.0, 0.1, start=float(i)) for i in range(5)], 6.0, 1)

@@ -254,3 +254,30 @@ def test_engine_refusal_leaves_no_trace_and_the_default_slo_applies():
     assert outputs[-1].finished and engine.stats().slo.attained == {("ttft", "0"): 1}
     assert engine.stats().slo.refused == {"ttft": 1}
     assert engine.stats().slo.step_prediction["prompt"].num_steps == 1
+
+
+def test_an_idle_engine_re_measures_a_correction_learned_under_contention():
+    # Steps measured 10x slower than the model (another process held the cores) make every
+    # request look unattainable. With a promised request running, a new one is refused; on an
+    # idle engine it is served without a promise, its steps re-measure the machine, and within
+    # a few requests they are promised again.
+    def slow(sched):
+        for shape in (RequestShape(8, 0), RequestShape(1, 8)):
+            batch = BatchShape.from_requests([shape])
+            sched.slo.predictor.observe(batch, 10 * sched.slo.predictor.model.seconds(batch))
+
+    busy, _ = make(max_seqs=4)
+    add(busy, req("a", 8, ttft=1.0, tpot=50 * MS, max_tokens=4))
+    slow(busy)
+    with pytest.raises(SloUnattainableError):
+        add(busy, req("b", 8, ttft=1.0, tpot=50 * MS, max_tokens=4))
+    sched, clock = make(max_seqs=4)
+    slow(sched)
+    served = []
+    for i in range(10):
+        r = add(sched, req(f"r{i}", 8, ttft=1.0, tpot=50 * MS, max_tokens=4))
+        served.append(r.is_promised)
+        assert r.is_promised or r.is_best_effort
+        while sched.has_unfinished():
+            run_step(sched, clock, observe=True)
+    assert not served[0] and served[-1], served

@@ -6,11 +6,14 @@ finds a server's saturation rate R_sat.
     attainment share of the admitted, and of all requests, meeting every SLO target
     jitter     TPOT p99 / p50 of the admitted
 
-R_sat is the highest offered rate the server keeps up with: the largest swept rate whose
-completion rate is at least 95% of the offered one. The completion rate is how fast requests
-finish, (N - 1) / (last finish - first finish): a server that keeps up finishes them as they are
-sent, one whose queue grows finishes them at its own service rate. (N / duration would count
-the last request's own latency against the rate, and fail a short run that kept up.)
+R_sat is the server's throughput at saturation: the most requests per second it completes when
+offered more than it can serve. A swept rate is kept up with when the completion rate is at
+least 95% of the offered one; the completion rate is how fast requests finish, (N - 1) / (last
+finish - first finish): a server that keeps up finishes them as they are sent, one whose queue
+grows finishes them at its own service rate. (N / duration would count the last request's own
+latency against the rate. With replies of very different lengths a short run that kept up can
+still fall under 95%, which is why R_sat is the completion rate reached, not the last rate that
+passed.)
 """
 
 from __future__ import annotations
@@ -130,13 +133,12 @@ def rate_sweep(
 
 
 def saturation_rate(points: Sequence[SweepPoint]) -> float | None:
-    """R_sat: the highest rate kept up with, below the first one that is not (None: none was)."""
-    r_sat = None
-    for point in sorted(points, key=lambda p: p.offered_rate):
-        if not point.keeps_up:
-            break
-        r_sat = point.offered_rate
-    return r_sat
+    """R_sat: the request rate the server completes when offered more than it can serve, its
+    throughput at saturation: the highest min(offered, completed) over the sweep, once some swept
+    rate was not kept up with (None: every one was; sweep higher)."""
+    if all(p.keeps_up for p in points):
+        return None
+    return max(min(p.offered_rate, p.completed_rate) for p in points)
 
 
 def format_sweep(points: Sequence[SweepPoint]) -> str:

@@ -4,9 +4,8 @@ llama-server on identical arrivals.
     python -m tokenmill.bench.slo_bench --num-prompts 80 --sweep-prompts 40 --sweep-rates 0.5,1,1.5,2
 
   sweep   tokenmill with the policy off, ShareGPT at each --sweep-rates (Poisson unless
-          --sweep-burstiness): R_sat, the highest rate it keeps up with (serve_slo.py); when
-          none is, the highest completion rate measured: its throughput where it saturated.
-          --r-sat skips the sweep.
+          --sweep-burstiness): R_sat, its throughput at saturation (serve_slo.py). --r-sat
+          skips the sweep.
   high    one schedule at 1.5 x R_sat, gamma arrivals with --burstiness (vLLM's parameter)
   low     one at 0.8 x R_sat from the same seed: the same prompts and the same bursts, the
           gaps stretched by 1.5 / 0.8 (gamma gaps scale with 1 / rate)
@@ -125,8 +124,8 @@ def make_schedules(cfg: SloBenchConfig, r_sat: float, tokenizer) -> dict[str, Wo
 
 
 def find_r_sat(cfg: SloBenchConfig, tokenizer, record: dict) -> float:
-    """Sweep tokenmill with the policy off; R_sat, or (when even the lowest rate saturated it)
-    the highest completed rate measured, which is what it served at saturation."""
+    """Sweep tokenmill with the policy off: R_sat, its throughput at saturation (the highest
+    swept rate when it kept up with every one)."""
     runs: dict[float, LoadRun] = {}
     rate_index = {rate: i for i, rate in enumerate(sorted(cfg.sweep_rates))}
     with open_server(cfg, FCFS, "sweep") as handle:
@@ -146,11 +145,13 @@ def find_r_sat(cfg: SloBenchConfig, tokenizer, record: dict) -> float:
         points = rate_sweep(cfg.sweep_rates, run_at, parse_slo(cfg.slo))
     print(format_sweep(points))
     r_sat = saturation_rate(points)
-    most = max(p.completed_rate for p in points)
-    print(f"highest completed rate: {most:.3f} req/s (its throughput where it saturated)")
     if r_sat is None:
-        r_sat = most
-        print(f"no swept rate was kept up with: R_sat := {r_sat:.3f} req/s")
+        r_sat = max(cfg.sweep_rates)
+        print(
+            f"kept up with every swept rate: R_sat := the highest, {r_sat:g} req/s (sweep higher)"
+        )
+    else:
+        print(f"R_sat = {r_sat:.3f} req/s: its throughput at saturation")
     lowest = min(runs)
     print(low_load_latency(lowest, runs[lowest]))
     record["sweep"] = {**sweep_json(points), "r_sat_used": r_sat}

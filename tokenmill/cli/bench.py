@@ -10,11 +10,14 @@ BENCH_MODULES = (
     "tokenmill.cli.bench_serve",
     "tokenmill.cli.bench_offline",
     "tokenmill.cli.bench_compare",
+    "tokenmill.cli.bench_soak",
 )
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks (engine, serve, offline, compare)")
+    parser = subparsers.add_parser(
+        "bench", help="benchmarks (engine, serve, offline, compare, soak)"
+    )
     kinds = parser.add_subparsers(dest="bench_kind", required=True)
     engine = kinds.add_parser("engine", help="prefill/decode speed vs this machine's ceilings")
     engine.add_argument("model", nargs="?", default=None)

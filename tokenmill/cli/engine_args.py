@@ -38,6 +38,11 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument("--max-num-seqs", type=int, default=64)
     group.add_argument("--max-num-batched-tokens", type=int, default=512)
+    group.add_argument(
+        "--long-prefill-token-threshold", type=int, default=None, metavar="N",
+        help="while requests wait, a running prompt's chunk is at most N tokens (default: half "
+        "of --max-num-batched-tokens; 0: no cap)",
+    )  # fmt: skip
     group.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV cache")
     group.add_argument(
         "--kv-cache-dtype", default="auto", choices=["auto", *KV_CACHE_DTYPES],
@@ -90,6 +95,7 @@ def engine_config_from_args(args: argparse.Namespace, **scheduler_overrides) -> 
             policy=args.scheduling_policy, slo=getattr(args, "slo", None),
             slo_policy=_slo_policy(args),
             slo_tpot_share=getattr(args, "slo_tpot_share", SchedulerConfig.slo_tpot_share),
+            long_prefill_token_threshold=getattr(args, "long_prefill_token_threshold", None),
             **scheduler_overrides,
         ),
         attention_backend=args.attention_backend,

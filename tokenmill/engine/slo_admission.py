@@ -318,7 +318,7 @@ class SloController:
         if decision.is_admissible:
             for r in candidates:
                 r.is_promised = True
-        elif self.policy == "best-effort":
+        elif self.policy == "best-effort" or self._base_admits_when_idle(scheduler, candidates):
             for r in candidates:
                 r.is_best_effort = True
         elif self.policy == "queue" and all(
@@ -333,6 +333,16 @@ class SloController:
                 retry,
                 decision.reason,
             )
+
+    def _base_admits_when_idle(self, scheduler: Scheduler, candidates: list[Request]) -> bool:
+        """An idle engine serves, without a promise, what only the learned correction refuses:
+        alone, it delays no one, and its steps re-measure the machine. (A correction learned
+        while another process held the cores would otherwise refuse everything for good: no
+        step would run to correct it.)"""
+        if scheduler.running or scheduler.waiting:
+            return False
+        with self.predictor.uncorrected():
+            return self.check(scheduler, candidates).is_admissible
 
     def review_waiting(self, scheduler: Scheduler) -> list[Request]:
         """Each step: promise queued requests that fit now (earliest deadline first, stopping at

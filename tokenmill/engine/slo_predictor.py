@@ -11,7 +11,9 @@ the weights) drift apart from the profile differently on a shared machine:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -80,6 +82,15 @@ class StepTimePredictor:
         self.alpha = alpha
         self.ratio = dict.fromkeys(STEP_KINDS, 1.0)
         self.stats = {kind: PredictionStats() for kind in STEP_KINDS}
+
+    @contextlib.contextmanager
+    def uncorrected(self) -> Iterator[None]:
+        """Predict from the base model alone inside the block (the corrections are kept)."""
+        saved, self.ratio = self.ratio, dict.fromkeys(STEP_KINDS, 1.0)
+        try:
+            yield
+        finally:
+            self.ratio = saved
 
     def predict(self, batch: BatchShape) -> float:
         return self.model.seconds(batch) * self.ratio[step_kind(batch)]
