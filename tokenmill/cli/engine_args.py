@@ -52,6 +52,19 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
     group.add_argument("--block-size", type=int, default=16)
     group.add_argument("--no-prefix-caching", action="store_true")
     group.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    _add_slo_args(group)
+    group.add_argument(
+        "--speculative-config", default=None, metavar="JSON",
+        help="speculative decoding, as vLLM spells it: '{\"method\": \"ngram\" | \"draft\" | "
+        "\"self\", \"num_speculative_tokens\": k | \"auto\"}' (ngram: prompt_lookup_min/max; "
+        "draft: model; self: quantization of the target's own weights as the draft)",
+    )  # fmt: skip
+    group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    group.add_argument("--device", default="cpu")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def _add_slo_args(group) -> None:
     group.add_argument(
         "--slo", default=None, metavar="TARGETS",
         help="default latency targets of requests that set none (their body's \"slo\": "
@@ -68,15 +81,6 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
         help="steps are planned to this share of the tightest promised TPOT, leaving the rest "
         "for step-time noise (default 0.85; 1.0: to the promise exactly)",
     )  # fmt: skip
-    group.add_argument(
-        "--speculative-config", default=None, metavar="JSON",
-        help="speculative decoding, as vLLM spells it: '{\"method\": \"ngram\" | \"draft\" | "
-        "\"self\", \"num_speculative_tokens\": k | \"auto\"}' (ngram: prompt_lookup_min/max; "
-        "draft: model; self: quantization of the target's own weights as the draft)",
-    )  # fmt: skip
-    group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-    group.add_argument("--device", default="cpu")
-    group.add_argument("--seed", type=int, default=0)
 
 
 def engine_config_from_args(args: argparse.Namespace, **scheduler_overrides) -> EngineConfig:
