@@ -111,3 +111,19 @@ def test_extreme_temperature_and_penalty_stay_finite():
     params = SamplingParams(temperature=1.0, repetition_penalty=1e-300)
     counts = draw(params, n=50, output_ids=[1, 2])
     assert sum(counts.values()) == 50 and all(0 <= t < VOCAB for t in counts)
+
+
+def test_nan_logits_never_win_in_any_kind_of_row():
+    # One batch: a plain greedy row, a sampled row and a greedy row with logprobs, each with
+    # NaN at a token that would otherwise lead: none picks it, nor the -inf (impossible) one.
+    logits = torch.tensor([[0.0, 5.0, 2.0, float("-inf")]]).repeat(3, 1)
+    logits[:, 1] = float("nan")
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, seed=1),
+        SamplingParams(temperature=0.0, logprobs=2),
+    ]
+    gen = torch.Generator().manual_seed(0)
+    rows = [SamplingRow(p, gen if p.temperature else None, [0], []) for p in params]
+    tokens, _ = sample(logits.clone(), rows, [[], [], []])
+    assert tokens[0] == 2 and tokens[2] == 2 and tokens[1] in (0, 2)

@@ -86,11 +86,19 @@ def constrained_logits(
         end_ids = [rows[i].params.stop_token_ids for i in constrained]
         bitmask = fill_bitmask(matchers, end_ids, parallel=logits.device.type != "cpu")
         apply_bitmask(logits, constrained, bitmask)
-    penalised = [i for i, row in enumerate(rows) if row.params.has_penalties]
-    if penalised:
+    if any(row.params.has_penalties for row in rows):
         _apply_penalties(logits, rows)
-        # Extreme penalties can overflow: NaN never wins, +inf becomes the largest finite value.
-        idx = torch.tensor(penalised, device=logits.device)
+    # NaN never wins and +inf becomes the largest finite value (extreme penalties overflow) in
+    # every row that is sampled, penalised, or argmaxed off the CPU; the CPU's native argmax
+    # already skips NaN, so greedy rows there skip this pass.
+    off_cpu = logits.device.type != "cpu"
+    unclean = [
+        i
+        for i, row in enumerate(rows)
+        if off_cpu or row.params.has_penalties or not row.params.is_greedy
+    ]
+    if unclean:
+        idx = torch.tensor(unclean, device=logits.device)
         finite = torch.nan_to_num(
             logits[idx], nan=float("-inf"), posinf=torch.finfo(logits.dtype).max
         )
