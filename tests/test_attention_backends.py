@@ -97,6 +97,25 @@ def test_native_decode_kernel_in_bfloat16():
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_bfloat16_prefill_pads_sdpa_to_a_few_shapes(case, monkeypatch):
+    """CPU SDPA in bf16 caches a JIT kernel per query/key block shape forever: every prefill
+    reaches it padded to multiples of SDPA_PAD, with the same result as the reference."""
+    from tokenmill.attention.backends import torch_backend
+
+    seen, sdpa = [], torch_backend.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.shape[2], k.shape[2]))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch_backend.F, "scaled_dot_product_attention", spy)
+    got, expected = run_case(TorchAttentionBackend(use_native=True), case, torch.bfloat16)
+    torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
+    assert seen, "no prefill segment reached SDPA"
+    assert all(n % torch_backend.SDPA_PAD == 0 for shape in seen for n in shape), seen
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_triton_kernel_matches_dense_reference(case):
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":

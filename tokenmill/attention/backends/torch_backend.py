@@ -45,6 +45,7 @@ class _Segment:
     seq_len: int
     block_ids: torch.Tensor  # [nb] the blocks covering seq_len
     mask: torch.Tensor | None  # [Q, seq_len] True = attend; None: plain causal from 0
+    padded_mask: torch.Tensor | None = None  # mask padded for SDPA: made by the first layer
 
 
 @dataclass
@@ -158,24 +159,59 @@ def _prefill_segment(
     md: AttentionMetadata,
 ) -> torch.Tensor:
     # 4-D inputs: CPU SDPA takes its flash kernel only for (batch, heads, seq, dim).
-    q_s = q[seg.start : seg.end].transpose(0, 1)[None]  # (1, H, Q, D)
+    q_s = q[seg.start : seg.end]  # (Q, H, D)
     if seg.mask is None:
         # Fresh prompt: the keys are this chunk's own, causal; read back from a quantized cache
         # only, so that they are the values every later read of them sees.
-        k_s, v_s = k[seg.start : seg.end], v[seg.start : seg.end]  # (Q, Hkv, D)
+        keys, values = k[seg.start : seg.end], v[seg.start : seg.end]  # (Q, Hkv, D)
         if cache.scale is not None:
             slots = md.slot_mapping[seg.start : seg.end]
-            k_s = kv_quant.read_slots(cache.kv, cache.scale, 0, slots, q.dtype)
-            v_s = kv_quant.read_slots(cache.kv, cache.scale, 1, slots, q.dtype)
-        keys, values = k_s.transpose(0, 1)[None], v_s.transpose(0, 1)[None]  # (1, Hkv, Q, D)
-        o = _sdpa(q_s, keys, values, None, spec.scale)
+            keys = kv_quant.read_slots(cache.kv, cache.scale, 0, slots, q.dtype)
+            values = kv_quant.read_slots(cache.kv, cache.scale, 1, slots, q.dtype)
     else:
-        # (nb, bs, Hkv, D) -> (L, Hkv, D) -> (1, Hkv, L, D)
+        # (nb, bs, Hkv, D) -> (L, Hkv, D)
         keys = cache.blocks(0, seg.block_ids, q.dtype).flatten(0, 1)[: seg.seq_len]
         values = cache.blocks(1, seg.block_ids, q.dtype).flatten(0, 1)[: seg.seq_len]
-        keys, values = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
-        o = _sdpa(q_s, keys, values, seg.mask, spec.scale)
-    return o[0].transpose(0, 1)  # (Q, H, D)
+    num_q = q_s.shape[0]
+    mask = seg.mask
+    if _pads_sdpa(q):
+        q_s, keys, values = (_pad_rows(x) for x in (q_s, keys, values))
+        if mask is not None:
+            if seg.padded_mask is None:
+                seg.padded_mask = _pad_mask(mask, q_s.shape[0], keys.shape[0])
+            mask = seg.padded_mask
+    # (len, heads, D) -> (1, heads, len, D)
+    q_s, keys, values = (x.transpose(0, 1)[None] for x in (q_s, keys, values))
+    o = _sdpa(q_s, keys, values, mask, spec.scale)
+    return o[0, :, :num_q].transpose(0, 1)  # (Q, H, D)
+
+
+# CPU SDPA in bfloat16/float16 JIT-compiles a brgemm kernel for every (query block, key block)
+# shape it meets and keeps each one in a per-thread cache that nothing empties (torch's cpublas
+# KernelCache): ragged prompt lengths grew a served engine's memory by megabytes a minute without
+# bound (BENCHMARKS.md section 13). Queries and keys padded with zeros to a multiple of SDPA_PAD
+# leave it a few dozen shapes. Exact: under the causal rule a real query never sees a padded
+# key, the padding columns of a mask are closed and the padded query rows are dropped.
+SDPA_PAD = 64
+
+
+def _pads_sdpa(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (len, heads, D) with zero rows appended up to a multiple of SDPA_PAD."""
+    extra = -x.shape[0] % SDPA_PAD
+    return F.pad(x, (0, 0, 0, 0, 0, extra)) if extra else x
+
+
+def _pad_mask(mask: torch.Tensor, num_q: int, num_k: int) -> torch.Tensor:
+    """[Q, L] -> [num_q, num_k]: padded keys closed to real queries; padded query rows (dropped
+    afterwards) open to every key, so that no row is empty."""
+    padded = torch.ones(num_q, num_k, dtype=torch.bool, device=mask.device)
+    padded[: mask.shape[0], mask.shape[1] :] = False
+    padded[: mask.shape[0], : mask.shape[1]] = mask
+    return padded
 
 
 def _sdpa(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
