@@ -205,6 +205,37 @@ def test_native_argmax_is_the_first_largest_and_skips_nans(variant_kernels):
             assert torch.equal(variant_kernels.argmax_last_dim(x), expected), (dtype, vocab)
 
 
+def test_masked_argmax_equals_a_masked_fill_then_argmax(variant_kernels):
+    """Rows with a grammar bitmask pick the first largest allowed entry (0 when none is a
+    number); tokens past the bitmask are never allowed; the other rows are plain argmaxes."""
+    gen = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.bfloat16):
+        for vocab, num_words in ((15, 1), (16, 1), (49152, 1536), (50001, 1563), (50001, 1500)):
+            x = torch.randn(7, vocab, generator=gen).to(dtype)
+            x[3, vocab - 1] = float("nan")
+            density = torch.tensor([0.9, 0.5, 0.001, 0.0, 1.0, 0.01])[:, None]
+            bits = torch.rand(6, 32 * num_words, generator=gen) < density  # masked rows
+            bits[3] = False  # nothing allowed: 0
+            bits[4, : min(vocab, 32 * num_words) - 1] = False  # only the last (NaN in row 3)
+            x[4, vocab - 1 if vocab <= 32 * num_words else 0] = float("nan")
+            rows = torch.tensor([0, 1, 2, 3, 4, 6])  # row 5 is free
+            weights = (1 << torch.arange(32, dtype=torch.int64)).view(1, 1, 32)
+            words = (bits.view(6, num_words, 32).long() * weights).sum(-1)
+            allowed = words.to(torch.int64).to(torch.int32)  # wraps bit 31 as the engine does
+            ref = x.float().clone()
+            ref = torch.nan_to_num(ref, nan=float("-inf"))
+            width = min(vocab, 32 * num_words)
+            for j, r in enumerate(rows.tolist()):
+                keep = torch.zeros(vocab, dtype=torch.bool)
+                keep[:width] = bits[j, :width]
+                ref[r, ~keep] = float("-inf")
+            expected = torch.where(
+                ref.max(dim=-1).values > float("-inf"), ref.argmax(dim=-1), torch.zeros(7).long()
+            )
+            got = variant_kernels.argmax_last_dim_masked(x, rows, allowed.contiguous())
+            assert torch.equal(got, expected), (dtype, vocab, num_words, got, expected)
+
+
 def test_fused_lm_head_argmax_equals_the_argmax_of_the_bf16_logits():
     from tokenmill.models.linear_ops import linear, linear_argmax
 

@@ -98,6 +98,49 @@ def test_sample_masks_grammar_rows_only(compiler):
     assert tokens[1] == expected_free
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_grammar_rows_read_the_bitmask_natively(compiler, dtype, monkeypatch):
+    """All-greedy batches with grammar rows skip the float copy and masked fill: the native
+    argmax reads the bitmask and picks the tokens the masked fill would have."""
+    from tokenmill.worker import sampler
+
+    tokenizer = compiler._tokenizer
+    vocab = tokenizer.vocab_size + 64  # a padded lm_head: the padding is never allowed
+    rng = random.Random(3)
+    compiled = grammars(compiler)
+    matchers = [g.compiled.new_matcher() for g in compiled]
+    for m in matchers:
+        walk(m, vocab, rng, 2)
+    logits = torch.randn(len(matchers) + 2, vocab, generator=torch.Generator().manual_seed(1))
+    logits = logits.to(dtype)
+    logits[:, tokenizer.vocab_size :] = 50.0  # would win if the padding were not masked
+    rows, constrained = [], []
+    for i in range(logits.shape[0]):
+        j = i - 1
+        grammar = compiled[j] if 0 <= j < len(matchers) else None
+        params = SamplingParams(temperature=0, max_tokens=4, grammar=grammar)
+        matcher = matchers[j] if grammar is not None else None
+        if matcher is not None:
+            constrained.append(i)
+        rows.append(SamplingRow(params, None, [1], [], matcher))
+    bitmask = fill_bitmask([rows[i].matcher for i in constrained], [()] * len(constrained))
+    reference = logits.float().clone()
+    apply_bitmask(reference, constrained, bitmask)
+    expected = reference.argmax(dim=-1).tolist()
+
+    def no_masked_fill(*args, **kwargs):
+        raise AssertionError("the general path's masked fill ran")
+
+    monkeypatch.setattr(sampler, "apply_bitmask", no_masked_fill)
+    accepted = []
+    for i in constrained:
+        monkeypatch.setattr(rows[i].matcher, "accept", lambda t, i=i: accepted.append((i, t)))
+    tokens, logprobs = sample(logits, rows, [[] for _ in rows])
+    assert tokens == expected
+    assert logprobs == [None] * len(rows)
+    assert accepted == [(i, expected[i]) for i in constrained]  # each matcher advanced
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_unpack_equals_cpu_unpack(compiler):
     matchers = [g.compiled.new_matcher() for g in grammars(compiler)]

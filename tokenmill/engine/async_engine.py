@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.build import build_engine
+from tokenmill.engine.heap_trim import HeapTrimmer
 from tokenmill.engine.latency import LatencyReporter, RequestObserver, StreamTrack
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.request_stream import EngineInternalError, EngineStoppedError, RequestStream
@@ -113,6 +114,7 @@ class AsyncEngine:
         # Called on the loop thread each time it finds no request left (the server's step-trace
         # writer); its errors are logged, never raised.
         self.idle_hook: Callable[[], None] | None = None
+        self._heap = HeapTrimmer()  # loop thread only
         # Streams whose consumer has not seen the end yet (any thread; set ops are atomic).
         self._open_streams: set[RequestStream] = set()
         self._built = threading.Event()
@@ -253,11 +255,13 @@ class AsyncEngine:
                     return
                 if not self.engine.has_unfinished_requests():
                     self._snapshot()
+                    self._heap.on_idle()
                     self._on_idle()
                     self._wakeup.wait()
                     continue
                 if self._step():
                     self._loop_time_total_s += time.perf_counter() - start
+                    self._heap.after_step()
         except BaseException:  # pragma: no cover - a bug in this loop itself, not a request
             logger.exception("the engine loop stopped")
             self._fail_all(EngineStoppedError("the engine loop stopped unexpectedly"))

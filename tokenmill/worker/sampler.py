@@ -44,6 +44,10 @@ def sample(
     if all(_plain_greedy(r, ids) for r, ids in zip(rows, stop_ids_before_min, strict=True)):
         # Nothing to mask, penalise or report: the argmax is the whole answer.
         return greedy_tokens(logits).tolist(), [None] * len(rows)
+    masked = _masked_greedy(logits, rows, stop_ids_before_min)
+    if masked is not None:
+        _advance_matchers(rows, masked)
+        return masked, [None] * len(rows)
     logits = logits.float()
     want_logprobs = [r.params.logprobs is not None for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
@@ -61,9 +65,7 @@ def sample(
         idx = torch.tensor(random, device=device)
         tokens[idx] = _sample_random(logits[idx], [rows[i] for i in random])
     token_list = tokens.tolist()
-    for row, token in zip(rows, token_list, strict=True):
-        if row.matcher is not None and token not in row.params.stop_token_ids:
-            row.matcher.accept(token)
+    _advance_matchers(rows, token_list)
     logprobs: list[TokenLogprobs | None] = [None] * len(rows)
     if raw_logprobs is not None:
         for i, row in enumerate(rows):
@@ -126,6 +128,38 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 def _plain_greedy(row: SamplingRow, forbidden: list[int]) -> bool:
     return row.params.is_plain_greedy and not forbidden and row.matcher is None
+
+
+def _masked_greedy(
+    logits: torch.Tensor, rows: list[SamplingRow], stop_ids_before_min: list[list[int]]
+) -> list[int] | None:
+    """Every row greedy with nothing else to apply, some under a grammar, on the CPU: the
+    native argmax reads each grammar row's bitmask in place (no float copy of the logits, no
+    masked fill). None where that does not apply."""
+    if logits.device.type != "cpu" or logits.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    if any(ids for ids in stop_ids_before_min) or not all(
+        r.params.is_greedy and r.params.logprobs is None and not r.params.has_penalties
+        for r in rows
+    ):
+        return None
+    from tokenmill.native import kernels as native_kernels
+
+    kernels = native_kernels()
+    if kernels is None or not hasattr(kernels, "argmax_last_dim_masked"):
+        return None
+    constrained = [i for i, row in enumerate(rows) if row.matcher is not None]
+    matchers = [rows[i].matcher for i in constrained]
+    bitmask = fill_bitmask(matchers, [rows[i].params.stop_token_ids for i in constrained])
+    return kernels.argmax_last_dim_masked(
+        logits.contiguous(), torch.tensor(constrained), torch.from_numpy(bitmask)
+    ).tolist()
+
+
+def _advance_matchers(rows: list[SamplingRow], tokens: list[int]) -> None:
+    for row, token in zip(rows, tokens, strict=True):
+        if row.matcher is not None and token not in row.params.stop_token_ids:
+            row.matcher.accept(token)
 
 
 def token_logprobs(logprobs: torch.Tensor, token_id: int, num_top: int) -> TokenLogprobs:

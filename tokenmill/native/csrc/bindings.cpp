@@ -49,6 +49,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether the AVX512-VNNI quantized GEMM is compiled in (else a portable loop)");
   m.def("argmax_last_dim", &tokenmill::argmax_last_dim, no_gil(),
         "first position of each row's largest value, [N, V] -> [N] (CPU)");
+  m.def("argmax_last_dim_masked", &tokenmill::argmax_last_dim_masked, no_gil(),
+        "argmax_last_dim where the given rows pick only tokens their bitmask allows (CPU)");
   m.def("rms_norm_bf16", &tokenmill::rms_norm_bf16, no_gil(),
         "RMSNorm of bf16 rows, computed in fp32 (CPU)");
   m.def("llama_decode_layer", &tokenmill::llama_decode_layer, no_gil(),

@@ -44,6 +44,10 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t bit
                       int64_t group, int64_t n_dim);
 
 at::Tensor argmax_last_dim(const at::Tensor& logits);
+// argmax_last_dim where rows[j] may only pick the tokens bitmask row allowed[j] ([M, W] int32)
+// sets; the other rows are plain argmaxes.
+at::Tensor argmax_last_dim_masked(const at::Tensor& logits, const at::Tensor& rows,
+                                  const at::Tensor& allowed);
 
 at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps);
 

@@ -139,4 +139,57 @@ inline std::pair<float, int64_t> max_above(
   return {above, -1};  // not reached: m is one of the entries
 }
 
+// max_above over the entries a bitmask allows: bit (i & 31) of allowed[i >> 5] is entry i
+// (a grammar engine's token bitmask); entries past 32 * num_words are not allowed. Chunks of
+// 16 entries with no allowed bit are not read. {above, -1} when no allowed entry exceeds
+// `above`; NaNs never win.
+template <typename T>
+inline std::pair<float, int64_t> masked_max_above(
+    const T* x, int64_t n, const uint32_t* allowed, int64_t num_words,
+    float above = -std::numeric_limits<float>::infinity()) {
+  n = std::min(n, 32 * num_words);
+  const auto is_allowed = [&](int64_t i) { return (allowed[i >> 5] >> (i & 31)) & 1u; };
+  // The 16 bits of entries [i, i + 16), i a multiple of 16.
+  const auto chunk_bits = [&](int64_t i) {
+    return static_cast<uint16_t>(allowed[i >> 5] >> (i & 31));
+  };
+  float m = above;
+  int64_t i = 0;
+#if TOKENMILL_AVX512
+  __m512 vm = _mm512_set1_ps(m);
+  for (; i + kLanes <= n; i += kLanes) {
+    const __mmask16 k = chunk_bits(i);
+    if (k) vm = _mm512_mask_max_ps(vm, k, load16(x + i), vm);  // NaN: keeps vm
+  }
+  m = _mm512_reduce_max_ps(vm);
+#else
+  for (; i + kLanes <= n; i += kLanes) {
+    const uint16_t k = chunk_bits(i);
+    for (int l = 0; k && l < kLanes; ++l) {
+      const float v = to_float(x[i + l]);
+      if (((k >> l) & 1u) && v > m) m = v;
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const float v = to_float(x[i]);
+    if (is_allowed(i) && v > m) m = v;
+  }
+  if (!(m > above)) return {above, -1};
+  for (i = 0; i + kLanes <= n; i += kLanes) {
+    const uint16_t k = chunk_bits(i);
+    if (!k) continue;
+#if TOKENMILL_AVX512
+    const __mmask16 hit = _mm512_mask_cmpeq_ps_mask(k, load16(x + i), _mm512_set1_ps(m));
+    if (hit) return {m, i + __builtin_ctz(hit)};
+#else
+    for (int l = 0; l < kLanes; ++l)
+      if (((k >> l) & 1u) && to_float(x[i + l]) == m) return {m, i + l};
+#endif
+  }
+  for (; i < n; ++i)
+    if (is_allowed(i) && to_float(x[i]) == m) return {m, i};
+  return {above, -1};  // not reached: m is one of the allowed entries
+}
+
 }  // namespace tokenmill
