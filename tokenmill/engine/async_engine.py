@@ -7,10 +7,9 @@
     RequestStream <-- call_soon_threadsafe -- engine.step() outputs, one batch per loop
     stream.abort() --- _Abort --------------> abort: KV blocks freed before the next step
 
-LLMEngine is not thread-safe, so only the loop thread touches it; the asyncio side talks to it
-through the command queue alone. The forward pass is blocking torch work that releases the GIL, so
-the event loop keeps serving HTTP while a step runs. When nothing is in flight the loop thread
-sleeps on an event.
+LLMEngine is not thread-safe: only the loop thread touches it, the asyncio side talks to it through
+the command queue. The forward pass releases the GIL, so the event loop keeps serving HTTP while a
+step runs. With nothing in flight the loop thread trims the heap and sleeps on an event.
 """
 
 from __future__ import annotations
@@ -96,10 +95,8 @@ class AsyncEngine:
         """Either an engine built already, or `build()`, called on the engine thread: then every
         torch operation of the process (loading, warm-up, steps) runs on that one thread.
 
-        That matters on a CPU: each thread that runs an OpenMP parallel region gets its own team
-        of worker threads, and once the teams together outnumber the cores, libgomp stops
-        spin-waiting between regions; a 135M-model decode step then takes 2x as long (12-14 ms
-        instead of 6; BENCHMARKS.md)."""
+        On a CPU each thread that runs OpenMP regions gets its own team of workers; teams that
+        together outnumber the cores make a 135M-model decode step 2x as long (BENCHMARKS.md)."""
         if (engine is None) == (build is None):
             raise ValueError("give either an engine or a build function (exactly one)")
         self.engine = engine
@@ -111,8 +108,7 @@ class AsyncEngine:
         self._stats = ServingStats()
         self._step_time_total_s = 0.0
         self._loop_time_total_s = 0.0
-        # Called on the loop thread each time it finds no request left (the server's step-trace
-        # writer); its errors are logged, never raised.
+        # Called on the loop thread whenever no request is left (the step-trace writer); never raises.
         self.idle_hook: Callable[[], None] | None = None
         self._heap = HeapTrimmer()  # loop thread only
         # Streams whose consumer has not seen the end yet (any thread; set ops are atomic).
@@ -255,7 +251,6 @@ class AsyncEngine:
                     return
                 if not self.engine.has_unfinished_requests():
                     self._snapshot()
-                    self._heap.on_idle()
                     self._on_idle()
                     self._wakeup.wait()
                     continue
@@ -270,6 +265,7 @@ class AsyncEngine:
             self._snapshot(is_running=False)
 
     def _on_idle(self) -> None:
+        self._heap.on_idle()
         if self.idle_hook is None:
             return
         try:
