@@ -212,19 +212,18 @@ def test_masked_argmax_equals_a_masked_fill_then_argmax(variant_kernels):
     for dtype in (torch.float32, torch.bfloat16):
         for vocab, num_words in ((15, 1), (16, 1), (49152, 1536), (50001, 1563), (50001, 1500)):
             x = torch.randn(7, vocab, generator=gen).to(dtype)
-            x[3, vocab - 1] = float("nan")
+            width = min(vocab, 32 * num_words)  # tokens past the bitmask: never allowed
             density = torch.tensor([0.9, 0.5, 0.001, 0.0, 1.0, 0.01])[:, None]
             bits = torch.rand(6, 32 * num_words, generator=gen) < density  # masked rows
             bits[3] = False  # nothing allowed: 0
-            bits[4, : min(vocab, 32 * num_words) - 1] = False  # only the last (NaN in row 3)
-            x[4, vocab - 1 if vocab <= 32 * num_words else 0] = float("nan")
+            bits[4, : width - 1] = False  # only the last token inside the bitmask...
+            x[4, width - 1] = float("nan")  # ...and it is NaN: 0
+            x[6, width - 1] = float("nan")  # a NaN among allowed tokens never wins
             rows = torch.tensor([0, 1, 2, 3, 4, 6])  # row 5 is free
             weights = (1 << torch.arange(32, dtype=torch.int64)).view(1, 1, 32)
             words = (bits.view(6, num_words, 32).long() * weights).sum(-1)
-            allowed = words.to(torch.int64).to(torch.int32)  # wraps bit 31 as the engine does
-            ref = x.float().clone()
-            ref = torch.nan_to_num(ref, nan=float("-inf"))
-            width = min(vocab, 32 * num_words)
+            allowed = words.to(torch.int32)  # wraps bit 31 into the sign, as llguidance's do
+            ref = torch.nan_to_num(x.float(), nan=float("-inf"))
             for j, r in enumerate(rows.tolist()):
                 keep = torch.zeros(vocab, dtype=torch.bool)
                 keep[:width] = bits[j, :width]

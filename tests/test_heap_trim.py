@@ -71,8 +71,9 @@ def test_malloc_trim_hands_back_pages_freed_behind_a_live_chunk():
     for c in chunks[:-1]:
         libc.free(c)
     before = _rss_kb()
-    heap = HeapTrimmer(0.001, trim=glibc_malloc_trim())
-    heap._last = -1e9
+    clock = FakeClock()
+    heap = HeapTrimmer(60.0, trim=glibc_malloc_trim(), clock=clock)
+    clock.now = 60.0
     heap.after_step()
     after = _rss_kb()
     libc.free(chunks[-1])

@@ -52,7 +52,6 @@ class HeapTrimmer:
         self._last = clock()
         self._steps_since = 0
         self.num_trims = 0
-        self.trim_time_s = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -72,7 +71,6 @@ class HeapTrimmer:
         if now - self._last < interval_s:
             return
         self._trim(0)
-        self._last = self._clock()
-        self.trim_time_s += self._last - now
+        self._last = now
         self.num_trims += 1
         self._steps_since = 0

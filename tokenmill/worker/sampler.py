@@ -146,7 +146,7 @@ def _masked_greedy(
     from tokenmill.native import kernels as native_kernels
 
     kernels = native_kernels()
-    if kernels is None or not hasattr(kernels, "argmax_last_dim_masked"):
+    if kernels is None:
         return None
     constrained = [i for i, row in enumerate(rows) if row.matcher is not None]
     matchers = [rows[i].matcher for i in constrained]
