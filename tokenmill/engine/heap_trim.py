@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable
 
 # A trim took 1.4-4.3 ms and returned 30-160 MB after batches of 48 ShareGPT requests
-# (BENCHMARKS.md section 13): once a minute is nothing next to the steps in between.
-HEAP_TRIM_INTERVAL_S = 60.0
+# (BENCHMARKS.md section 13): every 10 s is ~0.03% of a busy engine's time. Once a minute let
+# the heap saw 50 MB up and down between trims, noise that hid the slope a soak measures.
+HEAP_TRIM_INTERVAL_S = 10.0
 HEAP_TRIM_IDLE_INTERVAL_S = 5.0
 
 
