@@ -28,7 +28,7 @@ from tokenmill.engine.heap_trim import HeapTrimmer
 from tokenmill.engine.latency import LatencyReporter, RequestObserver, StreamTrack
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.request_stream import EngineInternalError, EngineStoppedError, RequestStream
-from tokenmill.engine.stats import EngineStats
+from tokenmill.engine.stats import ServingStats
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import OutputKind, RequestOutput
 from tokenmill.perf.trace import StepRecord
@@ -40,20 +40,6 @@ logger = logging.getLogger(__name__)
 # A step that neither produced output nor consumed tokens did no work (nothing schedulable);
 # back off this long instead of spinning on it.
 _NO_PROGRESS_BACKOFF_S = 0.005
-
-
-@dataclass(frozen=True)
-class ServingStats:
-    """A consistent snapshot, taken by the loop thread after each iteration: the engine's own
-    stats and the loop's."""
-
-    engine: EngineStats = EngineStats()
-    num_streams: int = 0  # requests with a consumer attached (running, waiting or being added)
-    step_time_total_s: float = 0.0  # wall time spent in LLMEngine.step(), summed
-    # Wall time of the loop's iterations that ran the model: taking in new requests, the step,
-    # handing out its outputs; what a request waits per step (step_time_total_s and the rest).
-    loop_time_total_s: float = 0.0
-    is_running: bool = False  # the loop thread is alive and serving
 
 
 # ---- commands from the asyncio side to the loop thread ------------------------------------
@@ -69,6 +55,7 @@ class _Add:
     arrival: float  # time.monotonic() when the caller asked, so TTFT includes the hand-over
     output_kind: OutputKind = OutputKind.DELTA
     slo: SLO | None = None  # latency targets (None: the engine's default)
+    arrival_time: float = 0.0  # time.time() the caller had it: what a TTFT promise counts from
 
 
 @dataclass
@@ -77,9 +64,7 @@ class _Abort:
 
 
 @dataclass
-class _Stop:
-    """Abort everything in flight (its consumers get EngineStoppedError), then end the loop."""
-
+class _Stop:  # abort everything in flight (consumers get EngineStoppedError), end the loop
     reason: str
 
 
@@ -166,11 +151,13 @@ class AsyncEngine:
         priority: int = 0,
         output_kind: OutputKind = OutputKind.DELTA,
         slo: SLO | None = None,
+        arrival_time: float | None = None,
     ) -> RequestStream:
         """Add a request and return its output stream once the engine has accepted it.
 
         `output_kind`: DELTA (each output carries only what is new), FINAL_ONLY or CUMULATIVE.
-        `slo`: its latency targets (LLMEngine.add_request).
+        `slo`: its latency targets (LLMEngine.add_request), counted from `arrival_time`
+        (time.time(); default now: a server passes when it had the whole request).
         """
         if not self.is_running:
             raise EngineStoppedError("the engine is shutting down and takes no new requests")
@@ -178,8 +165,11 @@ class AsyncEngine:
         stream = RequestStream(self, request_id, loop)
         self._open_streams.add(stream)
         added = loop.create_future()
+        arrival = time.time() if arrival_time is None else arrival_time
         self._post(
-            _Add(stream, prompt, params, priority, added, time.monotonic(), output_kind, slo)
+            _Add(
+                stream, prompt, params, priority, added, time.monotonic(), output_kind, slo, arrival
+            )
         )
         try:
             error = await added
@@ -302,6 +292,7 @@ class AsyncEngine:
                     command.prompt,
                     command.params,
                     priority=command.priority,
+                    arrival_time=command.arrival_time,
                     output_kind=command.output_kind,
                     slo=command.slo,
                 )

@@ -272,6 +272,8 @@ class SloController:
                 continue  # not delayed by the candidates / no first-token promise
             finish = now + self.prompt_time(tokens, k, step_s)
             finish_without = now + self.prompt_time(others, k, step_s)
+            if r in candidates:
+                r.predicted_first_token_time = finish
             if finish > r.deadline and (r in candidates or finish_without <= r.deadline):
                 backlog = sum(q.num_tokens - q.num_computed_tokens for q in pending)
                 backlog -= sum(q.num_tokens - q.num_computed_tokens for q in candidates)

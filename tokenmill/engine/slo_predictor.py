@@ -5,8 +5,15 @@ machine's calibrated profile, the planner's "this-machine"); every measured step
 online, per step kind, since prompt steps (compute-bound) and decode steps (bound by streaming
 the weights) drift apart from the profile differently on a shared machine:
 
-    predicted(batch) = base(batch) * ratio[kind(batch)]
-    ratio[kind]     <- (1 - alpha) * ratio[kind] + alpha * measured / base     (after each step)
+    predicted(batch) = c0[kind] + c1[kind] * base(batch) + c2[kind] * tokens(batch)
+
+fitted by least squares to the measured steps of that kind, each older step weighing (1 - alpha)
+times less, and held near c = (0, 1, 0) (the base model is right) where the steps do not tell.
+A ratio alone (c1) misses what the base model gets wrong in shape, not scale: under GGUF
+weights on this CPU every computed row costs about the same (the quantized kernel is
+compute-bound from a few rows), where the roofline has decode rows ride on the weight stream;
+a one-token chunk beside a full decode batch was then predicted far under its cost, and a
+prompt promised on it trickled in 1-2 tokens a step past its TTFT (BENCHMARKS.md section 11).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
 
 from tokenmill.perf.dtypes import Precision
 from tokenmill.perf.roofline import roofline_time
@@ -29,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 STEP_KINDS = ("prompt", "decode", "verify")
 _MIN_RATIO, _MAX_RATIO = 1e-3, 1e3
+_RIDGE = 1e-6  # how firmly c is held at (0, 1, 0), relative to the steps' own features
 
 
 class BaseStepModel(Protocol):
@@ -76,24 +86,73 @@ class PredictionStats:
     last_error_s: float = 0.0  # the last step's predicted - measured
 
 
+class Correction:
+    """c0 + c1 * base + c2 * tokens = measured, for one step kind: least squares over the
+    measured steps, each weighing `decay` times the one after it, with a small ridge toward
+    (0, 1, 0); c0 and c2 kept >= 0 (a negative one is dropped and the rest refitted)."""
+
+    PRIOR = (0.0, 1.0, 0.0)
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.coef = np.array(self.PRIOR)
+        self._xx = np.zeros((3, 3))  # decayed sums of x x^T and of x * measured
+        self._xm = np.zeros(3)
+
+    @property
+    def slope(self) -> float:
+        return float(self.coef[1])
+
+    def apply(self, base: float, num_tokens: int) -> float:
+        c0, c1, c2 = self.coef
+        return float(c0 + c1 * base + c2 * num_tokens)
+
+    def update(self, base: float, num_tokens: int, measured: float) -> None:
+        x = np.array([1.0, base, float(num_tokens)])
+        self._xx = self.decay * self._xx + np.outer(x, x)
+        self._xm = self.decay * self._xm + x * measured
+        # The ridge scales with each feature's own size, so it means the same in any unit.
+        ridge = _RIDGE * np.maximum(np.diag(self._xx), 1e-12)
+        prior = np.array(self.PRIOR)
+        active = [0, 1, 2]
+        while True:
+            idx = np.array(active)
+            a = self._xx[np.ix_(idx, idx)] + np.diag(ridge[idx])
+            coef = np.linalg.solve(a, self._xm[idx] + ridge[idx] * prior[idx])
+            negative = [i for i, c in zip(active, coef, strict=True) if c < 0 and i != 1]
+            if not negative:
+                break
+            active.remove(negative[0])
+        self.coef = np.zeros(3)
+        self.coef[idx] = coef
+        self.coef[1] = min(max(self.coef[1], _MIN_RATIO), _MAX_RATIO)
+
+
 class StepTimePredictor:
-    def __init__(self, model: BaseStepModel, alpha: float = 0.2) -> None:
+    def __init__(self, model: BaseStepModel, alpha: float = 0.05) -> None:
         self.model = model
-        self.alpha = alpha
-        self.ratio = dict.fromkeys(STEP_KINDS, 1.0)
+        self.alpha = alpha  # the newest step's weight: older ones fade by (1 - alpha) a step
+        self.corrections = {kind: Correction(1 - alpha) for kind in STEP_KINDS}
         self.stats = {kind: PredictionStats() for kind in STEP_KINDS}
+
+    @property
+    def ratio(self) -> dict[str, float]:
+        """Each kind's c1: what one more second of the base model costs, measured."""
+        return {kind: c.slope for kind, c in self.corrections.items()}
 
     @contextlib.contextmanager
     def uncorrected(self) -> Iterator[None]:
         """Predict from the base model alone inside the block (the corrections are kept)."""
-        saved, self.ratio = self.ratio, dict.fromkeys(STEP_KINDS, 1.0)
+        saved = self.corrections
+        self.corrections = {kind: Correction(1 - self.alpha) for kind in STEP_KINDS}
         try:
             yield
         finally:
-            self.ratio = saved
+            self.corrections = saved
 
     def predict(self, batch: BatchShape) -> float:
-        return self.model.seconds(batch) * self.ratio[step_kind(batch)]
+        base = self.model.seconds(batch)
+        return self.corrections[step_kind(batch)].apply(base, batch.num_tokens)
 
     def predict_shapes(self, shapes: list[RequestShape]) -> float:
         return self.predict(BatchShape.from_requests(shapes)) if shapes else 0.0
@@ -102,13 +161,10 @@ class StepTimePredictor:
         """Correct the model by one measured step; returns what was predicted for it."""
         kind = step_kind(batch)
         base = self.model.seconds(batch)
-        predicted = base * self.ratio[kind]
+        predicted = self.corrections[kind].apply(base, batch.num_tokens)
         stats = self.stats[kind]
         if base > 0 and measured_s > 0:
-            ratio = min(max(measured_s / base, _MIN_RATIO), _MAX_RATIO)
-            # The first measurement replaces the profile's guess outright.
-            weight = 1.0 if stats.num_steps == 0 else self.alpha
-            self.ratio[kind] = (1 - weight) * self.ratio[kind] + weight * ratio
+            self.corrections[kind].update(base, batch.num_tokens, measured_s)
         stats.num_steps += 1
         stats.predicted_s += predicted
         stats.measured_s += measured_s

@@ -28,3 +28,17 @@ class EngineStats:
     slo: SloSnapshot = field(default_factory=SloSnapshot)
     # Speculative decoding: drafts proposed and accepted, per position; None when it is off.
     spec: SpecCounters | None = None
+
+
+@dataclass(frozen=True)
+class ServingStats:
+    """A consistent snapshot, taken by the loop thread after each iteration: the engine's own
+    stats and the loop's."""
+
+    engine: EngineStats = EngineStats()
+    num_streams: int = 0  # requests with a consumer attached (running, waiting or being added)
+    step_time_total_s: float = 0.0  # wall time spent in LLMEngine.step(), summed
+    # Wall time of the loop's iterations that ran the model: taking in new requests, the step,
+    # handing out its outputs; what a request waits per step (step_time_total_s and the rest).
+    loop_time_total_s: float = 0.0
+    is_running: bool = False  # the loop thread is alive and serving

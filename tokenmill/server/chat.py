@@ -45,6 +45,7 @@ from tokenmill.server.streaming import (
     final_outputs,
     merged,
     raise_if_failed,
+    received_at,
     sse,
     sse_error,
 )
@@ -129,7 +130,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     params = await with_grammar(params, *grammar, state)
     streams = await add_all(
         state.engine, job.request_id, [prompt], [params], body.priority, body.stream,
-        body.slo.to_slo() if body.slo else None,
+        body.slo.to_slo() if body.slo else None, received_at(request),
     )  # fmt: skip
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

@@ -42,6 +42,7 @@ from tokenmill.server.streaming import (
     final_outputs,
     merged,
     raise_if_failed,
+    received_at,
     sse,
     sse_error,
 )
@@ -113,6 +114,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         body.priority,
         body.stream,
         body.slo.to_slo() if body.slo else None,
+        received_at(request),
     )
     if body.stream:
         return EventStreamResponse(_events(job, streams), streams)

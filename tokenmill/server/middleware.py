@@ -98,6 +98,8 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        # The request is whole: its latency (and a TTFT promise) counts from here.
+        scope.setdefault("state", {})["received_at"] = time.time()
         await self.app(scope, _replay(b"".join(chunks), receive), send)
 
     async def _receive_in_time(self, receive: Receive, deadline: float) -> Message | APIError:

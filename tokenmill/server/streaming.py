@@ -71,6 +71,11 @@ def raise_if_failed(output: CompletionOutput) -> None:
         raise EngineInternalError(f"generation failed: {output.stop_reason or 'internal error'}")
 
 
+def received_at(request: Request) -> float | None:
+    """When BodyLimitMiddleware had the request's whole body (time.time()), if it ran."""
+    return getattr(request.state, "received_at", None)
+
+
 def abort_all(streams: Sequence[RequestStream]) -> None:
     for stream in streams:
         stream.abort()
@@ -84,8 +89,10 @@ async def add_all(
     priority: int,
     is_streamed: bool,
     slo: SLO | None = None,
+    arrival_time: float | None = None,
 ) -> list[RequestStream]:
     """Add one engine request per prompt; if any add fails, abort the ones already added.
+    `arrival_time` (time.time()): when the server had the whole request (`received_at`).
 
     A streamed response gets DELTA outputs (each chunk costs what it carries); a whole one a
     single FINAL_ONLY output."""
@@ -94,7 +101,9 @@ async def add_all(
     try:
         for idx, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             sub_id = request_id if len(prompts) == 1 else f"{request_id}-{idx}"
-            streams.append(await engine.add_request(sub_id, prompt, p, priority, kind, slo))
+            streams.append(
+                await engine.add_request(sub_id, prompt, p, priority, kind, slo, arrival_time)
+            )
     except BaseException:
         abort_all(streams)
         raise
