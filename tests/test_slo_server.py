@@ -52,3 +52,8 @@ def test_attainable_requests_are_served_and_counted(server):
         f'tokenmill:step_time_measured_seconds_total{{kind="decode",model_name="{MODEL_NAME}"}}'
     )
     assert after[measured] > 0
+    # The promised request's first token is counted with the TTFT its admission predicted.
+    ttft = {k: f'tokenmill:slo_ttft_{k}_total{{model_name="{MODEL_NAME}"}}'
+            for k in ("predictions", "predicted_seconds", "measured_seconds")}  # fmt: skip
+    delta = {k: after[name] - before.get(name, 0) for k, name in ttft.items()}
+    assert delta["predictions"] == 1 and 0 < delta["measured_seconds"] < 60

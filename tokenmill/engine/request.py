@@ -81,7 +81,7 @@ class Request:
         self.slo = slo
         self.is_best_effort = slo is None or (slo.ttft_s is None and slo.tpot_s is None)
         self.is_promised = False
-        self.predicted_first_token_time: float | None = None  # by the last admission check
+        self.predicted_first_token_time: float | None = None  # by its admission (promised)
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
 

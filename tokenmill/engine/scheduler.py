@@ -34,7 +34,8 @@ from tokenmill.engine.interfaces import (
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.request_queue import RequestQueue
-from tokenmill.engine.slo_admission import PromptBudget, SloController, in_prefill
+from tokenmill.engine.slo_admission import SloController, in_prefill
+from tokenmill.engine.slo_budget import PromptBudget
 from tokenmill.engine.slo_predictor import StepTimePredictor
 from tokenmill.engine.slo_stats import SloStats
 
@@ -250,6 +251,7 @@ class Scheduler:
             now = self.clock()
             if request.first_token_time is None:
                 request.first_token_time = now
+                self.slo_stats.record_first_token(request)
             request.last_token_time = now
             for token in tokens:
                 request.append_output_token(token)

@@ -17,7 +17,8 @@ one (the prompts behind it fill it): the j-th pending prompt gets its first toke
 ceil(prompt tokens up to j / k) steps. A candidate is admissible when every request it delays
 still finishes its prompt by its deadline, k stays >= 1 with it decoding too (TPOT), and a
 sequence slot and KV blocks for its prompt are free (capacity). The scheduler sizes each real
-chunk by the same prediction at the chunk's own context (`PromptBudget`).
+chunk by the same predictor at the chunk's own context, within what the decoding requests'
+own TPOTs allow that step (`slo_budget`): never less time than the fluid model's step.
 
 What happens to one that is not, per `slo_policy`:
     reject       refused at once: SloUnattainableError, the server's 429 with Retry-After
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tokenmill.config import SchedulerConfig
+from tokenmill.engine.slo_budget import MAX_STEP_PLANNED_TPOTS, PromptBudget, step_allowance
 from tokenmill.engine.slo_predictor import StepTimePredictor
 from tokenmill.engine.slo_stats import SloStats
 from tokenmill.errors import SloUnattainableError
@@ -42,8 +44,6 @@ from tokenmill.perf.step_cost import RequestShape
 if TYPE_CHECKING:
     from tokenmill.engine.request import Request
     from tokenmill.engine.scheduler import Scheduler
-
-MIN_PROMPT_CHUNK = 16  # prompt tokens a step still gets when nothing fits beside its decodes
 
 
 @dataclass(frozen=True)
@@ -73,52 +73,6 @@ def chunk_context(requests: list[Request]) -> int:
     """The context the fluid model's chunk is predicted at: the longest pending prompt, more
     than any chunk of any of them attends to, alone or split across prompts in one step."""
     return max((r.num_tokens for r in requests if in_prefill(r)), default=0)
-
-
-class PromptBudget:
-    """One step's prompt chunks under a promised TPOT: each chunk is the largest whose predicted
-    step (the step's decodes, the chunks granted before it and itself, each at its real
-    context, sampling or not) stays within the cap: the step the runner gets is the step
-    predicted."""
-
-    def __init__(self, predictor: StepTimePredictor, decoding: list[Request], cap: float) -> None:
-        self.predictor, self.cap = predictor, cap
-        self.decoding_ids = {r.request_id for r in decoding}
-        # (1 + drafts, context, 1 + drafts): RequestShape.of a decode as it will be scheduled.
-        self.shapes = [
-            RequestShape(1 + len(r.spec_token_ids), r.num_tokens - 1, 1 + len(r.spec_token_ids))
-            for r in decoding
-        ]
-        self.num_prompt_tokens = 0
-
-    def cap_chunk(self, request: Request, num_new: int, num_context: int) -> int:
-        """How many of `num_new` prompt tokens after `num_context` fit. When none does and the
-        step has no prompt tokens yet (the decodes alone are predicted over the cap),
-        MIN_PROMPT_CHUNK, so that prompts still progress."""
-        if request.request_id in self.decoding_ids:
-            return num_new
-
-        def fits(n: int) -> bool:
-            chunk = RequestShape(n, num_context, int(num_context + n >= request.num_tokens))
-            return self.predictor.predict_shapes([*self.shapes, chunk]) <= self.cap
-
-        if fits(num_new):
-            return num_new
-        lo, hi = 0, num_new - 1  # the predicted step grows with the chunk: bisect
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        if lo == 0 and self.num_prompt_tokens == 0:
-            return min(num_new, MIN_PROMPT_CHUNK)
-        return lo
-
-    def take(self, request: Request, num_computed: int, num_new: int) -> None:
-        """A chunk was scheduled: later chunks of the step are predicted beside it."""
-        if request.request_id in self.decoding_ids:
-            return
-        is_last = num_computed + num_new >= request.num_tokens
-        self.shapes.append(RequestShape(num_new, num_computed, int(is_last)))
-        self.num_prompt_tokens += num_new
 
 
 class SloController:
@@ -178,12 +132,16 @@ class SloController:
         return min(caps) * self.tpot_share if caps else None
 
     def prompt_budget(self, running: list[Request]) -> PromptBudget | None:
-        """This step's prompt chunks, sized so that the decodes promised a TPOT stay in it
-        (None: no TPOT is promised, no cap)."""
-        cap = self.tpot_cap([r for r in running if r.is_promised])
-        if cap is None:
+        """This step's prompt chunks, sized so that every promised decoding request keeps its
+        mean gap within its planned TPOT (engine/slo_budget.py); None: no TPOT to keep."""
+        decoding = [r for r in running if not in_prefill(r)]
+        allowance, tightest = step_allowance(decoding, self.tpot_share, self.clock())
+        if allowance == math.inf:
             return None
-        return PromptBudget(self.predictor, [r for r in running if not in_prefill(r)], cap)
+        budget = PromptBudget(self.predictor, decoding, allowance)
+        decode_only = self.predictor.predict_shapes(budget.shapes)
+        budget.may_defer = allowance < MAX_STEP_PLANNED_TPOTS * tightest and decode_only < tightest
+        return budget
 
     # ---- classes and priority preemption ------------------------------------------------
 

@@ -1,7 +1,8 @@
 """What the engine counts about its latency promises: each finished request with targets, per
 target kind (ttft, tpot) and class (its priority, or best_effort), attained or missed; the
-requests that met every target (goodput) and their tokens; refusals by reason; and the step-time
-predictor's predicted against measured times."""
+requests that met every target (goodput) and their tokens; refusals by reason; the step-time
+predictor's predicted against measured times; and each promised request's first token: when
+admission predicted it against when it came (how right the promises' model is)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class SloSnapshot:
     num_good_tokens: int = 0  # their output tokens
     refused: dict[str, int] = field(default_factory=dict)  # reason -> requests
     step_prediction: dict[str, PredictionStats] = field(default_factory=dict)  # kind -> sums
+    ttft_prediction: PredictionStats = field(default_factory=PredictionStats)  # promised TTFTs
 
 
 def measured_latency(request: Request) -> dict[str, float | None]:
@@ -42,6 +44,20 @@ class SloStats:
         self.num_good_requests = 0
         self.num_good_tokens = 0
         self.refused: dict[str, int] = {}
+        self.ttft_prediction = PredictionStats()
+
+    def record_first_token(self, request: Request) -> None:
+        """A promised request's first token against the TTFT its admission predicted."""
+        if not request.is_promised or request.predicted_first_token_time is None:
+            return
+        predicted = request.predicted_first_token_time - request.arrival_time
+        measured = request.first_token_time - request.arrival_time
+        stats = self.ttft_prediction
+        stats.num_steps += 1
+        stats.predicted_s += predicted
+        stats.measured_s += measured
+        stats.abs_error_s += abs(predicted - measured)
+        stats.last_error_s = predicted - measured
 
     def record_finished(self, request: Request) -> None:
         """A request that ended normally; only the targets it set are counted."""
@@ -72,4 +88,5 @@ class SloStats:
             num_good_tokens=self.num_good_tokens,
             refused=dict(self.refused),
             step_prediction={k: replace(v) for k, v in (prediction or {}).items()},
+            ttft_prediction=replace(self.ttft_prediction),
         )

@@ -7,6 +7,8 @@
     tokenmill:step_time_predicted_seconds_total{kind="prompt|decode|verify"}, ..._measured_..., and
     tokenmill:step_time_prediction_abs_error_seconds_total{kind}; the last step's predicted
     minus measured time: the gauge tokenmill:step_time_prediction_error_seconds{kind}
+    tokenmill:slo_ttft_predictions_total, ..._ttft_predicted_seconds_total, ..._measured_...:
+    promised requests' first tokens, the TTFT their admission predicted and the one measured
 
 Read from the engine's snapshot at scrape time, like the other engine-wide families.
 """
@@ -61,3 +63,13 @@ def slo_families(slo: SloSnapshot, model_name: str):
     for kind, stats in sorted(pred.items()):
         gauge.add_metric([model_name, kind], stats.last_error_s)
     yield gauge
+    ttft = slo.ttft_prediction
+    for name, doc, value in (
+        ("slo_ttft_predictions", "Promised requests' first tokens.", ttft.num_steps),
+        ("slo_ttft_predicted_seconds", "The TTFT their admission predicted, summed.",
+         ttft.predicted_s),
+        ("slo_ttft_measured_seconds", "Their measured TTFT, summed.", ttft.measured_s),
+    ):  # fmt: skip
+        family = CounterMetricFamily(f"{PREFIX}{name}", doc, labels=["model_name"])
+        family.add_metric([model_name], value)
+        yield family
