@@ -99,10 +99,6 @@ class Correction:
         self._xx = np.zeros((3, 3))  # decayed sums of x x^T and of x * measured
         self._xm = np.zeros(3)
 
-    @property
-    def slope(self) -> float:
-        return float(self.coef[1])
-
     def apply(self, base: float, num_tokens: int) -> float:
         c0, c1, c2 = self.coef
         return float(c0 + c1 * base + c2 * num_tokens)
@@ -134,11 +130,6 @@ class StepTimePredictor:
         self.alpha = alpha  # the newest step's weight: older ones fade by (1 - alpha) a step
         self.corrections = {kind: Correction(1 - alpha) for kind in STEP_KINDS}
         self.stats = {kind: PredictionStats() for kind in STEP_KINDS}
-
-    @property
-    def ratio(self) -> dict[str, float]:
-        """Each kind's c1: what one more second of the base model costs, measured."""
-        return {kind: c.slope for kind, c in self.corrections.items()}
 
     @contextlib.contextmanager
     def uncorrected(self) -> Iterator[None]:

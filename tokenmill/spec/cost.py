@@ -44,10 +44,14 @@ class VerifyCost:
     def _roofline_marginal(self, contexts: list[int]) -> float:
         if self.predictor is None:
             return FALLBACK_DECODE_S / 8
-        shapes = [RequestShape(2, c, 2) for c in contexts]
-        base = self.decode_seconds(contexts)
-        more = self.predictor.model.seconds(BatchShape.from_requests(shapes))
-        more *= self.predictor.ratio["decode"]
+        # Both steps through the decode kind's correction (its per-token cost included).
+        correction = self.predictor.corrections["decode"]
+        steps = [
+            BatchShape.from_requests([RequestShape(n, c, n) for c in contexts]) for n in (1, 2)
+        ]
+        base, more = (
+            correction.apply(self.predictor.model.seconds(b), b.num_tokens) for b in steps
+        )
         return max(more - base, 0.0) / len(contexts)
 
     def observe(self, contexts: list[int], num_extra: int, measured_s: float) -> None:
