@@ -90,6 +90,18 @@ def test_prompt_chunks_shrink_so_decodes_keep_their_tpot():
     assert sched.slo_stats.attained[("tpot", "0")] == 4 and not sched.slo_stats.missed
 
 
+def test_a_tiny_chunk_does_not_wait_when_a_decode_only_step_banks_too_little():
+    sched, clock = make()
+    for i in range(4):
+        add(sched, req(f"d{i}", 8, tpot=22 * MS, max_tokens=50))
+    run_step(sched, clock)
+    add(sched, req("p", 60))
+    # Decodes alone take 20 of the 22 ms: a step of waiting would bank 2 ms, not the 32 a
+    # 32-token chunk needs, so the prompt takes the 2 tokens that fit, every step.
+    steps = [run_step(sched, clock) for _ in range(3)]
+    assert [dict(s)["p"] for s in steps] == [2, 2, 2]
+
+
 class RecordingModel(ContextStepModel):
     """The runner's side: every step it ran, with its time."""
 

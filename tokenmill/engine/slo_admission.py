@@ -140,7 +140,9 @@ class SloController:
             return None
         budget = PromptBudget(self.predictor, decoding, allowance)
         decode_only = self.predictor.predict_shapes(budget.shapes)
-        budget.may_defer = allowance < MAX_STEP_PLANNED_TPOTS * tightest and decode_only < tightest
+        ceiling = MAX_STEP_PLANNED_TPOTS * tightest
+        if allowance < ceiling and decode_only < tightest:  # waiting a step banks time
+            budget.next_cap = min(allowance + tightest - decode_only, ceiling)
         return budget
 
     # ---- classes and priority preemption ------------------------------------------------

@@ -13,11 +13,10 @@ TPOTs, so that no single gap is long (streamed tokens stay smooth).
 
 Each chunk is then the largest whose predicted step (the step's decodes, the chunks granted
 before it and itself, each at its real context, sampling or not) fits the allowance. A first
-chunk under MIN_EFFICIENT_CHUNK tokens (not a prompt's last piece) is deferred while a
-decode-only step still banks time: every step with prompt tokens pays a fixed cost (on this CPU
-the fused decode path is left, ~15-45 ms, BENCHMARKS.md section 11), and paying it for 2-4
-tokens a step left a promised prompt trickling in past its TTFT; one decode-only step later the
-same time buys a chunk many times larger.
+chunk under MIN_EFFICIENT_CHUNK tokens waits one step when a decode-only step would bank enough
+time for MIN_EFFICIENT_CHUNK tokens in the next: every step with prompt tokens pays a fixed
+cost (on this CPU the fused decode path is left, ~15-45 ms, BENCHMARKS.md section 11), and
+paying it for 2-4 tokens a step left a promised prompt trickling in past its TTFT.
 """
 
 from __future__ import annotations
@@ -55,17 +54,17 @@ def step_allowance(decoding: list[Request], share: float, now: float) -> tuple[f
 
 class PromptBudget:
     """One step's prompt chunks within `cap` seconds: the step the runner gets is the step
-    predicted. `may_defer`: a tiny first chunk may wait a step (a decode-only step would bank
-    time under the allowance's ceiling)."""
+    predicted. `next_cap`: the allowance after one decode-only step instead (None: waiting
+    banks nothing), which a tiny first chunk may wait for."""
 
     def __init__(
         self,
         predictor: StepTimePredictor,
         decoding: list[Request],
         cap: float,
-        may_defer: bool = False,
+        next_cap: float | None = None,
     ) -> None:
-        self.predictor, self.cap, self.may_defer = predictor, cap, may_defer
+        self.predictor, self.cap, self.next_cap = predictor, cap, next_cap
         self.decoding_ids = {r.request_id for r in decoding}
         # (1 + drafts, context, 1 + drafts): RequestShape.of a decode as it will be scheduled.
         self.shapes = [
@@ -81,9 +80,9 @@ class PromptBudget:
         if request.request_id in self.decoding_ids:
             return num_new
 
-        def fits(n: int) -> bool:
+        def fits(n: int, cap: float = self.cap) -> bool:
             chunk = RequestShape(n, num_context, int(num_context + n >= request.num_tokens))
-            return self.predictor.predict_shapes([*self.shapes, chunk]) <= self.cap
+            return self.predictor.predict_shapes([*self.shapes, chunk]) <= cap
 
         if fits(num_new):
             return num_new
@@ -91,8 +90,10 @@ class PromptBudget:
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        if self.num_prompt_tokens == 0 and lo < MIN_EFFICIENT_CHUNK and self.may_defer:
-            return 0
+        efficient = min(num_new, MIN_EFFICIENT_CHUNK)
+        first_and_tiny = self.num_prompt_tokens == 0 and lo < efficient
+        if first_and_tiny and self.next_cap is not None and fits(efficient, self.next_cap):
+            return 0  # a decode-only step first: the next one affords a real chunk
         if lo == 0 and self.num_prompt_tokens == 0:
             return min(num_new, MIN_PROMPT_CHUNK)
         return lo
