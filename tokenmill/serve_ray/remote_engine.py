@@ -89,6 +89,7 @@ class ReplicaSetEngine:
         priority: int = 0,
         output_kind: OutputKind = OutputKind.DELTA,
         slo: SLO | None = None,
+        arrival_time: float | None = None,
     ) -> RemoteStream:
         """Send the request to a replica; returns once that replica's engine accepted it, or
         raises its refusal (invalid request, queue full, SLO unattainable) here."""
@@ -97,7 +98,7 @@ class ReplicaSetEngine:
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         request = ReplicaRequest(
             request_id, token_ids, wire_params(params), priority, output_kind, slo,
-            tuple(block_keys(token_ids, self.block_size)),
+            tuple(block_keys(token_ids, self.block_size)), arrival_time,
         )  # fmt: skip
         stream = RemoteStream(self, request)
         self._open_streams.add(stream)

@@ -52,7 +52,7 @@ class EngineReplica:
         try:
             stream = await self.engine.add_request(
                 request.request_id, request.prompt_token_ids, request.params,
-                request.priority, request.output_kind, request.slo,
+                request.priority, request.output_kind, request.slo, request.arrival_time,
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - the caller raises it as its own
             yield Refused(WireError.of(exc))

@@ -28,6 +28,9 @@ class ReplicaRequest:
     output_kind: OutputKind = OutputKind.DELTA
     slo: SLO | None = None
     block_keys: tuple[int, ...] = ()  # the prompt's prefix-cache keys, for the router
+    # time.time() when the ingress had it (TTFT promises count from it; across machines this
+    # trusts their clocks to agree, as NTP keeps them to a few ms). None: when a replica takes it.
+    arrival_time: float | None = None
 
 
 @dataclass(frozen=True)
