@@ -15,8 +15,9 @@ Each chunk is then the largest whose predicted step (the step's decodes, the chu
 before it and itself, each at its real context, sampling or not) fits the allowance. A first
 chunk under MIN_EFFICIENT_CHUNK tokens waits one step when a decode-only step would bank enough
 time for MIN_EFFICIENT_CHUNK tokens in the next: every step with prompt tokens pays a fixed
-cost (on this CPU the fused decode path is left, ~15-45 ms, BENCHMARKS.md section 11), and
-paying it for 2-4 tokens a step left a promised prompt trickling in past its TTFT.
+cost (on this CPU under GGUF weights 15-45 ms more than its decodes alone, BENCHMARKS.md
+section 11), and paying it for 2-4 tokens a step left a promised prompt trickling in past its
+TTFT.
 """
 
 from __future__ import annotations

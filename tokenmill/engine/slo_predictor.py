@@ -10,10 +10,11 @@ the weights) drift apart from the profile differently on a shared machine:
 fitted by least squares to the measured steps of that kind, each older step weighing (1 - alpha)
 times less, and held near c = (0, 1, 0) (the base model is right) where the steps do not tell.
 A ratio alone (c1) misses what the base model gets wrong in shape, not scale: under GGUF
-weights on this CPU every computed row costs about the same (the quantized kernel is
-compute-bound from a few rows), where the roofline has decode rows ride on the weight stream;
-a one-token chunk beside a full decode batch was then predicted far under its cost, and a
-prompt promised on it trickled in 1-2 tokens a step past its TTFT (BENCHMARKS.md section 11).
+weights on this CPU a step with any prompt tokens costs 15-45 ms more than its decodes alone,
+and its cost follows the rows it computes more than the roofline (decode rows riding on the
+weight stream) says; a one-token chunk beside a full decode batch was then predicted far under
+its cost, and a prompt promised on it trickled in 1-2 tokens a step past its TTFT
+(BENCHMARKS.md section 11).
 """
 
 from __future__ import annotations
