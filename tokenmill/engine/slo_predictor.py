@@ -86,6 +86,13 @@ class PredictionStats:
     abs_error_s: float = 0.0  # sum of |predicted - measured|
     last_error_s: float = 0.0  # the last step's predicted - measured
 
+    def add(self, predicted: float, measured: float) -> None:
+        self.num_steps += 1
+        self.predicted_s += predicted
+        self.measured_s += measured
+        self.abs_error_s += abs(predicted - measured)
+        self.last_error_s = predicted - measured
+
 
 class Correction:
     """c0 + c1 * base + c2 * tokens = measured, for one step kind: least squares over the
@@ -154,14 +161,9 @@ class StepTimePredictor:
         kind = step_kind(batch)
         base = self.model.seconds(batch)
         predicted = self.corrections[kind].apply(base, batch.num_tokens)
-        stats = self.stats[kind]
         if base > 0 and measured_s > 0:
             self.corrections[kind].update(base, batch.num_tokens, measured_s)
-        stats.num_steps += 1
-        stats.predicted_s += predicted
-        stats.measured_s += measured_s
-        stats.abs_error_s += abs(predicted - measured_s)
-        stats.last_error_s = predicted - measured_s
+        self.stats[kind].add(predicted, measured_s)
         return predicted
 
 

@@ -50,14 +50,11 @@ class SloStats:
         """A promised request's first token against the TTFT its admission predicted."""
         if not request.is_promised or request.predicted_first_token_time is None:
             return
-        predicted = request.predicted_first_token_time - request.arrival_time
-        measured = request.first_token_time - request.arrival_time
-        stats = self.ttft_prediction
-        stats.num_steps += 1
-        stats.predicted_s += predicted
-        stats.measured_s += measured
-        stats.abs_error_s += abs(predicted - measured)
-        stats.last_error_s = predicted - measured
+        # (Its num_steps counts requests here.)
+        self.ttft_prediction.add(
+            request.predicted_first_token_time - request.arrival_time,
+            request.first_token_time - request.arrival_time,
+        )
 
     def record_finished(self, request: Request) -> None:
         """A request that ended normally; only the targets it set are counted."""
