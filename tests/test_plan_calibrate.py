@@ -5,10 +5,10 @@ import pytest
 from tokenmill.errors import ConfigError
 from tokenmill.perf import Precision, StepRecord, roofline_time, step_cost
 from tokenmill.perf.trace import write_trace
-from tokenmill.plan.calibrate import fit_calibration
-from tokenmill.plan.calibrate_fit import StepFeatures, fit_trace
-from tokenmill.plan.calibrate_profile import profile_dict, read_calibration, write_calibration
-from tokenmill.plan.calibrate_scenarios import CalibrationSettings, CalibrationTrace, Scenario
+from tokenmill.plan.calibration.fit import StepFeatures, fit_trace
+from tokenmill.plan.calibration.profile import profile_dict, read_calibration, write_calibration
+from tokenmill.plan.calibration.run import fit_calibration
+from tokenmill.plan.calibration.scenarios import CalibrationSettings, CalibrationTrace, Scenario
 from tokenmill.plan.hardware import get_hardware, spec_from_dict
 from tokenmill.plan.models import get_model
 from tokenmill.plan.placement import place
@@ -187,7 +187,7 @@ def test_real_engine_calibration_predicts_a_held_out_step(tmp_path, served):
     serve` as streamed requests: every shape is timed, each step lands in its own scenario, and
     the fit predicts a step it did not see within a loose bound (this machine may be shared, so
     only the order of magnitude is asserted)."""
-    from tokenmill.plan.calibrate_scenarios import record_calibration_trace
+    from tokenmill.plan.calibration.scenarios import record_calibration_trace
 
     settings = CalibrationSettings(
         dtype="float32", kv_cache_memory_gib=0.05, prefill_lens=(16, 64), batch_sizes=(1, 3),

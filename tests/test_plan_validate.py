@@ -14,10 +14,17 @@ from tokenmill.errors import ConfigError
 from tokenmill.perf import Precision, StepRecord, step_cost
 from tokenmill.perf.kv_memory import num_kv_blocks
 from tokenmill.perf.trace import read_trace
-from tokenmill.plan.calibrate_fit import fit_trace
-from tokenmill.plan.calibrate_profile import profile_dict, write_calibration
+from tokenmill.plan.calibration.fit import fit_trace
+from tokenmill.plan.calibration.profile import profile_dict, write_calibration
 from tokenmill.plan.models import get_model
-from tokenmill.plan.validate import (
+from tokenmill.plan.validation.report import format_markdown, validation_command
+from tokenmill.plan.validation.results import (
+    RunMetrics,
+    ValidationReport,
+    ValidationRow,
+    summarize_runs,
+)
+from tokenmill.plan.validation.run import (
     ValidationSettings,
     _served_steps,
     build_validation_workload,
@@ -25,13 +32,6 @@ from tokenmill.plan.validate import (
     measure,
     predict,
     speed_probe,
-)
-from tokenmill.plan.validate_report import format_markdown, validation_command
-from tokenmill.plan.validate_results import (
-    RunMetrics,
-    ValidationReport,
-    ValidationRow,
-    summarize_runs,
 )
 
 ARCH = get_model("smollm2-135m").arch
@@ -274,7 +274,7 @@ def test_speed_scales_decode_and_prompt_steps_apart(calibrated):
 def test_speed_probe_factor_reproduces_the_measured_engine_time(calibrated, monkeypatch):
     from types import SimpleNamespace
 
-    from tokenmill.plan import validate
+    from tokenmill.plan.validation import run as validate
 
     settings = ValidationSettings(workload="fixed:in=100,out=30", speed_probe_prompts=4)
     probe = replace(settings, num_prompts=4, seed=1000, num_warmup=0)
@@ -358,7 +358,7 @@ def test_measure_loads_a_real_server_and_reads_its_engine_counters(tmp_path, mon
 def test_served_steps_are_scored_by_the_calibrated_fit(calibrated):
     from dataclasses import asdict, replace
 
-    from tokenmill.plan.served_steps import format_served_steps, served_step_errors
+    from tokenmill.plan.validation.served_steps import format_served_steps, served_step_errors
 
     records = []
     for b in (1, 3, 9, 27):
@@ -383,7 +383,7 @@ def test_serving_cost_per_request_is_fitted_from_served_steps(calibrated):
     two numbers; steps with prompt tokens are left out; one batch size cannot separate them."""
     from dataclasses import asdict, replace
 
-    from tokenmill.plan.served_steps import fit_serving_cost
+    from tokenmill.plan.validation.served_steps import fit_serving_cost
 
     calibration = {"fit": asdict(calibrated)}
     feats_of = [(1, 3, 9, 27, 40)[i % 5] for i in range(20)]

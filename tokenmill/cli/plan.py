@@ -279,8 +279,8 @@ def _tokenizer_notes(request) -> list[str]:
 def _calibrate(args: argparse.Namespace) -> int:
     from tokenmill.perf.dtypes import Precision
     from tokenmill.perf.trace import read_trace
-    from tokenmill.plan.calibrate_fit import fit_trace
-    from tokenmill.plan.calibrate_profile import profile_dict, write_calibration
+    from tokenmill.plan.calibration.fit import fit_trace
+    from tokenmill.plan.calibration.profile import profile_dict, write_calibration
     from tokenmill.plan.models import get_model
 
     try:

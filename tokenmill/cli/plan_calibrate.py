@@ -1,5 +1,5 @@
 """`tokenmill plan calibrate`: run the engine here through serving's batch shapes and fit
-this machine's profile (tokenmill.plan.calibrate); its engine and shape arguments, which
+this machine's profile (tokenmill.plan.calibration.run); its engine and shape arguments, which
 `tokenmill plan validate --calibrate` takes too."""
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def register(modes) -> None:
 
 
 def _calibration_settings(args: argparse.Namespace):
-    from tokenmill.plan.calibrate_scenarios import CalibrationSettings
+    from tokenmill.plan.calibration.scenarios import CalibrationSettings
 
     for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "decode_steps"):
         if getattr(args, name) < 1:
@@ -93,7 +93,7 @@ def _calibration_settings(args: argparse.Namespace):
 
 
 def do_calibrate(args: argparse.Namespace, out: str | None = None):
-    from tokenmill.plan.calibrate import calibrate
+    from tokenmill.plan.calibration.run import calibrate
 
     settings = _calibration_settings(args)
     how = "through tokenmill serve" if args.served else "in this process"

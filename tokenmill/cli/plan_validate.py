@@ -1,5 +1,5 @@
 """`tokenmill plan validate`: predicted vs measured serving on this machine, as a table
-(tokenmill.plan.validate)."""
+(tokenmill.plan.validation.run)."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def register(modes) -> None:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from tokenmill.plan.validate import ValidationSettings, run_validation
-    from tokenmill.plan.validate_report import format_markdown, write_report
+    from tokenmill.plan.validation.report import format_markdown, write_report
+    from tokenmill.plan.validation.run import ValidationSettings, run_validation
 
     settings = ValidationSettings(
         model=args.model, dtype=args.dtype, workload=args.workload, num_prompts=args.num_prompts,

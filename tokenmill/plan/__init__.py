@@ -15,14 +15,8 @@ on GPUs, SRAM inference chips and CPUs.
     sweep.py      the crossover chart across load (--sweep)
     assumptions.py every guessed or fitted figure with its source (--list --verbose)
 
-Measuring this machine (apart from what it measures):
+Measuring this machine, apart from what it measures (the core above imports neither):
 
-    calibrate.py            `tokenmill plan calibrate`: record, fit, write this-machine
-    calibrate_scenarios.py  the engine run through serving's batch shapes
-    calibrate_served.py     the same scenarios sent to `tokenmill serve`
-    calibrate_fit.py        the step-time fit and its errors
-    calibrate_profile.py    the fit as a catalogue profile, written and read
-    served_steps.py         the fit scored on a server's recorded steps
-    validate.py             `tokenmill plan validate`: predicted vs measured serving
-    validate_results.py     its per-run numbers; validate_report.py its table
+    calibration/  `tokenmill plan calibrate`: record, fit and write this-machine
+    validation/   `tokenmill plan validate`: predicted vs measured serving, the speed probe
 """

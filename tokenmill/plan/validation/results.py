@@ -8,10 +8,10 @@ import statistics
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
-from tokenmill.plan.validate_report import TARGETS
+from tokenmill.plan.validation.report import TARGETS
 
 if TYPE_CHECKING:
-    from tokenmill.plan.validate import ValidationSettings
+    from tokenmill.plan.validation.run import ValidationSettings
 
 
 @dataclass

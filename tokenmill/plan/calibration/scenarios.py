@@ -193,7 +193,7 @@ def _record_served(settings: CalibrationSettings, progress, work_dir: Path | Non
     import tempfile
 
     from tokenmill.bench.serve import open_model_info
-    from tokenmill.plan.calibrate_served import ServedScenarios
+    from tokenmill.plan.calibration.served import ServedScenarios
 
     with tempfile.TemporaryDirectory(prefix="tokenmill-calibrate-") as tmp:
         served = ServedScenarios(settings, Path(work_dir or tmp))

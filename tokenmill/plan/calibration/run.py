@@ -1,7 +1,7 @@
 """`tokenmill plan calibrate`: run the engine here through serving's batch shapes
-(calibrate_scenarios), fit this machine's profile to the step times (calibrate_fit), keeping
-the model (sum or max per operator) whose error on the held-out steps is lower, and write the
-profile (calibrate_profile)."""
+(scenarios.py), fit this machine's profile to the step times (fit.py), keeping the model (sum
+or max per operator) whose error on the held-out steps is lower, and write the profile
+(profile.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 from tokenmill.errors import ConfigError
 from tokenmill.perf.dtypes import Precision
-from tokenmill.plan.calibrate_fit import CalibrationFit, ErrorSummary, evaluate, fit_trace
-from tokenmill.plan.calibrate_profile import profile_dict, write_calibration
-from tokenmill.plan.calibrate_scenarios import (
+from tokenmill.plan.calibration.fit import CalibrationFit, ErrorSummary, evaluate, fit_trace
+from tokenmill.plan.calibration.profile import profile_dict, write_calibration
+from tokenmill.plan.calibration.scenarios import (
     CalibrationSettings,
     CalibrationTrace,
     record_calibration_trace,

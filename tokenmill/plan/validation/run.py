@@ -43,23 +43,23 @@ from tokenmill.models.arch_config import ArchConfig
 from tokenmill.perf.dtypes import Precision
 from tokenmill.perf.kv_memory import num_kv_blocks
 from tokenmill.perf.trace import read_trace
-from tokenmill.plan.calibrate_profile import read_calibration
-from tokenmill.plan.calibrate_served import engine_serve_args
+from tokenmill.plan.calibration.profile import read_calibration
+from tokenmill.plan.calibration.served import engine_serve_args
 from tokenmill.plan.hardware import THIS_MACHINE, get_hardware
 from tokenmill.plan.metrics import summarize
 from tokenmill.plan.placement import place
-from tokenmill.plan.served_steps import fit_serving_cost, served_step_errors
 from tokenmill.plan.sim_runner import CostModelStepTime, SimRunner
 from tokenmill.plan.simulate import SimConfig, simulate
 from tokenmill.plan.step_time import LayoutStepTime
-from tokenmill.plan.validate_report import format_row
-from tokenmill.plan.validate_results import (
+from tokenmill.plan.validation.report import format_row
+from tokenmill.plan.validation.results import (
     RunMetrics,
     ValidationReport,
     ValidationRow,
     rate_json,
     summarize_runs,
 )
+from tokenmill.plan.validation.served_steps import fit_serving_cost, served_step_errors
 from tokenmill.workload import ArrivalSpec, Workload, build_workload, parse_workload
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from tokenmill.perf.dtypes import Precision
-from tokenmill.plan.calibrate_fit import UNBOUNDED, CalibrationFit
+from tokenmill.plan.calibration.fit import UNBOUNDED, CalibrationFit
 from tokenmill.plan.hardware import THIS_MACHINE, calibrated_path
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenmill.bench.machine_load import DISTURBED_SHARE
-from tokenmill.plan.served_steps import format_served_steps
+from tokenmill.plan.validation.served_steps import format_served_steps
 
 if TYPE_CHECKING:
-    from tokenmill.plan.validate import ValidationSettings
-    from tokenmill.plan.validate_results import ValidationReport, ValidationRow
+    from tokenmill.plan.validation.results import ValidationReport, ValidationRow
+    from tokenmill.plan.validation.run import ValidationSettings
 
 # (metric, what it is, tolerance): the targets.
 TARGETS = (

@@ -17,7 +17,7 @@ import numpy as np
 from tokenmill.models.arch_config import ArchConfig
 from tokenmill.perf.dtypes import Precision
 from tokenmill.perf.trace import StepRecord
-from tokenmill.plan.calibrate_fit import CalibrationFit, StepFeatures, evaluate
+from tokenmill.plan.calibration.fit import CalibrationFit, StepFeatures, evaluate
 
 KINDS = ("all", "decode", "prefill", "mixed")
 
