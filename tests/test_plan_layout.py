@@ -68,6 +68,7 @@ def test_the_measuring_packages_exist():
     for name in (
         "tokenmill.plan.calibration.fit",
         "tokenmill.plan.calibration.run",
+        "tokenmill.plan.validation.probe",
         "tokenmill.plan.validation.run",
     ):
         assert name in graph

@@ -17,6 +17,13 @@ from tokenmill.perf.trace import read_trace
 from tokenmill.plan.calibration.fit import fit_trace
 from tokenmill.plan.calibration.profile import profile_dict, write_calibration
 from tokenmill.plan.models import get_model
+from tokenmill.plan.validation.predict_measure import (
+    ValidationSettings,
+    build_validation_workload,
+    measure,
+    predict,
+)
+from tokenmill.plan.validation.probe import _served_steps, speed_probe
 from tokenmill.plan.validation.report import format_markdown, validation_command
 from tokenmill.plan.validation.results import (
     RunMetrics,
@@ -24,15 +31,7 @@ from tokenmill.plan.validation.results import (
     ValidationRow,
     summarize_runs,
 )
-from tokenmill.plan.validation.run import (
-    ValidationSettings,
-    _served_steps,
-    build_validation_workload,
-    check_calibration,
-    measure,
-    predict,
-    speed_probe,
-)
+from tokenmill.plan.validation.run import check_calibration
 
 ARCH = get_model("smollm2-135m").arch
 FP32 = Precision(weights="fp32")
@@ -274,7 +273,7 @@ def test_speed_scales_decode_and_prompt_steps_apart(calibrated):
 def test_speed_probe_factor_reproduces_the_measured_engine_time(calibrated, monkeypatch):
     from types import SimpleNamespace
 
-    from tokenmill.plan.validation import run as validate
+    from tokenmill.plan.validation import probe as probe_module
 
     settings = ValidationSettings(workload="fixed:in=100,out=30", speed_probe_prompts=4)
     probe = replace(settings, num_prompts=4, seed=1000, num_warmup=0)
@@ -287,14 +286,14 @@ def test_speed_probe_factor_reproduces_the_measured_engine_time(calibrated, monk
         )
 
     info = SimpleNamespace(arch=ARCH, tokenizer=None)  # what open_model_info gives
-    monkeypatch.setattr(validate, "measure", measured(1.3 * decode, 0.9 * base.prompt_busy_s))
+    monkeypatch.setattr(probe_module, "measure", measured(1.3 * decode, 0.9 * base.prompt_busy_s))
     assert speed_probe(None, settings, info, None) == pytest.approx((1.3, 0.9, 0.0, 0.0))
     # With the engine loop's time on record, the decode steps carry the work around each step.
     looped = measured(1.3 * decode, 0.9 * base.prompt_busy_s)()
     looped.loop_s = 1.4 * decode + looped.prompt_busy_s
-    monkeypatch.setattr(validate, "measure", lambda *a: looped)
+    monkeypatch.setattr(probe_module, "measure", lambda *a: looped)
     assert speed_probe(None, settings, info, None) == pytest.approx((1.4, 0.9, 0.0, 0.0))
-    monkeypatch.setattr(validate, "measure", measured(decode, 0.0))
+    monkeypatch.setattr(probe_module, "measure", measured(decode, 0.0))
     with pytest.raises(ConfigError, match="ran no prompt steps"):
         speed_probe(None, settings, info, None)
 

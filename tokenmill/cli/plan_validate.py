@@ -54,8 +54,9 @@ def register(modes) -> None:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
+    from tokenmill.plan.validation.predict_measure import ValidationSettings
     from tokenmill.plan.validation.report import format_markdown, write_report
-    from tokenmill.plan.validation.run import ValidationSettings, run_validation
+    from tokenmill.plan.validation.run import run_validation
 
     settings = ValidationSettings(
         model=args.model, dtype=args.dtype, workload=args.workload, num_prompts=args.num_prompts,

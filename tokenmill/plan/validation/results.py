@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from tokenmill.plan.validation.report import TARGETS
 
 if TYPE_CHECKING:
-    from tokenmill.plan.validation.run import ValidationSettings
+    from tokenmill.plan.validation.predict_measure import ValidationSettings
 
 
 @dataclass
