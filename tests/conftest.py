@@ -49,6 +49,42 @@ _LONGEST_FIRST = [
 ]
 
 
+def _parse_each_gguf_once() -> None:
+    """transformers parses a GGUF's metadata with gguf-py (every vocabulary string through a numpy
+    memmap, ~15 CPU-s for Gemma 3's 262k tokens) once for the tokenizer, once for the config and
+    again for the weights. The reader only reads, so one parse per file serves every load in this
+    process; what transformers computes from it is unchanged."""
+    gguf = pytest.importorskip("gguf")
+    base = gguf.GGUFReader
+    if getattr(base, "_tokenmill_once", False):
+        return
+
+    class GGUFReaderOnce(base):
+        _tokenmill_once = True
+        _parsed: dict[str, object] = {}
+
+        def __new__(cls, path, mode="r"):
+            if mode != "r":
+                reader = super().__new__(cls)
+                base.__init__(reader, path, mode)
+                return reader
+            key = os.path.realpath(os.fspath(path))
+            if key not in cls._parsed:
+                reader = super().__new__(cls)
+                base.__init__(reader, path, mode)
+                cls._parsed[key] = reader
+            return cls._parsed[key]
+
+        def __init__(self, path, mode="r"):
+            pass  # parsed in __new__
+
+    gguf.GGUFReader = GGUFReaderOnce
+
+
+def pytest_configure(config):
+    _parse_each_gguf_once()
+
+
 def pytest_collection_modifyitems(config, items):
     if not hasattr(config, "workerinput"):  # not an xdist worker: file order
         return
