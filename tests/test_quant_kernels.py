@@ -15,7 +15,7 @@ from tokenmill.native import kernels as native_kernels
 from tokenmill.quant.gguf_blocks import gguf_quant_tensor
 from tokenmill.quant.packing import pack, unpack
 from tokenmill.quant.quantize import quantize_int4, quantize_int8
-from tokenmill.quant.reference import dequantize_rows, reference_matmul
+from tokenmill.quant.reference import dequantize_rows, quantize_activations, reference_matmul
 
 # (name, quantizer): every packed format the kernel has (4-bit with min, 8-bit with and without).
 FORMATS = {
@@ -84,6 +84,26 @@ def test_kernel_matches_reference(kernels, fmt, shape, dtype):
         scale = want.float().abs().max().item()
         tol = 1e-5 * scale if dtype == torch.float32 else 2**-7 * want.float().abs() + 1e-5 * scale
         assert ((got.float() - want.float()).abs() <= tol).all(), (fmt, rows)
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32", "int4-g128", "int8-g32-min", "int8-channel"])
+def test_product_is_the_weight_times_the_rounded_activations(kernels, fmt):
+    """The kernel computes W x' exactly (x' the int8-rounded activations), so its error is
+    W (x' - x). A group's min must multiply x' too: times the exact x it would err by
+    (W - min)(x' - x), twice as much for 4-bit weights whose min sits near -8 scales."""
+    gen = torch.Generator().manual_seed(5)
+    t = FORMATS[fmt](torch.randn(48, 576, generator=gen) + 0.5)  # mins far from zero
+    w = pack(t)
+    x = torch.randn(4, 576, generator=gen)
+    q, d = quantize_activations(x, 576)
+    rounded = (q.reshape(4, -1, 32) * d[:, :, None]).reshape(4, 576)
+    want = rounded.double() @ t.dequantize().double().T
+    got = kernels.quant_gemm(x, w.packed, w.bits, w.has_min, w.group, 48)
+    exact = x.double() @ t.dequantize().double().T
+    tol = 1e-5 * want.abs().max().item()  # float32 results
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=tol)
+    assert torch.allclose(reference_matmul(x, w).double(), want, rtol=1e-5, atol=tol)
+    assert (got.double() - exact).abs().max() > 1e-3  # the rounding is there to be placed
 
 
 def test_non_finite_inputs_give_non_finite_rows_only(kernels):

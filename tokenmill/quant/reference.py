@@ -1,7 +1,7 @@
 """The quantized matmul in PyTorch, step for step as tokenmill/native/csrc/quant_gemm_cpu.cpp
 computes it: activations quantized to int8 per block of 32 (quant_act.h), integer dot products
 per block, then each block's sum scaled by the weight's and the activation's scales, plus the
-weight group's min times the exact sum of x over the group. The kernels are tested against it,
+weight group's min times the sum of the rounded activations over the group. The kernels are tested against it,
 and it is the path wherever the native kernel is not (other devices, no compiler)."""
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ def reference_matmul(x: torch.Tensor, w: QuantizedWeight | QuantTensor) -> torch
     scale = t.scale.double().repeat_interleave(per_group, dim=1)  # [N, blocks]
     y = (isum * scale[None] * dx.double()[:, None, :]).sum(dim=2)
     if t.min is not None:
-        xf = torch.nn.functional.pad(x.double(), (0, k_pad - k))
-        gsum = xf.reshape(len(x), -1, t.group).sum(dim=2)  # [M, groups]
+        # The min multiplies the rounded activations, as the integer part does (quant_act.h).
+        rounded = (qx.double().reshape(len(x), -1, BLOCK) * dx.double()[:, :, None]).sum(dim=2)
+        gsum = rounded.reshape(len(x), -1, per_group).sum(dim=2)  # [M, groups]
         y = y + gsum @ t.min.double().T
     return y.to(x.dtype)
 
