@@ -73,13 +73,14 @@ def test_quantizers_stay_within_half_a_step():
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_reference(kernels, fmt, shape, dtype):
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_kernel_matches_reference(kernels, fmt, shape, dtype, act_bits):
     gen = torch.Generator().manual_seed(3)
     w = pack(FORMATS[fmt](torch.randn(*shape, generator=gen)))
     for rows in (1, 2, 5, 33):
         x = torch.randn(rows, shape[1], generator=gen).to(dtype)
-        got = kernels.quant_gemm(x, w.packed, w.bits, w.has_min, w.group, shape[0])
-        want = reference_matmul(x, w)
+        got = kernels.quant_gemm(x, w.packed, w.bits, w.has_min, w.group, shape[0], act_bits)
+        want = reference_matmul(x, w, act_bits)
         assert got.shape == (rows, shape[0]) and got.dtype == dtype
         scale = want.float().abs().max().item()
         tol = 1e-5 * scale if dtype == torch.float32 else 2**-7 * want.float().abs() + 1e-5 * scale
@@ -104,6 +105,23 @@ def test_product_is_the_weight_times_the_rounded_activations(kernels, fmt):
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=tol)
     assert torch.allclose(reference_matmul(x, w).double(), want, rtol=1e-5, atol=tol)
     assert (got.double() - exact).abs().max() > 1e-3  # the rounding is there to be placed
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32", "int8-channel"])
+def test_16_bit_activations_err_hundreds_of_times_less(kernels, fmt):
+    """act_bits 16 rounds each block of x and then its remainder: the product's error against
+    the dequantized weight times the exact x shrinks by ~254x (the remainder's finer scale)."""
+    gen = torch.Generator().manual_seed(7)
+    t = FORMATS[fmt](torch.randn(64, 576, generator=gen))
+    w = pack(t)
+    x = torch.randn(3, 576, generator=gen) * torch.rand(3, 576, generator=gen) ** 4  # outliers
+    exact = x.double() @ t.dequantize().double().T
+    err = {
+        bits: (kernels.quant_gemm(x, w.packed, w.bits, w.has_min, w.group, 64, bits).double()
+               - exact).abs().max().item()
+        for bits in (8, 16)
+    }  # fmt: skip
+    assert err[16] < err[8] / 50, err
 
 
 def test_non_finite_inputs_give_non_finite_rows_only(kernels):

@@ -32,7 +32,8 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0
     device: str = "cpu"
-    # Which weights the model computes on: none | gguf | int8[-gN] | int4[-gN][-sym] | auto
+    # Which weights the model computes on: none | gguf | int8[-gN] | int4[-gN][-sym] | auto;
+    # the integer ones with -a16 take activations in two int8 passes
     # (tokenmill/quant/schemes.py).
     quantization: str = "none"
 

@@ -33,7 +33,8 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
         "--quantization", "-q", default="none", metavar="SCHEME",
         help="weights computed as: none (dequantized to --dtype), gguf (the GGUF file's own "
         "blocks), int8[-gN], int4[-gN][-sym] (N = 32, 64, 128), or auto (gguf for a quantized "
-        "GGUF where the native integer kernels run, else none)",
+        "GGUF where the native integer kernels run, else none); -a16 after an integer scheme "
+        "(gguf-a16, int8-a16): activations in two int8 passes, near float accuracy",
     )  # fmt: skip
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument("--max-num-seqs", type=int, default=64)

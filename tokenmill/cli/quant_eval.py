@@ -37,8 +37,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--schemes",
         default=DEFAULT_SCHEMES,
-        help="none, bf16, fp32, gguf, int8, int4-g32/64/128[-sym], kv-int8, kv-fp8 "
-        "and combinations like int8+kv-int8",
+        help="none, bf16, fp32, gguf, int8, int4-g32/64/128[-sym], any of those integer ones "
+        "with -a16, kv-int8, kv-fp8 and combinations like int8+kv-int8",
     )
     p.add_argument("--tasks", default="chat,code,math", help="chat, code, math")
     p.add_argument("--num-samples", type=int, default=50, help="texts and questions per task")

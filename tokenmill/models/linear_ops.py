@@ -202,8 +202,9 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
         if kernels is not None:
             w = weight
             y = kernels.quant_gemm(
-                rows.contiguous(), w.packed, w.bits, w.has_min, w.group, w.out_features
-            )
+                rows.contiguous(), w.packed, w.bits, w.has_min, w.group, w.out_features,
+                w.act_bits,
+            )  # fmt: skip
             return y.reshape(*x.shape[:-1], w.out_features)
     return reference_matmul(rows, weight).reshape(*x.shape[:-1], weight.out_features)
 

@@ -36,6 +36,7 @@ def quantize_model(model: nn.Module, loaded: LoadedModel, scheme: QuantScheme) -
             continue
         if packed is None:
             continue
+        packed.act_bits = scheme.act_bits
         _install(model, name, module, packed)
         counts[packed.describe()] = counts.get(packed.describe(), 0) + 1
     logger.info("quantization %s: %s", scheme.name, counts)

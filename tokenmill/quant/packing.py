@@ -48,6 +48,7 @@ class QuantizedWeight:
     group: int
     out_features: int
     in_features: int
+    act_bits: int = 8  # 16: activations in two int8 passes (quant_gemm's act_bits)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -60,15 +60,16 @@ class FusedCpuDecode:
                 )
             )
 
-    def _weight(self, weight) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    def _weight(self, weight) -> tuple[torch.Tensor, tuple[int, ...]]:
         """(packed tensor, layout) as llama_decode_layer takes a weight: bf16 panels, or the
-        integer blocks of a quantized one (bits, has_min, group, out_features)."""
+        integer blocks of a quantized one (bits, has_min, group, out_features, act_bits)."""
         if isinstance(weight, QuantizedWeight):
             w = weight
-            return w.packed, (w.bits, int(w.has_min), w.group, w.out_features)
+            return w.packed, (w.bits, int(w.has_min), w.group, w.out_features, w.act_bits)
         if isinstance(weight, PackedWeight):
-            return weight.packed, (16, 0, 0, weight.out_features)
-        return packed_weight(self.kernels.pack_bf16_weight, weight), (16, 0, 0, weight.shape[0])
+            return weight.packed, (16, 0, 0, weight.out_features, 0)
+        bf16 = packed_weight(self.kernels.pack_bf16_weight, weight)
+        return bf16, (16, 0, 0, weight.shape[0], 0)
 
     def can_run(self, inputs: StepInputs) -> bool:
         """No prompt tokens, and a few tokens per request at most: decodes, drafts being

@@ -44,7 +44,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_f32_packed", &tokenmill::gemm_f32_packed, no_gil(),
         "x [M, K] @ W^T for a packed fp32 weight (CPU), for few rows");
   m.def("quant_gemm", &tokenmill::quant_gemm, no_gil(),
-        "x [M, K] @ W^T for a quantized weight packed by tokenmill.quant.packing (CPU)");
+        "x [M, K] @ W^T for a quantized weight packed by tokenmill.quant.packing (CPU)",
+        py::arg("x"), py::arg("packed"), py::arg("bits"), py::arg("has_min"), py::arg("group"),
+        py::arg("n_dim"), py::arg("act_bits") = 8);
   m.def("has_avx512_vnni", &tokenmill::has_avx512_vnni,
         "whether the AVX512-VNNI quantized GEMM is compiled in (else a portable loop)");
   m.def("argmax_last_dim", &tokenmill::argmax_last_dim, no_gil(),

@@ -39,9 +39,10 @@ at::Tensor gemm_f32_packed(const at::Tensor& x, const at::Tensor& packed);
 // Whether the AVX512-VNNI quantized GEMM is compiled in (else a portable loop, same sums).
 bool has_avx512_vnni();
 // x [M, K] @ W^T for a weight packed by tokenmill/quant/packing.py (4- or 8-bit integers, a
-// scale and optionally a min per group of `group` k); y [M, n_dim] in x's dtype.
+// scale and optionally a min per group of `group` k); y [M, n_dim] in x's dtype. act_bits 8:
+// x rounded to int8 per block of 32; 16: and its remainder too (two integer passes).
 at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t bits, bool has_min,
-                      int64_t group, int64_t n_dim);
+                      int64_t group, int64_t n_dim, int64_t act_bits = 8);
 
 at::Tensor argmax_last_dim(const at::Tensor& logits);
 // argmax_last_dim where rows[j] may only pick the tokens bitmask row allowed[j] ([M, W] int32)

@@ -139,12 +139,13 @@ void silu_mul(const bf16* gu, int64_t n, bf16* out) {
 }
 
 // A weight as the layer gets it: packed bf16 (bits 16) or quantized (quant_gemm's layout),
-// described by (bits, has_min, group, out_features).
-constexpr size_t kLayoutFields = 4;
+// described by (bits, has_min, group, out_features, activation bits).
+constexpr size_t kLayoutFields = 5;
 
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, const int64_t* layout) {
   if (layout[0] == 16) return tokenmill::gemm_bf16_packed(x, packed);
-  return tokenmill::quant_gemm(x, packed, layout[0], layout[1] != 0, layout[2], layout[3]);
+  return tokenmill::quant_gemm(x, packed, layout[0], layout[1] != 0, layout[2], layout[3],
+                               layout[4]);
 }
 
 // One layer's KV cache as the K/V write sees it: a bf16 cache, or an int8 / fp8 one with its

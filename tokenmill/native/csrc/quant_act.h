@@ -72,23 +72,36 @@ inline void quantize_block(const T* x, int64_t n, int8_t* q, float* d, int32_t* 
 }
 
 // x [rows, k] (row stride k) -> blocks; k_pad is k rounded up to the weight's group size.
+// passes 2: each row becomes two, x's rounding and then the rounding of what that left
+// (x - d * q, at most d / 2 per value, so its own scale is ~254x finer): the two rows' products
+// summed are x at ~15 bits, for the price of a second integer dot product per weight byte
+// streamed (quant_gemm's act_bits 16).
 template <typename T>
 inline void quantize_rows(const T* x, int64_t rows, int64_t k, int64_t k_pad, int64_t group,
-                          QuantizedRows& out) {
-  out.rows = rows, out.k_pad = k_pad, out.group = group;
-  const int64_t blocks = k_pad / kBlock, per_group = group / kBlock;
-  out.q.assign(rows * k_pad, 0);
-  out.d.assign(rows * blocks, 0.f);
-  out.qsum.assign(rows * blocks, 0);
-  out.gsum.assign(rows * (k_pad / group), 0.f);
+                          QuantizedRows& out, int passes = 1) {
+  out.rows = rows * passes, out.k_pad = k_pad, out.group = group;
+  const int64_t blocks = k_pad / kBlock, per_group = group / kBlock, groups = k_pad / group;
+  out.q.assign(out.rows * k_pad, 0);
+  out.d.assign(out.rows * blocks, 0.f);
+  out.qsum.assign(out.rows * blocks, 0);
+  out.gsum.assign(out.rows * groups, 0.f);
+  auto block_of = [&](auto* values, int64_t n, int64_t row, int64_t b) {
+    quantize_block(values, n, out.q.data() + row * k_pad + b * kBlock,
+                   out.d.data() + row * blocks + b, out.qsum.data() + row * blocks + b,
+                   out.gsum.data() + row * groups + b / per_group);
+  };
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m)
       for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t k0 = b * kBlock;
+        const int64_t k0 = b * kBlock, row = m * passes;
         const int64_t n = std::max<int64_t>(0, std::min(kBlock, k - k0));
-        quantize_block(x + m * k + k0, n, out.q.data() + m * k_pad + k0,
-                       out.d.data() + m * blocks + b, out.qsum.data() + m * blocks + b,
-                       out.gsum.data() + m * (k_pad / group) + b / per_group);
+        block_of(x + m * k + k0, n, row, b);
+        if (passes == 1) continue;
+        const float d = out.d[row * blocks + b];
+        const int8_t* q = out.q.data() + row * k_pad + k0;
+        float rest[kBlock] = {};
+        for (int64_t i = 0; i < n; ++i) rest[i] = to_float(x[m * k + k0 + i]) - d * q[i];
+        block_of(static_cast<const float*>(rest), n, row + 1, b);
       }
   });
 }

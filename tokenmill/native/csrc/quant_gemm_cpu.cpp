@@ -240,13 +240,14 @@ void dispatch(const QuantizedRows& a, const uint8_t* w, int64_t num_panels, cons
 bool has_avx512_vnni() { return TOKENMILL_VNNI == 1; }
 
 at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t bits, bool has_min,
-                      int64_t group, int64_t n_dim) {
+                      int64_t group, int64_t n_dim, int64_t act_bits) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "contiguous x [M, K] expected");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
               "bf16 or fp32 activations expected");
   TORCH_CHECK(bits == 4 || (bits == 8), "4- or 8-bit weights expected");
   TORCH_CHECK(bits == 8 || has_min, "4-bit weights carry a min");
   TORCH_CHECK(group > 0 && group % kBlock == 0, "group must be a multiple of 32");
+  TORCH_CHECK(act_bits == 8 || act_bits == 16, "activations in 8 or 16 bits expected");
   const Format f{static_cast<int>(bits), has_min, group};
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.is_contiguous() &&
                   packed.size(2) == f.group_bytes(),
@@ -257,15 +258,22 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t bit
   TORCH_CHECK(n_dim <= num_panels * kPanel && n_dim > (num_panels - 1) * kPanel,
               "n_dim does not match the weight's panels");
   QuantizedRows a;
-  at::Tensor y = at::empty({m_dim, n_dim}, x.options());
   const uint8_t* w = packed.data_ptr<uint8_t>();
-  if (x.scalar_type() == at::kBFloat16) {
-    quant::quantize_rows(x.data_ptr<at::BFloat16>(), m_dim, k_dim, k_pad, group, a);
-    dispatch(a, w, num_panels, f, y.data_ptr<at::BFloat16>(), n_dim);
-  } else {
-    quant::quantize_rows(x.data_ptr<float>(), m_dim, k_dim, k_pad, group, a);
-    dispatch(a, w, num_panels, f, y.data_ptr<float>(), n_dim);
+  const int passes = static_cast<int>(act_bits / 8);
+  if (x.scalar_type() == at::kBFloat16)
+    quant::quantize_rows(x.data_ptr<at::BFloat16>(), m_dim, k_dim, k_pad, group, a, passes);
+  else
+    quant::quantize_rows(x.data_ptr<float>(), m_dim, k_dim, k_pad, group, a, passes);
+  if (passes == 2) {  // rows 2m and 2m + 1 are x's two roundings: their products add up
+    at::Tensor both = at::empty({2 * m_dim, n_dim}, x.options().dtype(at::kFloat));
+    dispatch(a, w, num_panels, f, both.data_ptr<float>(), n_dim);
+    return both.view({m_dim, 2, n_dim}).sum(1).to(x.scalar_type());
   }
+  at::Tensor y = at::empty({m_dim, n_dim}, x.options());
+  if (x.scalar_type() == at::kBFloat16)
+    dispatch(a, w, num_panels, f, y.data_ptr<at::BFloat16>(), n_dim);
+  else
+    dispatch(a, w, num_panels, f, y.data_ptr<float>(), n_dim);
   return y;
 }
 
