@@ -65,6 +65,31 @@ def test_every_weight_is_held_once_packed(llm_gguf_fp32):
     assert not hasattr(table, "_tokenmill_packed")
 
 
+def _mean_logprob_errors(llms: dict[str, LLM], prompts, steps: tuple[int, ...]) -> dict:
+    """Mean |logprob - the "ref" engine's| over the reference's top-5 tokens at each step in
+    `steps` of a 2-token greedy run, per other engine; prompts whose first token differs are left
+    out (the decode inputs differ)."""
+    params = SamplingParams(max_tokens=2, temperature=0, logprobs=5, ignore_eos=True)
+    runs = {name: llm.generate(prompts, params, use_tqdm=False) for name, llm in llms.items()}
+    errors: dict[str, list[float]] = {name: [] for name in llms if name != "ref"}
+    for i in range(len(prompts)):
+        ref = runs["ref"][i].outputs[0]
+        if any(runs[n][i].outputs[0].token_ids[0] != ref.token_ids[0] for n in errors):
+            continue
+        for step in steps:
+            for name in errors:
+                got = runs[name][i].outputs[0].logprobs[step]
+                errors[name] += [
+                    abs(got[t].logprob - lp.logprob)
+                    for t, lp in ref.logprobs[step].items()
+                    if t in got
+                ]
+    assert all(len(v) >= 20 * len(steps) for v in errors.values()), errors
+    mean = {name: sum(v) / len(v) for name, v in errors.items()}
+    print("mean |dlogprob| vs float32:", mean)
+    return mean
+
+
 def test_fused_decode_on_quantized_weights_is_as_accurate_as_eager(llm_gguf_fp32, sharegpt_prompts):
     """The second token comes from a pure-decode step, fused (one native call per layer) or
     eager; against the same weights in float32, the fused step errs no more than eager bf16."""
@@ -74,24 +99,9 @@ def test_fused_decode_on_quantized_weights_is_as_accurate_as_eager(llm_gguf_fp32
     eager = LLM(
         dtype="bfloat16", quantization="gguf", kv_cache_memory_gib=0.1, cpu_fused_decode=False
     )
-    tokenizer = fused.get_tokenizer()
-    prompts = [tokenizer.encode(p)[:64] for p in sharegpt_prompts[20:28]]
-    params = SamplingParams(max_tokens=2, temperature=0, logprobs=5, ignore_eos=True)
-    runs = {
-        name: llm.generate(prompts, params, use_tqdm=False)
-        for name, llm in (("ref", llm_gguf_fp32), ("fused", fused), ("eager", eager))
-    }
-    errors: dict[str, list[float]] = {"fused": [], "eager": []}
-    for i in range(len(prompts)):
-        if len({runs[name][i].outputs[0].token_ids[0] for name in runs}) > 1:
-            continue  # the prefill already chose differently: the decode inputs differ
-        want = runs["ref"][i].outputs[0].logprobs[1]
-        for name in errors:
-            got = runs[name][i].outputs[0].logprobs[1]
-            errors[name] += [abs(got[t].logprob - lp.logprob) for t, lp in want.items() if t in got]
-    assert len(errors["fused"]) >= 20
-    mean = {name: sum(v) / len(v) for name, v in errors.items()}
-    print("mean |dlogprob| vs float32:", mean)
+    prompts = [fused.get_tokenizer().encode(p)[:64] for p in sharegpt_prompts[20:28]]
+    llms = {"ref": llm_gguf_fp32, "fused": fused, "eager": eager}
+    mean = _mean_logprob_errors(llms, prompts, steps=(1,))
     assert mean["fused"] <= 1.25 * mean["eager"] + 1e-3, mean
 
 
@@ -102,30 +112,10 @@ def test_16_bit_activations_bring_the_gguf_weights_to_float_accuracy(
     same dequantized weights in float32, its logprobs err far less than gguf's int8 activations,
     in the prompt step and in the (fused, where it runs) decode step."""
     a16 = LLM(dtype="float32", quantization="gguf-a16", kv_cache_memory_gib=0.25)
-    layer = a16.engine.runner.model.model.layers[0]
-    assert layer.mlp.down_proj.weight.act_bits == 16
-    tokenizer = a16.get_tokenizer()
-    prompts = [tokenizer.encode(p)[:64] for p in sharegpt_prompts[30:38]]
-    params = SamplingParams(max_tokens=2, temperature=0, logprobs=5, ignore_eos=True)
-    runs = {
-        name: llm.generate(prompts, params, use_tqdm=False)
-        for name, llm in (("ref", llm_fp32), ("a8", llm_gguf_fp32), ("a16", a16))
-    }
-    errors: dict[str, list[float]] = {"a8": [], "a16": []}
-    for i in range(len(prompts)):
-        ref = runs["ref"][i].outputs[0]
-        if any(runs[n][i].outputs[0].token_ids != ref.token_ids for n in errors):
-            continue  # a different first token: the decode inputs differ
-        for step in (0, 1):
-            want = ref.logprobs[step]
-            for name in errors:
-                got = runs[name][i].outputs[0].logprobs[step]
-                errors[name] += [
-                    abs(got[t].logprob - lp.logprob) for t, lp in want.items() if t in got
-                ]
-    assert len(errors["a16"]) >= 40
-    mean = {name: sum(v) / len(v) for name, v in errors.items()}
-    print("mean |dlogprob| vs float32:", mean)
+    assert a16.engine.runner.model.model.layers[0].mlp.down_proj.weight.act_bits == 16
+    prompts = [a16.get_tokenizer().encode(p)[:64] for p in sharegpt_prompts[30:38]]
+    llms = {"ref": llm_fp32, "a8": llm_gguf_fp32, "a16": a16}
+    mean = _mean_logprob_errors(llms, prompts, steps=(0, 1))
     assert mean["a16"] < 0.2 * mean["a8"], mean
 
 
