@@ -54,7 +54,10 @@ def _parse_each_gguf_once() -> None:
     memmap, ~15 CPU-s for Gemma 3's 262k tokens) once for the tokenizer, once for the config and
     again for the weights. The reader only reads, so one parse per file serves every load in this
     process; what transformers computes from it is unchanged."""
-    gguf = pytest.importorskip("gguf")
+    try:
+        import gguf
+    except ImportError:  # no transformers GGUF loading to speed up
+        return
     base = gguf.GGUFReader
     if getattr(base, "_tokenmill_once", False):
         return
@@ -64,16 +67,14 @@ def _parse_each_gguf_once() -> None:
         _parsed: dict[str, object] = {}
 
         def __new__(cls, path, mode="r"):
-            if mode != "r":
-                reader = super().__new__(cls)
-                base.__init__(reader, path, mode)
-                return reader
             key = os.path.realpath(os.fspath(path))
-            if key not in cls._parsed:
-                reader = super().__new__(cls)
-                base.__init__(reader, path, mode)
+            if mode == "r" and key in cls._parsed:
+                return cls._parsed[key]
+            reader = super().__new__(cls)
+            base.__init__(reader, path, mode)
+            if mode == "r":  # a writable map is never shared
                 cls._parsed[key] = reader
-            return cls._parsed[key]
+            return reader
 
         def __init__(self, path, mode="r"):
             pass  # parsed in __new__

@@ -61,8 +61,9 @@ def _rounded_product(qx: torch.Tensor, dx: torch.Tensor, t: QuantTensor, k_pad: 
     scale = t.scale.double().repeat_interleave(per_group, dim=1)  # [N, blocks]
     y = (isum * scale[None] * dx.double()[:, None, :]).sum(dim=2)
     if t.min is not None:
-        # The min multiplies the rounded activations, as the integer part does (quant_act.h).
-        rounded = (qx.double().reshape(rows, -1, BLOCK) * dx.double()[:, :, None]).sum(dim=2)
+        # The min multiplies the rounded activations, as the integer part does: per block
+        # d * (sum of q), as quant_act.h forms it.
+        rounded = qx.double().reshape(rows, -1, BLOCK).sum(dim=2) * dx.double()
         gsum = rounded.reshape(rows, -1, per_group).sum(dim=2)  # [M, groups]
         y = y + gsum @ t.min.double().T
     return y

@@ -6,8 +6,9 @@
   int4            4-bit asymmetric per group of 32; int4-gN (N = 32, 64, 128), -sym: symmetric
   ...-a16         any of gguf, int8*, int4* with 16-bit activations: each activation block is
                   rounded to int8 and so is what that rounding left, two integer dot products
-                  per weight byte instead of one (quality of float activations at ~1.1x the
-                  batch-1 step and up to 2x the compute of large batches)
+                  per weight byte instead of one (near-float logits; measured on the bundled
+                  models: batch-1 decode 0.82-1.04x, batch 64 0.45x the 8-bit path's speed,
+                  BENCHMARKS.md 7.2)
   auto            gguf for a GGUF file holding quantized blocks where the native integer kernels
                   run (they beat the float path at every batch size there, BENCHMARKS.md),
                   else none
@@ -38,7 +39,7 @@ class QuantScheme:
 
     @property
     def name(self) -> str:
-        suffix = "-a16" if self.act_bits == 16 else ""
+        suffix = _A16 if self.act_bits == 16 else ""
         if self.kind not in ("int8", "int4"):
             return self.kind + suffix
         group = "" if self.group is None else f"-g{self.group}"
