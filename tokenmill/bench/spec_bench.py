@@ -7,7 +7,8 @@ between configurations; within one, every configuration sees the same request se
   grounded   batch 1, HumanEval solutions to rewrite with a comment on every line (the answer
              repeats its input: where prompt lookup shines); chat endpoint, greedy, up to EOS
   sharegpt   ShareGPT first turns at concurrency 1, 8, 32, 64, 128 (requests per point: twice
-             the concurrency, at least 8), greedy, up to EOS or the dataset's reply length
+             the concurrency, at least --min-requests), greedy, up to EOS or the dataset's
+             reply length
 Output tokens per second per configuration and its ratio to the same engine without
 speculation, acceptance from /metrics; a markdown table and JSON in --out.
 """
@@ -58,8 +59,10 @@ def grounded_workload(num: int, max_tokens: int) -> Workload:
     return Workload(requests, 1, f"HumanEval rewrite-with-comments, {num} prompts, batch 1")
 
 
-def sharegpt_workload(concurrency: int, max_tokens: int, tokenizer, offset: int) -> Workload:
-    num = max(8, 2 * concurrency)
+def sharegpt_workload(
+    concurrency: int, max_tokens: int, tokenizer, offset: int, min_requests: int = 8
+) -> Workload:
+    num = max(min_requests, 2 * concurrency)
     base = build_workload("sharegpt", num + offset, tokenizer=tokenizer, seed=0)
     requests = tuple(
         WorkloadRequest(r.prompt, r.prompt_len, min(r.output_len, max_tokens))
@@ -184,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=4, help="the fixed draft count compared")
     parser.add_argument("--only", default="", help="comma list of configuration names to run")
     parser.add_argument("--parts", default="grounded,sharegpt")
+    parser.add_argument(
+        "--min-requests", type=int, default=8, help="ShareGPT requests per concurrency, at least"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from tokenmill.loader.default_model import default_model_path
@@ -206,10 +212,12 @@ def main(argv: list[str] | None = None) -> None:
             parts.append(
                 (
                     f"sharegpt-c{c}",
-                    sharegpt_workload(c, args.sharegpt_max_tokens, tokenizer, offset),
+                    sharegpt_workload(
+                        c, args.sharegpt_max_tokens, tokenizer, offset, args.min_requests
+                    ),
                 )
             )
-            offset += max(8, 2 * c)
+            offset += max(args.min_requests, 2 * c)
     build = ensure_built() if "llama.cpp" in methods else None
     rows: list[dict] = []
     for run in runs:
