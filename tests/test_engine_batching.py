@@ -10,7 +10,7 @@ import pytest
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.build import engine_sharing_weights
 
-GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
 
 def engine_like(base: LLM, *, cache: dict | None = None, scheduler: dict | None = None) -> LLM:
@@ -79,7 +79,7 @@ def test_prefix_cache_hit_equals_alone(llm_fp32, prompts, alone):
 
 @pytest.mark.slow
 def test_preempted_and_recomputed_equals_alone(llm_fp32, prompts, alone):
-    # 24 blocks of 16 tokens: the 8 longest prompts (~130 tokens + 16 new) cannot all fit.
+    # 24 blocks of 16 tokens: the 8 longest prompts (~140 tokens + 8 new) cannot all fit.
     llm = engine_like(
         llm_fp32, cache={"num_blocks": 24, "enable_prefix_caching": False},
         scheduler={"max_num_batched_tokens": 256},
