@@ -2,6 +2,9 @@
 
     step():  schedule -> execute -> update (stop rules) -> detokenize (stop strings) -> outputs
 
+The step's order is engine/step_core.py's, which the planner's simulator runs too; this class is
+its host (outputs, counters) and owner of requests.
+
 The async engine and the offline LLM class both drive this one loop.
 """
 
@@ -19,10 +22,10 @@ from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.slo_predictor import StepTimePredictor, build_predictor
 from tokenmill.engine.stats import EngineStats
+from tokenmill.engine.step_core import StepCore
 from tokenmill.errors import EngineOverloadedError, InvalidRequestError
 from tokenmill.loader.base import LoadedModel
 from tokenmill.outputs import OutputKind, RequestOutput
-from tokenmill.perf.step_cost import BatchShape, request_shapes
 from tokenmill.perf.trace import StepRecord
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec.build import build_spec_decoder
@@ -71,6 +74,10 @@ class LLMEngine:
         self._num_generation_tokens = 0
         self._num_model_steps = 0
         self._prompt_step_time_s = 0.0
+        self.core = StepCore(
+            self.scheduler, runner, self, time.perf_counter, self._execute, self.predictor,
+            self.spec, self.step_trace if config.record_step_trace else None,
+        )  # fmt: skip
 
     def _max_model_len(self, cache_tokens: int) -> int:
         limit = self.arch.max_position_embeddings if self.arch else cache_tokens
@@ -183,27 +190,21 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        start = time.perf_counter()
-        sched_out = self.scheduler.schedule()
-        expired = self.scheduler.take_expired()  # ended unserved: their TTFT became unattainable
-        if sched_out.is_empty:
-            if sched_out.finished_req_ids:
-                self.runner.execute(sched_out)  # lets the runner drop finished state
-            if self.spec is not None:
-                self.spec.propose(self.scheduler.running)  # releases what ended
+        return self.core.step()
+
+    def finish_step(
+        self,
+        sched_out: SchedulerOutput,
+        runner_out: RunnerOutput | None,
+        expired: list[Request],
+        updated: list[Request],
+    ) -> list[RequestOutput]:
+        if runner_out is None:
             return self.output_processor.process(expired, {})[0] if expired else []
-        runner_out = self._execute(sched_out)
-        touched = expired + self.scheduler.update_from_output(sched_out, runner_out)
         for req_id, entries in runner_out.prompt_logprobs.items():
             self.output_processor.add_prompt_logprobs(req_id, entries)
-        outputs, stopped = self.output_processor.process(touched, runner_out.logprobs)
+        outputs, stopped = self.output_processor.process(expired + updated, runner_out.logprobs)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        # The whole step (schedule, forward, sampling, detokenization): what the planner models.
-        wall = time.perf_counter() - start
-        self._account(sched_out, runner_out, wall)
-        if self.spec is not None:
-            self.spec.observe(sched_out, runner_out, wall)
-            self.spec.propose(self.scheduler.running)  # drafts for the next step
         return outputs
 
     def _execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
@@ -229,12 +230,10 @@ class LLMEngine:
             self.kv_manager.rollback_step()
         return merged
 
-    def _account(self, sched_out: SchedulerOutput, runner_out: RunnerOutput, wall: float) -> None:
+    def account_step(
+        self, sched_out: SchedulerOutput, runner_out: RunnerOutput, seconds: float
+    ) -> None:
         self._num_model_steps += 1
         if sched_out.num_prefill_tokens:
-            self._prompt_step_time_s += wall
+            self._prompt_step_time_s += seconds
         self._num_generation_tokens += sum(len(t) for t in runner_out.sampled.values())
-        if self.predictor is not None:
-            self.predictor.observe(BatchShape.from_requests(request_shapes(sched_out)), wall)
-        if self.config.record_step_trace:
-            self.step_trace.append(StepRecord.from_scheduler_output(sched_out, wall))

@@ -182,6 +182,8 @@ class SimRunner(BaseRunner):
         self._sigma = math.sqrt(math.log1p(jitter_cv**2)) if jitter_cv > 0 else 0.0
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        if scheduler_output.is_empty:  # only finished ids to drop: no step runs, no time passes
+            return RunnerOutput(sampled={})
         timing = self.timer.step_time(scheduler_output)
         num_reqs = len(scheduler_output.scheduled)
         seconds = self.scaled(timing.seconds, timing.has_prompt_tokens, num_reqs)

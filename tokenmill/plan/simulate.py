@@ -1,12 +1,12 @@
-"""The simulation driver: the engine's step loop on a virtual clock.
+"""The simulation driver: the engine's own step (engine/step_core.py) on a virtual clock.
 
     while work remains:
         send requests whose time has come (and, with a concurrency limit, a free slot):
             scheduler.admit (latency promises: may refuse) -> scheduler.add_request
         idle? jump the clock to the next send time
-        [propose drafts] -> schedule -> take_expired -> SimRunner.execute (clock += step time)
-            -> update -> the predictor observes the step
-        stamp every new token and finished (or refused) request with the clock
+        StepCore.step: schedule -> take_expired -> SimRunner.execute (clock += step time)
+            -> update -> this driver stamps every new token and finished (or refused) request
+            with the clock -> the predictor observes the step -> [placeholder drafts]
 
 With `SimConfig.slo` and a `slo_policy`, the Scheduler is built as the engine builds it: with a
 StepTimePredictor, here over the SimRunner's own step model (plan/sim_runner.py), and the virtual
@@ -22,12 +22,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tokenmill.config import SchedulerConfig
+from tokenmill.engine.interfaces import RunnerOutput, SchedulerOutput
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.slo_predictor import StepTimePredictor
+from tokenmill.engine.step_core import StepCore
 from tokenmill.errors import ConfigError, SloUnattainableError
-from tokenmill.perf.step_cost import BatchShape, request_shapes
 from tokenmill.perf.trace import ScheduleMismatch, StepRecord, first_schedule_mismatch
 from tokenmill.plan.sim_runner import (
     PLACEHOLDER_TOKEN,
@@ -151,9 +152,15 @@ class _Simulation:
         self.scheduler = Scheduler(
             config.scheduler, kv, config.max_model_len, self.predictor, lambda: runner.now
         )
+        spec = config.spec
+        self.trace: list[StepRecord] = []
+        self.core = StepCore(
+            self.scheduler, runner, self, lambda: runner.now, predictor=self.predictor,
+            drafter=PlaceholderDrafter(spec.num_draft_tokens) if spec is not None else None,
+            trace=self.trace if config.record_trace else None,
+        )  # fmt: skip
         self.pending = deque(enumerate(workload.requests))
         self.records: dict[str, RequestRecord] = {}
-        self.trace: list[StepRecord] = []
         self.limit = workload.max_concurrency
         # When each free client slot became free: a request is sent at max(its arrival, that).
         self.free_slots = deque([0.0] * (self.limit or 0))
@@ -168,7 +175,7 @@ class _Simulation:
                 if self.pending:  # idle: jump to the next send (none left when all were refused)
                     runner.now = max(runner.now, self.pending[0][1].arrival_s)
                 continue
-            self._step()
+            self.core.step()
             if runner.num_steps > self.config.max_steps:
                 raise SimulationError(f"simulation passed {self.config.max_steps} steps")
 
@@ -193,37 +200,37 @@ class _Simulation:
         self.scheduler.add_request(request)
         return record
 
-    def _step(self) -> None:
-        """One engine step, in the engine's order: schedule, expire, execute, update, observe."""
-        scheduler, runner = self.scheduler, self.runner
-        if self.config.spec is not None:
-            _propose_drafts(scheduler, self.config.spec.num_draft_tokens)
-        sched_out = scheduler.schedule()
-        expired = scheduler.take_expired()  # ended unserved: their TTFT became unattainable
+    def finish_step(
+        self,
+        sched_out: SchedulerOutput,
+        runner_out: RunnerOutput | None,
+        expired: list[Request],
+        updated: list[Request],
+    ) -> None:
+        """The client's side of a step: stamp tokens and ends with the clock."""
         for request in expired:
             self._end(self.records[request.request_id], "ttft_expired")
-        if sched_out.is_empty:
-            if expired:
-                return
+        if runner_out is None and not expired:
+            scheduler = self.scheduler
             raise SimulationError(
                 f"the scheduler made no progress with {scheduler.num_waiting} waiting and "
                 f"{scheduler.num_running} running requests: the KV cache "
                 f"({self.config.num_blocks} blocks of {self.config.block_size}) is too small"
             )
-        runner_out = runner.execute(sched_out)
-        if self.config.record_trace:
-            self.trace.append(StepRecord.from_scheduler_output(sched_out, runner.last_step_s))
-        for request in scheduler.update_from_output(sched_out, runner_out):
+        now = self.runner.now
+        for request in updated:
             rec = self.records[request.request_id]
-            rec.token_event_s.append(runner.now)
+            rec.token_event_s.append(now)
             if rec.first_token_s is None:
-                rec.first_token_s = runner.now
+                rec.first_token_s = now
             if request.is_finished:
                 rec.num_preemptions = request.num_preemptions
                 self._end(rec)
-        if self.predictor is not None:  # corrected by the measured step, as the engine's is
-            shape = BatchShape.from_requests(request_shapes(sched_out))
-            self.predictor.observe(shape, runner.last_step_s)
+
+    def account_step(
+        self, sched_out: SchedulerOutput, runner_out: RunnerOutput, seconds: float
+    ) -> None:
+        pass  # the SimRunner counts steps and their times
 
     def _end(self, rec: RequestRecord, refused_reason: str | None = None) -> None:
         rec.finish_s = self.runner.now
@@ -244,10 +251,21 @@ def replay_schedule(
     return first_schedule_mismatch(engine_trace, result.trace, rename_ids=True)
 
 
-def _propose_drafts(scheduler: Scheduler, k: int) -> None:
-    """Give every decoding request up to k placeholder drafts, never past its max_tokens."""
-    for request in scheduler.running:
-        decoding = request.num_computed_tokens == request.num_tokens - 1
-        remaining = request.sampling_params.max_tokens - request.num_output_tokens
-        if decoding and request.num_output_tokens and remaining > 1:
-            request.spec_token_ids = [PLACEHOLDER_TOKEN] * min(k, remaining - 1)
+class PlaceholderDrafter:
+    """The simulated engine's drafter: every decoding request gets up to k placeholder drafts,
+    never past its max_tokens; the SimRunner draws how many are accepted."""
+
+    def __init__(self, num_draft_tokens: int) -> None:
+        self.num_draft_tokens = num_draft_tokens
+
+    def observe(self, sched_out: SchedulerOutput, runner_out: RunnerOutput, wall_s: float) -> None:
+        pass  # acceptance is the SimRunner's draw, not learned
+
+    def propose(self, running: list[Request]) -> None:
+        for request in running:
+            decoding = request.num_computed_tokens == request.num_tokens - 1
+            remaining = request.sampling_params.max_tokens - request.num_output_tokens
+            if decoding and request.num_output_tokens and remaining > 1:
+                request.spec_token_ids = [PLACEHOLDER_TOKEN] * min(
+                    self.num_draft_tokens, remaining - 1
+                )
