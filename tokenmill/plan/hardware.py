@@ -83,6 +83,8 @@ class HardwareSpec:
     aliases: tuple[str, ...] = ()
     calibrated: bool | None = None  # only this-machine says
     deployment_unit: int = 1  # chips the vendor deploys together (a node); replicas fill them
+    # Tensor-parallel all-reduces run under the weight stream, not after it (plan/step_time.py).
+    overlaps_communication: bool = False
 
     @property
     def is_static(self) -> bool:
@@ -162,6 +164,7 @@ def spec_from_dict(raw: dict[str, Any], origin: str) -> HardwareSpec:
         aliases=tuple(raw.get("aliases", ())),
         calibrated=raw.get("calibrated"),
         deployment_unit=int(figs.get(raw.get("deployment", {}), "unit_chips", "deployment", 1.0)),
+        overlaps_communication=bool(raw.get("overlap_communication", False)),
     )
 
 

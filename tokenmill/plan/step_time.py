@@ -5,6 +5,9 @@ Tensor parallel: each chip runs 1/tp of every matmul, of the attention heads (of
 to one per chip) and of the vocabulary; norms and residuals are replicated. Two all-reduces of the
 hidden states per layer, one for the embedding, an all-gather of the logits.
 
+On hardware that overlaps communication with the weight stream (`overlaps_communication`: the
+SN40L's streaming dataflow), a layer takes max(layer work, its all-reduces) instead of their sum.
+
 Pipeline parallel: one scheduler step advances every scheduled request by its tokens. The batch is
 cut into m = min(pp, num_reqs) micro-batches that follow each other through the stages, so
 
@@ -63,8 +66,11 @@ class LayoutStepTime:
         tp_head = self._all_gather(logits_bytes)
         kernel = prof.per_kernel_overhead_s
         stages = []
+        # A dataflow chip streams the next layer's weights while this layer's all-reduce is on the
+        # links (no data dependence at decode): the layer takes the longer of the two.
+        layer_tp = max(layer_s, tp_layer) if self.hw.overlaps_communication else layer_s + tp_layer
         for st in pl.stages:
-            t = st.num_layers * (layer_s + tp_layer + layer_ops * kernel)
+            t = st.num_layers * (layer_tp + layer_ops * kernel)
             if st.has_embedding:
                 t += embed_s + tp_embed + kernel
             if st.has_head:
