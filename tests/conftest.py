@@ -35,14 +35,14 @@ if _NUM_WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
 # fixture; on one worker, it loads once.
 _LONGEST_FIRST = [
     "test_gemma3_parity",
-    "test_gguf_loader",
     "test_ray_serve",
-    "test_native",
     "test_engine_batching",
+    "test_server_load",
+    "test_native",
     "test_engine_parity",
     "test_cli",
     "test_bench_offline",
-    "test_server_load",
+    "test_gguf_loader",
     "test_structured_outputs",
     "test_tool_calls",
     "test_server_fuzz",

@@ -160,7 +160,7 @@ def test_router_follows_the_longest_cached_prefix(replicas):
             _wait_for_fresh_reports(engine, time.time())
             histories[conv].append({"role": "user", "content": turns[turn]})
             reply = client.chat.completions.create(
-                model=MODEL_NAME, messages=histories[conv], max_tokens=12, temperature=0
+                model=MODEL_NAME, messages=histories[conv], max_tokens=6, temperature=0
             )
             histories[conv].append(
                 {"role": "assistant", "content": reply.choices[0].message.content}
