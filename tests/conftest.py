@@ -31,8 +31,7 @@ if _NUM_WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
 # Under xdist (`--dist loadfile`: a module is one unit of work, so its fixtures load once) the
 # modules that run longest go first, so that no worker is left with a long one at the end while
 # the other idles. (pytest 9's node ids ignore xdist 3.8's xdist_group suffix: loadgroup would
-# spread a module's tests over both workers.) Gemma 3's loader and parity tests share a session
-# fixture; on one worker, it loads once.
+# spread a module's tests over both workers.)
 _LONGEST_FIRST = [
     "test_gemma3_parity",
     "test_ray_serve",
@@ -148,18 +147,6 @@ def gemma3_path() -> str:
     from tokenmill.loader.default_model import gemma3_model_path
 
     return gemma3_model_path()
-
-
-@pytest.fixture(scope="session")
-def gemma3_hf_model(gemma3_path):
-    """Hugging Face transformers loading the Gemma 3 GGUF in float32 (~50 CPU-s: parsing the
-    metadata alone is half of it), shared by the loader and parity tests."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    folder, name = os.path.split(gemma3_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return model.eval()
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,8 @@ load happens on one worker.)"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,9 +15,20 @@ from tokenmill import SamplingParams
 from tokenmill.loader.gguf_loader import open_gguf
 
 
+@pytest.fixture(scope="module")
+def gemma3_hf_model(gemma3_path):
+    """Hugging Face transformers loading the Gemma 3 GGUF in float32 (~15 s), for this module
+    only: its ~1 GB goes when the module ends, not when the worker's whole session does."""
+    from transformers import AutoModelForCausalLM
+
+    folder, name = os.path.split(gemma3_path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.eval()
+
+
 @pytest.mark.slow
 def test_gemma3_matches_transformers(gemma3_fp32, gemma3_hf_model, sharegpt_prompts):
-    ref, llm = gemma3_hf_model, gemma3_fp32  # both float32, loaded once (conftest)
+    ref, llm = gemma3_hf_model, gemma3_fp32  # both float32, loaded once per module or session
     tokenizer = llm.get_tokenizer()
     long_text = " ".join(sharegpt_prompts[:40])
     prompts = [
