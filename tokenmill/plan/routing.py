@@ -2,8 +2,8 @@
 
     chats (turn lengths) -> conversation c sends turn t+1 when turn t has ended
         -> router: serve_ray's rank_by_prefix over every replica's cache and load | round robin
-        -> replica: the engine's Scheduler and KVCacheManager (prefix caching on) on a SimRunner
-           with the planner's step model of the hardware (plan/step_time.py)
+        -> replica: the engine's step (engine/step_core.py) over its Scheduler and KVCacheManager
+           (prefix caching on) on a SimRunner with the planner's step model of the hardware
 
 A conversation's prompt at turn t is its whole history (the earlier user turns and replies, then
 the new user turn) as synthetic token ids fixed per conversation, so the replica that served an
@@ -24,9 +24,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tokenmill.config import SchedulerConfig
+from tokenmill.engine.interfaces import RunnerOutput, SchedulerOutput
 from tokenmill.engine.kv_cache_manager import KVCacheManager, prefix_block_hashes
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.step_core import StepCore
 from tokenmill.plan.sim_runner import PLACEHOLDER_TOKEN, SimRunner
 from tokenmill.plan.simulate import SimulationError
 from tokenmill.sampling_params import SamplingParams
@@ -74,8 +76,22 @@ class _Replica:
         self.scheduler = Scheduler(
             setup.scheduler, self.kv, setup.max_model_len, clock=lambda: self.runner.now
         )
+        self.core = StepCore(self.scheduler, self.runner, self, clock=lambda: self.runner.now)
         self.routed: Counter[bytes] = Counter()  # block hashes of prompts in flight here
         self.num_routed = 0
+
+    # The StepCore's host: the requests a step gave tokens to (None: nothing was scheduled).
+    def finish_step(
+        self,
+        sched_out: SchedulerOutput,
+        runner_out: RunnerOutput | None,
+        expired: list[Request],
+        updated: list[Request],
+    ) -> list[Request] | None:
+        return None if runner_out is None else updated
+
+    def account_step(self, sched_out, runner_out, seconds: float) -> None:
+        pass
 
     def num_matched(self, hashes: Sequence[bytes], cached: set[bytes]) -> int:
         num = 0
@@ -155,15 +171,14 @@ class _Routing:
         return self.replicas[int(ranked[0])]
 
     def _step(self, replica: _Replica) -> None:
-        sched_out = replica.scheduler.schedule()
-        if sched_out.is_empty:
+        updated = replica.core.step()  # the engine's own step, on the replica's clock
+        if updated is None:
             raise SimulationError(
                 f"a replica made no progress: its KV cache ({self.setup.num_blocks} blocks of "
                 f"{self.setup.block_size}) is too small for the conversations in flight"
             )
-        runner_out = replica.runner.execute(sched_out)
         now = replica.runner.now
-        for request in replica.scheduler.update_from_output(sched_out, runner_out):
+        for request in updated:
             sent = self.sent[request.request_id]
             if sent.first_token_s is None:
                 sent.first_token_s = now
