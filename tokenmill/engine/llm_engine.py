@@ -69,7 +69,9 @@ class LLMEngine:
         )
         self.default_slo = parse_slo(config.scheduler.slo) if config.scheduler.slo else None
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.spec = build_spec_decoder(config, runner, loaded, self.predictor, self.max_model_len)
+        self.spec = build_spec_decoder(
+            config, runner, loaded, self.predictor, self.max_model_len, self.scheduler
+        )
         self.step_trace: list[StepRecord] = []
         self._num_generation_tokens = 0
         self._num_model_steps = 0

@@ -53,10 +53,14 @@ def allocate(gains: list[list[float]], n: int) -> list[int]:
 def choose_drafts(
     gains: list[list[float]],
     step_seconds: Callable[[list[int]], float],
+    max_total: int | None = None,
 ) -> list[int]:
-    """Draft counts per request maximising (tokens emitted) / (step + draft time).
-    `step_seconds(counts)` prices a step with those counts (verify and drafting together)."""
+    """Draft counts per request maximising (tokens emitted) / (step + draft time), at most
+    `max_total` drafts in all. `step_seconds(counts)` prices a step with those counts (verify
+    and drafting together)."""
     total = sum(len(g) for g in gains)
+    if max_total is not None:
+        total = min(total, max_total)
     best_counts, best_rate = [0] * len(gains), 0.0
     for n in candidate_counts(total):
         counts = allocate(gains, n)

@@ -9,7 +9,9 @@ verification how often drafts are accepted and what extra tokens cost.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 
 from tokenmill.engine.interfaces import RunnerOutput, SchedulerOutput
 from tokenmill.engine.request import Request, RequestStatus
@@ -33,11 +35,13 @@ class SpecDecoder:
         proposer: Proposer,
         cost: VerifyCost,
         max_model_len: int,
+        room: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
         self.proposer = proposer
         self.cost = cost
         self.max_model_len = max_model_len
+        self.room = room  # `auto`: the draft tokens the next step can take (spec/room.py)
         self.acceptance = AcceptanceModel(config.max_drafts, PRIORS[config.method])
         self._idle: dict[str, int] = {}  # proposals since a request last drafted
         self.counters = SpecCounters()
@@ -79,11 +83,15 @@ class SpecDecoder:
         caps = [cap for cap in caps if cap > 0]
         if not ready:
             return
+        room = self.room() if self.config.is_auto and self.room is not None else None
+        if room == 0:  # prompt work fills the next step: no drafts, and no lookups for them
+            self._last = (False, time.perf_counter() - start)
+            return
         lookup = getattr(self.proposer, "is_lookup", False)
         drafts = self.proposer.propose(ready, caps) if lookup else None
         if drafts is not None:  # a lookup proposes cheaply: what it found bounds each count
             caps = [len(d) for d in drafts]
-        counts = caps if not self.config.is_auto else self._choose(ready, caps)
+        counts = caps if not self.config.is_auto else self._choose(ready, caps, room)
         if self.guard is not None and not self.guard.allows(len(ready)):
             counts = [0] * len(ready)
         if drafts is None:
@@ -101,7 +109,7 @@ class SpecDecoder:
 
     # ---- helpers -----------------------------------------------------------------------
 
-    def _choose(self, ready: list[Request], caps: list[int]) -> list[int]:
+    def _choose(self, ready: list[Request], caps: list[int], room: int | None) -> list[int]:
         gains = [
             draft_gains(self.acceptance.rates(r.request_id), cap)
             for r, cap in zip(ready, caps, strict=True)
@@ -111,11 +119,12 @@ class SpecDecoder:
         def step_seconds(counts: list[int]) -> float:
             return self.cost.seconds(contexts, counts) + self.proposer.draft_seconds(counts)
 
-        counts = choose_drafts(gains, step_seconds)
+        counts = choose_drafts(gains, step_seconds, room)
+        spare = math.inf if room is None else room - sum(counts)
         for i, (request, k) in enumerate(zip(ready, counts, strict=True)):
             idle = 0 if k else self._idle.get(request.request_id, 0) + 1
-            if idle >= EXPLORE_EVERY and caps[i]:
-                counts[i], idle = 1, 0
+            if idle >= EXPLORE_EVERY and caps[i] and spare > 0:
+                counts[i], idle, spare = 1, 0, spare - 1
             self._idle[request.request_id] = idle
             self._tracked.add(request.request_id)
         return counts
