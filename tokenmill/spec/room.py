@@ -24,6 +24,8 @@ def draft_room(scheduler: Scheduler) -> int:
     for request in scheduler.running:
         room -= request.num_tokens - request.num_computed_tokens
     slots = config.max_num_seqs - len(scheduler.running)
+    if room <= 0 or slots <= 0:
+        return max(room, 0)  # without iterating the queue (a sort, under priority or SLOs)
     for request in scheduler.waiting:
         if room <= 0 or slots <= 0:
             break
