@@ -1,8 +1,11 @@
 """Latency promises through the real server and the official openai client: a request whose
 targets the step-time predictor says cannot be met is refused at once with 429, Retry-After and
-code slo_unattainable; one that can is served and counted as attained in /metrics."""
+code slo_unattainable; one that can is served and counted as attained in /metrics; a promised
+stream is handed out no faster than its planned TPOT over --slo-max-jitter."""
 
 from __future__ import annotations
+
+import time
 
 import openai
 import pytest
@@ -11,8 +14,9 @@ from tests.server_fixtures import MODEL_NAME, server_fixture
 
 server = server_fixture(
     "--max-num-seqs", "4", "--kv-cache-memory", "0.25", "--dtype", "float32",
-    "--slo", "ttft=60s,tpot=10s", "--slo-policy", "reject",
+    "--slo", "ttft=60s,tpot=10s", "--slo-policy", "reject", "--slo-max-jitter", "50",
 )  # fmt: skip
+PACE_S = 10 * 0.85 / 50  # a promised stream's least mean gap: planned TPOT / --slo-max-jitter
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -57,3 +61,19 @@ def test_attainable_requests_are_served_and_counted(server):
             for k in ("predictions", "predicted_seconds", "measured_seconds")}  # fmt: skip
     delta = {k: after[name] - before.get(name, 0) for k, name in ttft.items()}
     assert delta["predictions"] == 1 and 0 < delta["measured_seconds"] < 60
+
+
+def test_a_promised_stream_is_paced_and_a_best_effort_one_is_not(server):
+    client = server.client()
+    times = {}
+    for name, extra in (("promised", {}), ("best effort", {"slo": {"best_effort": True}})):
+        chunks = client.completions.create(
+            model=MODEL_NAME, prompt="Count: 1, 2, 3,", max_tokens=6, temperature=0,
+            stream=True, extra_body={**extra, "ignore_eos": True},  # promised: the default SLO
+        )  # fmt: skip
+        times[name] = [time.monotonic() for c in chunks if c.choices and c.choices[0].text]
+    paced = times["promised"]
+    # Six tokens, the first delivered at once: the fifth gap ends no sooner than 5 x PACE_S
+    # after it (one token of slack, should two tokens share a text chunk).
+    assert len(paced) >= 5 and paced[-1] - paced[0] >= 4 * PACE_S
+    assert len(times["best effort"]) >= 5  # served (its timing is the machine's, not asserted)

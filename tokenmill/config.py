@@ -101,6 +101,11 @@ class SchedulerConfig:
     # TPOT is the mean of its steps, so steps planned to the promise itself miss it about half
     # the time. 1.0 plans to the promise exactly (an exact predictor, as in the planner's tests).
     slo_tpot_share: float = 0.85
+    # Bounded jitter: promised requests are paced so that none's mean token gap falls under its
+    # planned TPOT / slo_max_jitter; the engine waits (new requests wake it) instead of running
+    # a decode-only step early. A promised request's TPOT then lies between its planned TPOT
+    # over this ratio and the planned TPOT. None: decode as fast as the batch allows.
+    slo_max_jitter: float | None = None
     # Priority preemption: a running request is preempted for a more important one at most this
     # many times.
     max_priority_preemptions: int = 2
@@ -126,6 +131,8 @@ class SchedulerConfig:
             )
         if not 0.0 < self.slo_tpot_share <= 1.0:
             raise ConfigError(f"slo_tpot_share must be in (0, 1], got {self.slo_tpot_share}")
+        if self.slo_max_jitter is not None and not self.slo_max_jitter >= 1.0:
+            raise ConfigError(f"slo_max_jitter must be >= 1, got {self.slo_max_jitter}")
         if self.slo is not None:
             from tokenmill.workload.slo import parse_slo
 

@@ -161,7 +161,8 @@ def sweep_json(points: Sequence[SweepPoint]) -> dict:
 
 # ---- issue 14's targets: the policy against FCFS and llama-server on the same arrivals ----
 
-POLICY, FCFS, LLAMA = "policy", "fcfs", "llama.cpp"
+POLICY, PACED, FCFS, LLAMA = "policy", "paced", "fcfs", "llama.cpp"
+PROMISING = (POLICY, PACED)  # the servers that make promises: the targets are theirs
 
 
 @dataclass(frozen=True)
@@ -193,27 +194,29 @@ def goodput_ratio(num: SloSummary | None, den: SloSummary | None) -> float | Non
     return num.goodput / den.goodput if den.goodput > 0 else math.inf
 
 
-def overload_targets(runs: dict[str, SloSummary]) -> list[Target]:
+def overload_targets(runs: dict[str, SloSummary], server: str = POLICY) -> list[Target]:
     """At 1.5 x R_sat, bursty: goodput >= 2x FCFS and >= 3x llama-server, >= 99% of the admitted
-    within the SLO, TPOT p99/p50 <= 1.5."""
-    policy = runs.get(POLICY)
+    within the SLO, TPOT p99/p50 <= 1.5; for `server`, one that makes promises."""
+    policy = runs.get(server)
     return [
-        Target("goodput(policy)/goodput(FCFS)", goodput_ratio(policy, runs.get(FCFS)), 2.0),
+        Target(f"goodput({server})/goodput(FCFS)", goodput_ratio(policy, runs.get(FCFS)), 2.0),
         Target(
-            "goodput(policy)/goodput(llama-server)", goodput_ratio(policy, runs.get(LLAMA)), 3.0
+            f"goodput({server})/goodput(llama-server)",
+            goodput_ratio(policy, runs.get(LLAMA)),
+            3.0,
         ),
-        Target("admitted meeting SLO (policy)", policy and policy.admitted_meeting_slo, 0.99),
-        Target("TPOT p99/p50 (policy)", policy and policy.tpot_jitter, 1.5, is_upper=True),
+        Target(f"admitted meeting SLO ({server})", policy and policy.admitted_meeting_slo, 0.99),
+        Target(f"TPOT p99/p50 ({server})", policy and policy.tpot_jitter, 1.5, is_upper=True),
     ]
 
 
-def underload_targets(runs: dict[str, SloSummary]) -> list[Target]:
+def underload_targets(runs: dict[str, SloSummary], server: str = POLICY) -> list[Target]:
     """At 0.8 x R_sat: >= 95% of all requests within the SLO (nothing servable refused), TPOT
     p99/p50 <= 1.5; the goodput ratios are shown without a target."""
-    policy = runs.get(POLICY)
+    policy = runs.get(server)
     return [
-        Target("all meeting SLO (policy)", policy and policy.all_meeting_slo, 0.95),
-        Target("TPOT p99/p50 (policy)", policy and policy.tpot_jitter, 1.5, is_upper=True),
+        Target(f"all meeting SLO ({server})", policy and policy.all_meeting_slo, 0.95),
+        Target(f"TPOT p99/p50 ({server})", policy and policy.tpot_jitter, 1.5, is_upper=True),
     ]
 
 

@@ -10,7 +10,8 @@ llama-server on identical arrivals.
   low     one at 0.8 x R_sat from the same seed: the same prompts and the same bursts, the
           gaps stretched by 1.5 / 0.8 (gamma gaps scale with 1 / rate)
 Each schedule runs against every --servers entry, a fresh server per run (no prompt cache
-carries over): policy (tokenmill --slo S --slo-policy reject), fcfs (tokenmill --slo-policy off)
+carries over): policy (tokenmill --slo S --slo-policy reject), paced (the same with
+--slo-max-jitter --max-jitter: bounded jitter), fcfs (tokenmill --slo-policy off)
 and llama.cpp (llama-server on the same GGUF, --parallel = --max-num-seqs, its own KV stream of
 2048 tokens per slot; it has no 429, so it admits everything). Prints a table per rate
 with issue 14's targets; writes timeline CSVs, a plot per rate and slo.json to --out.
@@ -32,7 +33,9 @@ from tokenmill.bench.serve import LoadRun, RequestResult, ServeTarget, first_mod
 from tokenmill.bench.serve_slo import (
     FCFS,
     LLAMA,
+    PACED,
     POLICY,
+    PROMISING,
     SloSummary,
     format_rate_table,
     format_sweep,
@@ -47,7 +50,7 @@ from tokenmill.bench.serve_slo import (
 from tokenmill.workload import ArrivalSpec, Workload, WorkloadRequest, build_workload, parse_slo
 
 PARTS = ("sweep", "high", "low")
-SERVERS = (POLICY, FCFS, LLAMA)
+SERVERS = (POLICY, PACED, FCFS, LLAMA)
 SWEEP_SEED_OFFSET = 100  # sweep points draw other prompts than the schedules
 
 
@@ -69,6 +72,7 @@ class SloBenchConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     kv_cache_memory_gib: float = 2.0
+    max_jitter: float = 1.5  # the paced server's --slo-max-jitter
     ctx_per_slot: int = 2048  # ShareGPT's longest prompt + output (workload/sharegpt.py)
     parts: tuple[str, ...] = PARTS
     servers: tuple[str, ...] = SERVERS
@@ -80,8 +84,9 @@ def tokenmill_args(cfg: SloBenchConfig, server: str) -> list[str]:
         "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
         "--kv-cache-memory", str(cfg.kv_cache_memory_gib), "--max-queue", "4096",
     ]  # fmt: skip
-    if server == POLICY:
-        return [*args, "--slo", cfg.slo, "--slo-policy", "reject"]
+    if server in PROMISING:
+        args += ["--slo", cfg.slo, "--slo-policy", "reject"]
+        return args + ["--slo-max-jitter", f"{cfg.max_jitter:g}"] if server == PACED else args
     return [*args, "--slo-policy", "off"]
 
 
@@ -222,7 +227,10 @@ def run_schedule(cfg: SloBenchConfig, label: str, workload: Workload, record: di
     title = f"{label}: {workload.description}; SLO {slo.describe()}"
     plot = cfg.out_dir / f"timeline-{label}.png"
     plot_timelines({name: run.results for name, run in runs.items()}, slo, plot, title)
-    targets = (overload_targets if label == "high" else underload_targets)(summaries)
+    targets_of = overload_targets if label == "high" else underload_targets
+    targets = [
+        t for server in PROMISING if server in summaries for t in targets_of(summaries, server)
+    ]
     record["targets"][label] = [{**asdict(t), "is_met": t.is_met} for t in targets]
     write_json(cfg, record)
     return format_rate_table(title, summaries, targets)
@@ -270,6 +278,7 @@ def parse_args(argv: list[str] | None = None) -> SloBenchConfig:
     parser.add_argument("--r-sat", type=float, default=None, help="skip the sweep: use this")
     parser.add_argument("--seed", type=int, default=default.seed)
     parser.add_argument("--max-num-seqs", type=int, default=default.max_num_seqs)
+    parser.add_argument("--max-jitter", type=float, default=default.max_jitter, help="paced's")
     parser.add_argument("--kv-cache-memory", type=float, default=default.kv_cache_memory_gib)
     parser.add_argument("--parts", default=",".join(PARTS), help="of: " + ",".join(PARTS))
     parser.add_argument("--servers", default=",".join(SERVERS), help="of: " + ",".join(SERVERS))
@@ -291,6 +300,7 @@ def parse_args(argv: list[str] | None = None) -> SloBenchConfig:
         high_factor=args.high_factor, low_factor=args.low_factor, r_sat=args.r_sat,
         seed=args.seed, max_num_seqs=args.max_num_seqs,
         kv_cache_memory_gib=args.kv_cache_memory, parts=parts, servers=servers,
+        max_jitter=args.max_jitter,
     )  # fmt: skip
 
 

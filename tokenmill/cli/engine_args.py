@@ -82,6 +82,12 @@ def _add_slo_args(group) -> None:
         help="steps are planned to this share of the tightest promised TPOT, leaving the rest "
         "for step-time noise (default 0.85; 1.0: to the promise exactly)",
     )  # fmt: skip
+    group.add_argument(
+        "--slo-max-jitter", type=float, default=None, metavar="R",
+        help="pace promised requests so that each one's TPOT stays within R of its planned "
+        "TPOT: a decode-only step waits rather than deliver a token sooner than planned / R "
+        "(e.g. 1.5: TPOT p99/p50 of promised requests within 1.5; default: no pacing)",
+    )  # fmt: skip
 
 
 def engine_config_from_args(args: argparse.Namespace, **scheduler_overrides) -> EngineConfig:
@@ -100,6 +106,7 @@ def engine_config_from_args(args: argparse.Namespace, **scheduler_overrides) -> 
             policy=args.scheduling_policy, slo=getattr(args, "slo", None),
             slo_policy=_slo_policy(args),
             slo_tpot_share=getattr(args, "slo_tpot_share", SchedulerConfig.slo_tpot_share),
+            slo_max_jitter=getattr(args, "slo_max_jitter", None),
             long_prefill_token_threshold=getattr(args, "long_prefill_token_threshold", None),
             **scheduler_overrides,
         ),

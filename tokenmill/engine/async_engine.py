@@ -299,6 +299,9 @@ class AsyncEngine:
                 self._tracks[stream.request_id] = StreamTrack(
                     stream, command.arrival, output_kind=command.output_kind
                 )
+                if command.output_kind != OutputKind.FINAL_ONLY:  # a stream: paced delivery?
+                    pace_s = self.engine.delivery_pace_s(stream.request_id)
+                    stream.set_pace(pace_s, command.output_kind == OutputKind.DELTA)
             except Exception as exc:  # noqa: BLE001 - handed to the caller, who raises it
                 error = exc
         _call_in_loop(stream._loop, _resolve, command.added, error)

@@ -156,6 +156,22 @@ class LLMEngine:
         for request in requests:
             self.scheduler.add_request(request)
 
+    def delivery_pace_s(self, request_id: str) -> float | None:
+        """The least mean gap per token at which a promised request's stream is handed out
+        (slo_max_jitter): its planned TPOT over the bound; None: as fast as it is computed."""
+        config = self.config.scheduler
+        if config.slo_max_jitter is None:
+            return None
+        child_ids = (request_id, f"{request_id}#0")
+        request = next(
+            (self.scheduler.requests[c] for c in child_ids if c in self.scheduler.requests), None
+        )
+        if request is None or not request.is_promised or request.is_best_effort:
+            return None
+        if not request.slo.tpot_s:
+            return None
+        return request.slo.tpot_s * config.slo_tpot_share / config.slo_max_jitter
+
     def abort_request(self, request_ids: str | list[str]) -> None:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             children = self.output_processor.remove(request_id)
