@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,12 +105,26 @@ WARMUP = Workload((WorkloadRequest(None, 16, 8),), None, "one short warm-up requ
 
 
 def run_on(cfg: SloBenchConfig, server: str, workload: Workload, log_name: str) -> LoadRun:
-    """A fresh `server`, one unmeasured warm-up request, then `workload`."""
+    """A fresh `server`, one unmeasured warm-up request, then `workload`; a promising server's
+    refusals by reason (its /metrics) printed."""
     with open_server(cfg, server, log_name) as handle:
         target = ServeTarget(handle.base_url, first_model(handle.base_url))
         # Not run_load's own warm-up: that raises when the policy refuses the warm-up request.
         run_load(target, WARMUP, num_warmup=0, progress=False)
-        return run_load(target, workload, num_warmup=0, progress=False)
+        run = run_load(target, workload, num_warmup=0, progress=False)
+        if server in PROMISING:
+            import httpx
+
+            text = httpx.get(handle.base_url + "/metrics", timeout=10).text
+            print(f"  refused by reason: {refusals(text)}", flush=True)
+        return run
+
+
+def refusals(metrics_text: str) -> dict[str, float]:
+    """{reason: requests refused} from a tokenmill /metrics text."""
+    found = re.findall(r'^tokenmill:slo_refused_total\{[^}]*reason="([^"]+)"[^}]*\} (\S+)$',
+                       metrics_text, re.M)  # fmt: skip
+    return {reason: float(value) for reason, value in found}
 
 
 def make_schedules(cfg: SloBenchConfig, r_sat: float, tokenizer) -> dict[str, Workload]:

@@ -121,7 +121,7 @@ def run_config(run: SpecRun, model: str, parts: list[tuple[str, Workload]], out_
     return rows
 
 
-def default_runs(spec_k: int, methods: tuple[str, ...]) -> list[SpecRun]:
+def default_runs(spec_ks: tuple[int, ...], methods: tuple[str, ...]) -> list[SpecRun]:
     """tokenmill on its fastest weights (the GGUF's own Q4_1 blocks) with and without prompt
     lookup; bf16 with the self-draft (its Q4_1 blocks as the draft); llama.cpp on the same file
     without and with its n-gram speculation."""
@@ -135,9 +135,10 @@ def default_runs(spec_k: int, methods: tuple[str, ...]) -> list[SpecRun]:
     runs = [SpecRun("tm-q4", "tokenmill", q4)]
     if "ngram" in methods:
         runs += [
-            SpecRun(f"tm-q4-ngram-k{spec_k}", "tokenmill", q4 + spec("ngram", spec_k), "tm-q4"),
-            SpecRun("tm-q4-ngram-auto", "tokenmill", q4 + spec("ngram", "auto"), "tm-q4"),
+            SpecRun(f"tm-q4-ngram-k{k}", "tokenmill", q4 + spec("ngram", k), "tm-q4")
+            for k in spec_ks
         ]
+        runs.append(SpecRun("tm-q4-ngram-auto", "tokenmill", q4 + spec("ngram", "auto"), "tm-q4"))
     if "self" in methods:
         runs += [
             SpecRun("tm-bf16", "tokenmill", bf16),
@@ -175,6 +176,29 @@ def markdown(rows: list[dict], runs: list[SpecRun]) -> str:
     return "\n".join(lines)
 
 
+def auto_vs_fixed(rows: list[dict]) -> str:
+    """Per part: the best fixed draft count of prompt lookup (k = 0: no speculation) and auto's
+    throughput against it (issue 13: within 5%) and against none (at least 0.98x)."""
+    lines = ["| part | best fixed k | its tok/s | auto tok/s | auto / best | auto / none |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for part in dict.fromkeys(r["part"] for r in rows):
+        speed = {r["config"]: r["output_tok_s"] for r in rows if r["part"] == part}
+        fixed = {0: speed.get("tm-q4")} | {
+            int(name.removeprefix("tm-q4-ngram-k")): tok_s
+            for name, tok_s in speed.items()
+            if name.startswith("tm-q4-ngram-k")
+        }
+        fixed = {k: v for k, v in fixed.items() if v}
+        auto = speed.get("tm-q4-ngram-auto")
+        if not fixed or not auto:
+            continue
+        best = max(fixed, key=fixed.get)
+        none = f"{auto / fixed[0]:.2f}" if 0 in fixed else "-"
+        lines.append(f"| {part} | {best} | {fixed[best]:.1f} | {auto:.1f} "
+                     f"| {auto / fixed[best]:.2f} | {none} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/spec"))
@@ -184,7 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sharegpt-max-tokens", type=int, default=128)
     parser.add_argument("--concurrencies", default=",".join(map(str, CONCURRENCIES)))
     parser.add_argument("--methods", default="ngram,self,llama.cpp")
-    parser.add_argument("--k", type=int, default=4, help="the fixed draft count compared")
+    parser.add_argument("--k", default="4", help="the fixed draft counts compared (comma list)")
+    parser.add_argument(
+        "--interleave", action="store_true",
+        help="a fresh server per (part, configuration), parts outermost: every configuration "
+        "of a part runs minutes apart, not a whole pass apart (this machine's speed drifts)",
+    )  # fmt: skip
     parser.add_argument("--only", default="", help="comma list of configuration names to run")
     parser.add_argument("--parts", default="grounded,sharegpt")
     parser.add_argument(
@@ -197,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     model = args.model or default_model_path()
     args.out.mkdir(parents=True, exist_ok=True)
     methods = tuple(args.methods.split(","))
-    runs = default_runs(args.k, methods)
+    runs = default_runs(tuple(int(k) for k in args.k.split(",")), methods)
     if args.only:
         runs = [r for r in runs if r.name in args.only.split(",")]
     parts: list[tuple[str, Workload]] = []
@@ -220,13 +249,18 @@ def main(argv: list[str] | None = None) -> None:
             offset += max(args.min_requests, 2 * c)
     build = ensure_built() if "llama.cpp" in methods else None
     rows: list[dict] = []
-    for run in runs:
-        rows += run_config(run, model, parts, args.out, build)
+    schedule = (
+        [(run, [part]) for part in parts for run in runs]
+        if args.interleave
+        else [(run, parts) for run in runs]
+    )
+    for run, its_parts in schedule:
+        rows += run_config(run, model, its_parts, args.out, build)
         (args.out / "spec.json").write_text(json.dumps(
             {"machine": report.machine_info(), "runs": [asdict(r) for r in runs], "rows": rows},
             indent=1,
         ))  # fmt: skip
-    table = markdown(rows, runs)
+    table = markdown(rows, runs) + "\n\n" + auto_vs_fixed(rows)
     (args.out / "spec.md").write_text(table + "\n")
     print(table)
 
