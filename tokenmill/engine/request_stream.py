@@ -13,6 +13,7 @@ without pacing); only delivery waits.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import TYPE_CHECKING
 
 from tokenmill.errors import TokenmillError
@@ -20,6 +21,11 @@ from tokenmill.outputs import RequestOutput
 
 if TYPE_CHECKING:
     from tokenmill.engine.async_engine import AsyncEngine
+
+
+# Paced deliveries are due on a common grid: one event-loop wakeup hands out every stream due
+# then, instead of one per stream (each wakeup takes the GIL from the engine's thread).
+PACE_TICK_S = 0.01
 
 
 class EngineStoppedError(TokenmillError):
@@ -80,6 +86,7 @@ class RequestStream:
             self._first = (now, self._num_tokens)
             return
         due = self._first[0] + (self._num_tokens - self._first[1]) * self.pace_s
+        due = math.ceil(due / PACE_TICK_S) * PACE_TICK_S  # paced streams wake together
         if due > now:
             await asyncio.sleep(due - now)
 

@@ -3,7 +3,8 @@ step-time predictor, it and every request already promised still meet their targ
 
 The model behind every decision is the scheduler's own step, seen as a fluid:
 
-    step = [ one decode token per request, at its last token's context | k prompt tokens ]
+    step = [ one decode token per request, as in the costliest step they can form from now on
+             (slo_horizon.py: each request leaves after its max_tokens) | k prompt tokens ]
     k    = the largest chunk whose predicted step stays within the tightest TPOT promised (the
            whole token budget when no TPOT is promised), predicted at the most context a chunk
            can have: the longest pending prompt
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.engine.slo_budget import MAX_STEP_PLANNED_TPOTS, PromptBudget, step_allowance
+from tokenmill.engine.slo_horizon import final_decode_shapes, in_prefill, worst_decode_batch
 from tokenmill.engine.slo_predictor import StepTimePredictor
 from tokenmill.engine.slo_stats import SloStats
 from tokenmill.errors import SloUnattainableError
@@ -51,22 +53,6 @@ class AdmissionDecision:
     is_admissible: bool
     reason: str = ""  # what cannot be met: ttft | tpot | capacity
     retry_after_s: float = 0.0  # when it might be admissible
-
-
-def in_prefill(request: Request) -> bool:
-    """More than one token to compute: a prompt (or a recompute after preemption) is pending."""
-    return request.num_tokens - request.num_computed_tokens > 1
-
-
-def decode_shapes(requests: list[Request]) -> list[RequestShape]:
-    """Each request decoding at the most context it will have: its last token's step (its
-    context now when it has no max_tokens)."""
-    shapes = []
-    for r in requests:
-        max_tokens = r.sampling_params.max_tokens
-        num_left = 0 if max_tokens is None else max(max_tokens - r.num_output_tokens - 1, 0)
-        shapes.append(RequestShape(1, r.num_tokens - 1 + num_left))
-    return shapes
 
 
 def chunk_context(requests: list[Request]) -> int:
@@ -119,6 +105,10 @@ class SloController:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if step_s(mid) <= tpot_cap else (lo, mid - 1)
         return lo, tpot_cap
+
+    def worst_batch(self, requests: list[Request]) -> list[RequestShape]:
+        """The decodes of the costliest step `requests` can form from now on (slo_horizon.py)."""
+        return worst_decode_batch(requests, self.predictor.predict_shapes)
 
     @staticmethod
     def prompt_time(num_tokens: int, k: int, step_s: float) -> float:
@@ -183,7 +173,9 @@ class SloController:
             return False
         cap = self.tpot_cap([r for r in running if r.is_promised] + [request])
         everyone = [*running, request]
-        return self.prompt_capacity(decode_shapes(everyone), cap, chunk_context(everyone))[0] >= 1
+        return (
+            self.prompt_capacity(self.worst_batch(everyone), cap, chunk_context(everyone))[0] >= 1
+        )
 
     # ---- decisions ---------------------------------------------------------------------
 
@@ -194,7 +186,7 @@ class SloController:
         promised_waiting = [r for r in scheduler.waiting if r.is_promised]
         everyone = [*running, *promised_waiting, *candidates]
         cap = self.tpot_cap([r for r in everyone if r.is_promised or r in candidates])
-        k, step_s = self.prompt_capacity(decode_shapes(everyone), cap, chunk_context(everyone))
+        k, step_s = self.prompt_capacity(self.worst_batch(everyone), cap, chunk_context(everyone))
         slots = len(running) + len(promised_waiting) + len(candidates) > self.max_num_seqs
         if slots or not self._blocks_fit(scheduler, [*promised_waiting, *candidates]):
             return AdmissionDecision(
@@ -255,14 +247,14 @@ class SloController:
         ]
         if not left:
             return 1.0
-        return min(left) * self.predictor.predict_shapes(decode_shapes(everyone))
+        return min(left) * self.predictor.predict_shapes(final_decode_shapes(everyone))
 
     def can_still_meet_ttft(self, scheduler: Scheduler, request: Request, delay_s: float) -> bool:
         """Could it meet its TTFT if it started after `delay_s`, its prompt alone then?"""
         if request.slo.ttft_s is None or request.first_token_time is not None:
             return True
         cap = self.tpot_cap([*scheduler.running, request])
-        decodes = decode_shapes([r for r in scheduler.running if not in_prefill(r)])
+        decodes = final_decode_shapes([r for r in scheduler.running if not in_prefill(r)])
         k, step_s = self.prompt_capacity(decodes, cap, request.num_tokens)
         if k < 1:
             return False
@@ -337,4 +329,6 @@ class SloController:
         cap = self.tpot_cap([r for r in scheduler.running if r.is_promised])
         if cap is None:
             return True
-        return self.prompt_capacity(decode_shapes(everyone), cap, chunk_context(everyone))[0] >= 1
+        return (
+            self.prompt_capacity(self.worst_batch(everyone), cap, chunk_context(everyone))[0] >= 1
+        )
