@@ -84,7 +84,9 @@ class SpecDecoder:
         if not ready:
             return
         room = self.room() if self.config.is_auto and self.room is not None else None
-        if room == 0:  # prompt work fills the next step: no drafts, and no lookups for them
+        # Prompt work fills the next step, or the guard measured drafting slower at this batch:
+        # no drafts, and no lookups or allocation for them (at 128 requests, milliseconds).
+        if room == 0 or (self.guard is not None and not self.guard.allows(len(ready))):
             self._last = (False, time.perf_counter() - start)
             return
         lookup = getattr(self.proposer, "is_lookup", False)
@@ -92,8 +94,6 @@ class SpecDecoder:
         if drafts is not None:  # a lookup proposes cheaply: what it found bounds each count
             caps = [len(d) for d in drafts]
         counts = caps if not self.config.is_auto else self._choose(ready, caps, room)
-        if self.guard is not None and not self.guard.allows(len(ready)):
-            counts = [0] * len(ready)
         if drafts is None:
             pick = [(r, k) for r, k in zip(ready, counts, strict=True) if k > 0]
             found = self.proposer.propose([r for r, _ in pick], [k for _, k in pick])
