@@ -75,20 +75,3 @@ def test_admission_promises_what_only_the_all_at_their_end_bound_refuses():
     assert predict(final_decode_shapes([a, c, b])) > 26 * MS
     assert predict(worst_decode_batch([a, c, b], predict)) < 24 * MS
     assert sched.slo.check(sched, [b]).is_admissible
-
-
-def test_a_chunk_over_the_tpot_is_admitted_when_decode_only_steps_bank_its_time():
-    # Sixteen decodes take 32 MS of a 36 MS plan; one prompt token at context 512 adds 5: no
-    # chunk fits within one planned TPOT. The scheduler's allowance lets decode-only steps bank
-    # 4 MS each, so a chunk of up to 2 planned TPOTs follows enough of them: prompts progress
-    # and every decode's mean gap stays within the plan.
-    sched, _ = make(model=ContextStepModel(), budget=512)
-    decodes, cap = [RequestShape(1, 0)] * 16, 36 * MS
-    step = lambda n: predict([*decodes, RequestShape(n, 512)])  # noqa: E731
-    decode_s = predict(decodes)
-    assert step(1) > cap and decode_s < cap
-    k, cycle_s = sched.slo.prompt_capacity(decodes, cap, num_context=512)
-    assert k >= 1 and step(k) <= 2 * cap < step(k + 1)  # the largest such chunk
-    waits = round((cycle_s - step(k)) / decode_s)
-    assert cycle_s == waits * decode_s + step(k) and cycle_s <= (waits + 1) * cap
-    assert (waits - 1) * decode_s + step(k) > waits * cap  # no fewer waits would do

@@ -36,13 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tokenmill.config import SchedulerConfig
-from tokenmill.engine.slo_budget import (
-    MAX_STEP_PLANNED_TPOTS,
-    PromptBudget,
-    banked_chunk,
-    largest_fitting,
-    step_allowance,
-)
+from tokenmill.engine.slo_budget import MAX_STEP_PLANNED_TPOTS, PromptBudget, step_allowance
 from tokenmill.engine.slo_horizon import final_decode_shapes, in_prefill, worst_decode_batch
 from tokenmill.engine.slo_predictor import StepTimePredictor
 from tokenmill.engine.slo_stats import SloStats
@@ -90,12 +84,10 @@ class SloController:
     def prompt_capacity(
         self, decodes: list[RequestShape], tpot_cap: float | None, num_context: int = 0
     ) -> tuple[int, float]:
-        """(k, seconds) of the fluid model: k prompt tokens, after `num_context` tokens, every
-        that many seconds beside `decodes`. Either the largest chunk whose step stays within
-        `tpot_cap` (charged the cap when it cuts the chunk, else its predicted step), or, when
-        that is faster, a larger chunk after decode-only steps that bank the time for it
-        (slo_budget.banked_chunk: charged the whole cycle). k = 0: nothing fits beside the
-        decodes."""
+        """(k, step seconds) of the fluid model: the largest prompt chunk, after `num_context`
+        tokens, that keeps the predicted step within `tpot_cap` beside `decodes`, and what a
+        step is charged: the cap when it cuts the chunk, else the predicted step. k = 0:
+        nothing fits beside the decodes."""
         predict = self.predictor.predict_shapes
 
         def step_s(n: int) -> float:
@@ -106,11 +98,13 @@ class SloController:
             return 0, predict(decodes)
         if tpot_cap is None or step_s(limit) <= tpot_cap:
             return limit, step_s(limit)
-        k = largest_fitting(step_s, limit, tpot_cap)
-        banked = banked_chunk(step_s, predict(decodes), limit, tpot_cap)
-        if banked is not None and (k == 0 or banked[0] / banked[1] > k / tpot_cap):
-            return banked
-        return (k, tpot_cap) if k else (0, predict(decodes))
+        if step_s(1) > tpot_cap:
+            return 0, predict(decodes)
+        lo, hi = 1, limit  # predicted time grows with the chunk: bisect for the largest that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if step_s(mid) <= tpot_cap else (lo, mid - 1)
+        return lo, tpot_cap
 
     def worst_batch(self, requests: list[Request]) -> list[RequestShape]:
         """The decodes of the costliest step `requests` can form from now on (slo_horizon.py)."""

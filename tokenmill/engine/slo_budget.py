@@ -22,8 +22,6 @@ TTFT.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tokenmill.engine.slo_predictor import StepTimePredictor
@@ -53,35 +51,6 @@ def step_allowance(decoding: list[Request], share: float, now: float) -> tuple[f
     if tightest == float("inf"):
         return allowance, tightest
     return min(max(allowance, 0.0), MAX_STEP_PLANNED_TPOTS * tightest), tightest
-
-
-def largest_fitting(step_s: Callable[[int], float], limit: int, cap: float) -> int:
-    """The largest chunk n <= limit with step_s(n) <= cap (step_s grows with n); 0: none."""
-    if step_s(1) > cap:
-        return 0
-    lo, hi = 1, limit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if step_s(mid) <= cap else (lo, mid - 1)
-    return lo
-
-
-def banked_chunk(
-    step_s: Callable[[int], float], decode_s: float, limit: int, planned: float
-) -> tuple[int, float] | None:
-    """A chunk whose step takes more than one planned TPOT, paid for by decode-only steps
-    before it that bank the difference (what step_allowance lets the scheduler do): the largest
-    chunk whose step fits MAX_STEP_PLANNED_TPOTS planned TPOTs, and the seconds of its cycle,
-    `waits` decode-only steps and then its step, within which every decode's mean gap stays
-    within `planned`. None when the decodes alone leave nothing to bank."""
-    if decode_s >= planned:
-        return None
-    n = largest_fitting(step_s, limit, MAX_STEP_PLANNED_TPOTS * planned)
-    if n == 0:
-        return None
-    chunk_s = step_s(n)
-    waits = max(0, math.ceil((chunk_s - planned) / (planned - decode_s)))
-    return n, waits * decode_s + chunk_s
 
 
 class PromptBudget:
