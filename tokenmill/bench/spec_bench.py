@@ -176,6 +176,30 @@ def markdown(rows: list[dict], runs: list[SpecRun]) -> str:
     return "\n".join(lines)
 
 
+def build_parts(args: argparse.Namespace, model) -> list[tuple[str, Workload]]:
+    """The workloads of --parts: the grounded one, then ShareGPT at each concurrency (each
+    point its own requests)."""
+    parts: list[tuple[str, Workload]] = []
+    if "grounded" in args.parts:
+        parts.append(
+            ("grounded", grounded_workload(args.grounded_prompts, args.grounded_max_tokens))
+        )
+    if "sharegpt" in args.parts:
+        tokenizer = open_model_info(model).tokenizer
+        offset = 0
+        for c in map(int, args.concurrencies.split(",")):
+            parts.append(
+                (
+                    f"sharegpt-c{c}",
+                    sharegpt_workload(
+                        c, args.sharegpt_max_tokens, tokenizer, offset, args.min_requests
+                    ),
+                )
+            )
+            offset += max(args.min_requests, 2 * c)
+    return parts
+
+
 def auto_vs_fixed(rows: list[dict]) -> str:
     """Per part: the best fixed draft count of prompt lookup (k = 0: no speculation) and auto's
     throughput against it (issue 13: within 5%) and against none (at least 0.98x)."""
@@ -229,24 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = default_runs(tuple(int(k) for k in args.k.split(",")), methods)
     if args.only:
         runs = [r for r in runs if r.name in args.only.split(",")]
-    parts: list[tuple[str, Workload]] = []
-    if "grounded" in args.parts:
-        parts.append(
-            ("grounded", grounded_workload(args.grounded_prompts, args.grounded_max_tokens))
-        )
-    if "sharegpt" in args.parts:
-        tokenizer = open_model_info(model).tokenizer
-        offset = 0
-        for c in map(int, args.concurrencies.split(",")):
-            parts.append(
-                (
-                    f"sharegpt-c{c}",
-                    sharegpt_workload(
-                        c, args.sharegpt_max_tokens, tokenizer, offset, args.min_requests
-                    ),
-                )
-            )
-            offset += max(args.min_requests, 2 * c)
+    parts = build_parts(args, model)
     build = ensure_built() if "llama.cpp" in methods else None
     rows: list[dict] = []
     schedule = (
