@@ -101,10 +101,10 @@ class SchedulerConfig:
     # TPOT is the mean of its steps, so steps planned to the promise itself miss it about half
     # the time. 1.0 plans to the promise exactly (an exact predictor, as in the planner's tests).
     slo_tpot_share: float = 0.85
-    # Bounded jitter: promised requests are paced so that none's mean token gap falls under its
-    # planned TPOT / slo_max_jitter; the engine waits (new requests wake it) instead of running
-    # a decode-only step early. A promised request's TPOT then lies between its planned TPOT
-    # over this ratio and the planned TPOT. None: decode as fast as the batch allows.
+    # Bounded jitter: a promised request's stream is handed out no faster than its planned TPOT
+    # / slo_max_jitter per token (engine/request_stream.py; the engine still computes at full
+    # speed), so its TPOT as the client sees it lies between that and the planned TPOT. None:
+    # tokens are handed out as they are computed.
     slo_max_jitter: float | None = None
     # Priority preemption: a running request is preempted for a more important one at most this
     # many times.

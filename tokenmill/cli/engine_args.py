@@ -84,9 +84,9 @@ def _add_slo_args(group) -> None:
     )  # fmt: skip
     group.add_argument(
         "--slo-max-jitter", type=float, default=None, metavar="R",
-        help="pace promised requests so that each one's TPOT stays within R of its planned "
-        "TPOT: a decode-only step waits rather than deliver a token sooner than planned / R "
-        "(e.g. 1.5: TPOT p99/p50 of promised requests within 1.5; default: no pacing)",
+        help="bounded jitter: a promised request's stream is handed out no faster than its "
+        "planned TPOT / R per token (the engine still computes at full speed), so promised "
+        "TPOTs lie within a factor R (e.g. 1.5: TPOT p99/p50 within 1.5; default: no pacing)",
     )  # fmt: skip
 
 
