@@ -35,6 +35,11 @@ from tokenmill.workload.slo import SLO, parse_slo
 logger = logging.getLogger(__name__)
 
 
+def child_id(request_id: str, index: int, n: int) -> str:
+    """The scheduler's id of sample `index` of a request with `n` samples."""
+    return request_id if n == 1 else f"{request_id}#{index}"
+
+
 class LLMEngine:
     """Owns the scheduler, the KV cache manager and the output processor of one runner.
 
@@ -141,8 +146,7 @@ class LLMEngine:
             )
         arrival_time = time.time() if arrival_time is None else arrival_time
         children = [
-            (request_id if params.n == 1 else f"{request_id}#{i}", params.for_child(i))
-            for i in range(params.n)
+            (child_id(request_id, i, params.n), params.for_child(i)) for i in range(params.n)
         ]
         slo = self.default_slo if slo is None else slo
         requests = [
@@ -162,10 +166,8 @@ class LLMEngine:
         config = self.config.scheduler
         if config.slo_max_jitter is None:
             return None
-        child_ids = (request_id, f"{request_id}#0")
-        request = next(
-            (self.scheduler.requests[c] for c in child_ids if c in self.scheduler.requests), None
-        )
+        requests = self.scheduler.requests  # the first sample's promise is every sample's
+        request = requests.get(request_id) or requests.get(child_id(request_id, 0, 2))
         if request is None or not request.is_promised or request.is_best_effort:
             return None
         if not request.slo.tpot_s:

@@ -11,8 +11,10 @@ before a request leaves, or the step a pending one's context stops growing.
 
 Taking every request at its last token's context at once (what admission did before) is a
 bound too, and a loose one: replies of different lengths are never all at their end together.
-A request that speculates can take several tokens a step, so it is taken at its last token's
-context throughout; so is one with no max_tokens, at its context now (nothing bounds it).
+A request with drafts pending can take several tokens a step, so it is taken at its last
+token's context throughout; so is one with no max_tokens, at its context now (nothing bounds
+it). With speculative decoding on, a request with no drafts now may draft later and outgrow its
+one-token-a-step context: there the batch is a prediction, not a bound.
 """
 
 from __future__ import annotations
