@@ -109,7 +109,7 @@ def _engine_decisions(policy: str, slo: SLO, workload=OVERLOAD):
 
 @pytest.mark.parametrize("policy", ["reject", "queue", "best-effort"])
 def test_simulation_makes_the_engine_schedulers_admission_decisions(policy):
-    slo = SLO(ttft_s=0.25, tpot_s=0.05)  # tight: refusals for capacity, TTFT, and expiries
+    slo = SLO(ttft_s=0.2, tpot_s=0.05)  # tight: refusals for capacity, TTFT, and expiries
     refused, expired, steps, first = _engine_decisions(policy, slo)
     result = _sim(policy, slo)
     records = {r.req_id: r for r in result.records}
@@ -121,7 +121,7 @@ def test_simulation_makes_the_engine_schedulers_admission_decisions(policy):
     if policy == "reject":
         assert set(refused.values()) == {"capacity", "ttft"}
     if policy == "queue":
-        assert len(expired) > 50 and refused
+        assert len(expired) > 40 and refused
     if policy == "best-effort":
         assert not refused and not expired
 

@@ -215,7 +215,7 @@ class Scheduler:
         if head is not None:
             for victim in self.slo.priority_victims(self, head):
                 self._preempt(victim)
-        self._prompt_budget = self.slo.prompt_budget(self.running)
+        self._prompt_budget = self.slo.prompt_budget(self.running, list(self.waiting))
 
     def _cap_prompt_chunk(self, request: Request, num_new: int, num_hit: int = 0) -> int:
         """The prompt tokens that keep this step within the promised TPOT, predicted at the

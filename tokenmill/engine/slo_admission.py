@@ -5,21 +5,26 @@ The model behind every decision is the scheduler's own step, seen as a fluid:
 
     step = [ one decode token per request, as in the costliest step they can form from now on
              (slo_horizon.py: each request leaves after its max_tokens) | k prompt tokens ]
-    k    = the largest chunk whose predicted step stays within the tightest TPOT promised (the
-           whole token budget when no TPOT is promised), predicted at the most context a chunk
-           can have: the longest pending prompt
-    a step is charged the TPOT when it cuts k (the scheduler fills every step up to it, and a
-    chunk at its real, smaller context is larger), else the predicted step
+    k    = the whole token budget when its step stays within the tightest TPOT promised (or
+           none is promised); else the banked chunk (slo_budget.py): the chunk a step carries
+           after w decode-only steps banked time for it, w chosen for the most prompt tokens
+           per planned TPOT, predicted at the most context a chunk can have (the longest
+           pending prompt)
+    a step is charged its predicted time when nothing cuts k, else the whole cycle: w + 1
+           planned TPOTs (each decode-only step banks what it leaves of one, and the chunk's
+           step spends it)
 
 Each bound is one a real step cannot pass with an exact predictor, so the model is right by
 construction, not by a margin. Prompts are served in the scheduler's order (running prompts,
-then waiting ones earliest deadline first), k tokens a step, and a prompt's last step is a full
-one (the prompts behind it fill it): the j-th pending prompt gets its first token after
-ceil(prompt tokens up to j / k) steps. A candidate is admissible when every request it delays
+then waiting ones earliest deadline first), k tokens a step (or cycle), and a prompt's last
+step is a full one (the prompts behind it fill it): the j-th pending prompt gets its first
+token after ceil(prompt tokens up to j / k) steps. A candidate is admissible when every request it delays
 still finishes its prompt by its deadline, k stays >= 1 with it decoding too (TPOT), and a
 sequence slot and KV blocks for its prompt are free (capacity). The scheduler sizes each real
 chunk by the same predictor at the chunk's own context, within what the decoding requests'
-own TPOTs allow that step (`slo_budget`): never less time than the fluid model's step.
+own TPOTs allow that step (`slo_budget`): never less time than the fluid model's step, and
+it waits for a banked chunk on the same rule (its own decodes are no costlier than the worst
+batch's, so its cycles carry no fewer tokens).
 
 What happens to one that is not, per `slo_policy`:
     reject       refused at once: SloUnattainableError, the server's 429 with Retry-After
@@ -36,7 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tokenmill.config import SchedulerConfig
-from tokenmill.engine.slo_budget import MAX_STEP_PLANNED_TPOTS, PromptBudget, step_allowance
+from tokenmill.engine.slo_budget import PromptBudget, banked_chunk, step_allowance
 from tokenmill.engine.slo_horizon import final_decode_shapes, in_prefill, worst_decode_batch
 from tokenmill.engine.slo_predictor import StepTimePredictor
 from tokenmill.engine.slo_stats import SloStats
@@ -84,10 +89,11 @@ class SloController:
     def prompt_capacity(
         self, decodes: list[RequestShape], tpot_cap: float | None, num_context: int = 0
     ) -> tuple[int, float]:
-        """(k, step seconds) of the fluid model: the largest prompt chunk, after `num_context`
-        tokens, that keeps the predicted step within `tpot_cap` beside `decodes`, and what a
-        step is charged: the cap when it cuts the chunk, else the predicted step. k = 0:
-        nothing fits beside the decodes."""
+        """(k, step seconds) of the fluid model: the prompt chunk, after `num_context` tokens,
+        that a step beside `decodes` carries, and what that is charged. Without a cut, the
+        whole token budget and its predicted step; when `tpot_cap` cuts it, the banked chunk
+        (slo_budget.banked_chunk: after w decode-only steps) and its cycle, (w + 1) caps.
+        k = 0: nothing fits beside the decodes, waiting or not."""
         predict = self.predictor.predict_shapes
 
         def step_s(n: int) -> float:
@@ -98,13 +104,10 @@ class SloController:
             return 0, predict(decodes)
         if tpot_cap is None or step_s(limit) <= tpot_cap:
             return limit, step_s(limit)
-        if step_s(1) > tpot_cap:
+        chunk, waits = banked_chunk(step_s, predict(decodes), tpot_cap, limit)
+        if chunk == 0:
             return 0, predict(decodes)
-        lo, hi = 1, limit  # predicted time grows with the chunk: bisect for the largest that fits
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if step_s(mid) <= tpot_cap else (lo, mid - 1)
-        return lo, tpot_cap
+        return chunk, (waits + 1) * tpot_cap
 
     def worst_batch(self, requests: list[Request]) -> list[RequestShape]:
         """The decodes of the costliest step `requests` can form from now on (slo_horizon.py)."""
@@ -121,19 +124,17 @@ class SloController:
         caps = [r.slo.tpot_s for r in requests if not r.is_best_effort and r.slo.tpot_s]
         return min(caps) * self.tpot_share if caps else None
 
-    def prompt_budget(self, running: list[Request]) -> PromptBudget | None:
+    def prompt_budget(self, running: list[Request], waiting: list[Request]) -> PromptBudget | None:
         """This step's prompt chunks, sized so that every promised decoding request keeps its
         mean gap within its planned TPOT (engine/slo_budget.py); None: no TPOT to keep."""
         decoding = [r for r in running if not in_prefill(r)]
         allowance, tightest = step_allowance(decoding, self.tpot_share, self.clock())
         if allowance == math.inf:
             return None
-        budget = PromptBudget(self.predictor, decoding, allowance)
-        decode_only = self.predictor.predict_shapes(budget.shapes)
-        ceiling = MAX_STEP_PLANNED_TPOTS * tightest
-        if allowance < ceiling and decode_only < tightest:  # waiting a step banks time
-            budget.next_cap = min(allowance + tightest - decode_only, ceiling)
-        return budget
+        prompts = [r for r in running if in_prefill(r)] + [r for r in waiting if r.is_promised]
+        pending = sum(r.num_tokens - r.num_computed_tokens for r in prompts)
+        limit = self.max_num_batched_tokens - len(decoding)
+        return PromptBudget(self.predictor, decoding, allowance, tightest, pending, limit)
 
     # ---- classes and priority preemption ------------------------------------------------
 
