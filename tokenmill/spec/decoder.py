@@ -91,6 +91,8 @@ class SpecDecoder:
             return
         lookup = getattr(self.proposer, "is_lookup", False)
         drafts = self.proposer.propose(ready, caps) if lookup else None
+        if lookup:  # the proposer keeps state for each (spec/ngram.py): released when gone
+            self._tracked.update(r.request_id for r in ready)
         if drafts is not None:  # a lookup proposes cheaply: what it found bounds each count
             caps = [len(d) for d in drafts]
         counts = caps if not self.config.is_auto else self._choose(ready, caps, room)
@@ -114,10 +116,10 @@ class SpecDecoder:
             draft_gains(self.acceptance.rates(r.request_id), cap)
             for r, cap in zip(ready, caps, strict=True)
         ]
-        contexts = [r.num_computed_tokens for r in ready]
+        verify_s = self.cost.pricer([r.num_computed_tokens for r in ready])
 
         def step_seconds(counts: list[int]) -> float:
-            return self.cost.seconds(contexts, counts) + self.proposer.draft_seconds(counts)
+            return verify_s(sum(counts)) + self.proposer.draft_seconds(counts)
 
         counts = choose_drafts(gains, step_seconds, room)
         spare = math.inf if room is None else room - sum(counts)
