@@ -50,7 +50,7 @@ def make(policy="reject", budget=64, max_seqs=8, num_blocks=256, order="fcfs", m
     clock = Clock()
     cfg = SchedulerConfig(
         max_num_seqs=max_seqs, max_num_batched_tokens=budget, policy=order,
-        slo_policy=policy, **{"slo_tpot_share": 1.0, **kw},
+        slo_policy=policy, **{"slo_tpot_share": 1.0, "slo_ttft_share": 1.0, **kw},
     )  # fmt: skip
     predictor = StepTimePredictor(model or step_model())
     sched = Scheduler(cfg, KVCacheManager(num_blocks, BS), MAX_MODEL_LEN, predictor, clock)

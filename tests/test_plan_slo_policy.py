@@ -40,7 +40,11 @@ OVERLOAD = build_workload("fixed:in=40,out=16", 120, ArrivalSpec(rate=30.0), see
 
 def _sim(policy: str, slo: SLO, workload=OVERLOAD, model=None):
     scheduler = SchedulerConfig(
-        max_num_seqs=8, max_num_batched_tokens=64, slo_policy=policy, slo_tpot_share=1.0
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        slo_policy=policy,
+        slo_tpot_share=1.0,
+        slo_ttft_share=1.0,
     )
     config = SimConfig(
         NUM_BLOCKS, MAX_MODEL_LEN, BS, scheduler, enable_prefix_caching=True,

@@ -83,6 +83,11 @@ def _add_slo_args(group) -> None:
         "for step-time noise (default 0.85; 1.0: to the promise exactly)",
     )  # fmt: skip
     group.add_argument(
+        "--slo-ttft-share", type=float, default=0.9, metavar="F",
+        help="prompts are planned to finish by this share of their TTFT, leaving the rest for "
+        "steps that run over their prediction (default 0.9; 1.0: to the promise exactly)",
+    )  # fmt: skip
+    group.add_argument(
         "--slo-max-jitter", type=float, default=None, metavar="R",
         help="bounded jitter: a promised request's stream is handed out no faster than its "
         "planned TPOT / R per token (the engine still computes at full speed), so promised "
@@ -106,6 +111,7 @@ def engine_config_from_args(args: argparse.Namespace, **scheduler_overrides) -> 
             policy=args.scheduling_policy, slo=getattr(args, "slo", None),
             slo_policy=_slo_policy(args),
             slo_tpot_share=getattr(args, "slo_tpot_share", SchedulerConfig.slo_tpot_share),
+            slo_ttft_share=getattr(args, "slo_ttft_share", SchedulerConfig.slo_ttft_share),
             slo_max_jitter=getattr(args, "slo_max_jitter", None),
             long_prefill_token_threshold=getattr(args, "long_prefill_token_threshold", None),
             **scheduler_overrides,

@@ -80,6 +80,7 @@ class SloController:
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_num_seqs = config.max_num_seqs
         self.tpot_share = config.slo_tpot_share
+        self.ttft_share = config.slo_ttft_share
         self.predictor = predictor
         self.clock = clock
         self.stats = stats
@@ -118,6 +119,14 @@ class SloController:
         """Predicted time to compute `num_tokens` prompt tokens, k a step. The last step is a
         full one: the prompts behind fill it (and when none does, it is shorter)."""
         return -(-num_tokens // k) * step_s
+
+    def planned_first_token_by(self, request: Request) -> float:
+        """When admission plans a request's first token: arrival + slo_ttft_share of its TTFT
+        (inf once it has one, for best effort, or without a TTFT target)."""
+        ttft = request.slo.ttft_s
+        if request.is_best_effort or request.first_token_time is not None or ttft is None:
+            return math.inf
+        return request.arrival_time + ttft * self.ttft_share
 
     def tpot_cap(self, requests: list[Request]) -> float | None:
         """The step time planned for: the tightest TPOT promised, times slo_tpot_share."""
@@ -221,13 +230,14 @@ class SloController:
             tokens += num
             others += 0 if r in candidates else num
             is_delayed = is_delayed or r in candidates
-            if not is_delayed or math.isinf(r.deadline):
+            deadline = self.planned_first_token_by(r)
+            if not is_delayed or math.isinf(deadline):
                 continue  # not delayed by the candidates / no first-token promise
             finish = now + self.prompt_time(tokens, k, step_s)
             finish_without = now + self.prompt_time(others, k, step_s)
             if r in candidates:
                 r.predicted_first_token_time = finish
-            if finish > r.deadline and (r in candidates or finish_without <= r.deadline):
+            if finish > deadline and (r in candidates or finish_without <= deadline):
                 backlog = sum(q.num_tokens - q.num_computed_tokens for q in pending)
                 backlog -= sum(q.num_tokens - q.num_computed_tokens for q in candidates)
                 return AdmissionDecision(False, "ttft", self.prompt_time(backlog, k, step_s))
@@ -261,7 +271,7 @@ class SloController:
             return False
         num_tokens = request.num_tokens - request.num_computed_tokens
         prompt_s = self.prompt_time(num_tokens, k, step_s)
-        return self.clock() + delay_s + prompt_s <= request.deadline
+        return self.clock() + delay_s + prompt_s <= self.planned_first_token_by(request)
 
     # ---- the policy ----------------------------------------------------------------------
 

@@ -97,7 +97,8 @@ class PredictionStats:
 class Correction:
     """c0 + c1 * base + c2 * tokens = measured, for one step kind: least squares over the
     measured steps, each weighing `decay` times the one after it, with a small ridge toward
-    (0, 1, 0); c0 and c2 kept >= 0 (a negative one is dropped and the rest refitted)."""
+    (0, 1, 0); c0 and c2 kept >= 0 and c1 within [_MIN_RATIO, _MAX_RATIO] (one out of range
+    is held at its bound and the rest refitted)."""
 
     PRIOR = (0.0, 1.0, 0.0)
 
@@ -115,21 +116,33 @@ class Correction:
         x = np.array([1.0, base, float(num_tokens)])
         self._xx = self.decay * self._xx + np.outer(x, x)
         self._xm = self.decay * self._xm + x * measured
+        self.coef = self._solve()
+
+    def _solve(self) -> np.ndarray:
+        """Least squares with c0, c2 >= 0 and c1 in [_MIN_RATIO, _MAX_RATIO]: a coefficient out
+        of its range is held at its bound and the others refitted without it. (Clamping c1
+        after the fit instead left c0 + c2 fitted beside a c1 it no longer had: a run of
+        batch-1 decodes whose base model rose with their context while they did not gave c1 <
+        0, and clamped, a prediction 9x what they measured.)"""
         # The ridge scales with each feature's own size, so it means the same in any unit.
         ridge = _RIDGE * np.maximum(np.diag(self._xx), 1e-12)
         prior = np.array(self.PRIOR)
+        coef = prior.copy()
         active = [0, 1, 2]
-        while True:
+        while active:
             idx = np.array(active)
-            a = self._xx[np.ix_(idx, idx)] + np.diag(ridge[idx])
-            coef = np.linalg.solve(a, self._xm[idx] + ridge[idx] * prior[idx])
-            negative = [i for i, c in zip(active, coef, strict=True) if c < 0 and i != 1]
-            if not negative:
+            held = [i for i in range(3) if i not in active]
+            rhs = self._xm[idx] + ridge[idx] * prior[idx]
+            rhs -= self._xx[np.ix_(idx, held)] @ coef[held] if held else 0.0
+            coef[idx] = np.linalg.solve(self._xx[np.ix_(idx, idx)] + np.diag(ridge[idx]), rhs)
+            bounds = {0: (0.0, np.inf), 1: (_MIN_RATIO, _MAX_RATIO), 2: (0.0, np.inf)}
+            out = [i for i in active if not bounds[i][0] <= coef[i] <= bounds[i][1]]
+            if not out:
                 break
-            active.remove(negative[0])
-        self.coef = np.zeros(3)
-        self.coef[idx] = coef
-        self.coef[1] = min(max(self.coef[1], _MIN_RATIO), _MAX_RATIO)
+            i = out[0]
+            coef[i] = min(max(coef[i], bounds[i][0]), bounds[i][1])
+            active.remove(i)
+        return coef
 
 
 class StepTimePredictor:
