@@ -16,7 +16,7 @@ from tokenmill.errors import ConfigError
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec.config import parse_speculative_config
 from tokenmill.spec.controller import allocate, choose_drafts, draft_gains
-from tokenmill.spec.ngram import SuffixIndex
+from tokenmill.spec.ngram import find_continuation
 from tokenmill.spec.rejection import greedy_accept, rejection_sample
 
 # Chi-square critical value at p = 0.001 for 4 degrees of freedom (5 outcomes).
@@ -67,8 +67,8 @@ def test_greedy_acceptance():
     assert greedy_accept([], [5]) == [5]
 
 
-def find_continuation(tokens, min_n, max_n, k):
-    """The lookup by brute force: the latest earlier match of the longest matching suffix."""
+def brute_force_continuation(tokens, min_n, max_n, k):
+    """The latest earlier match of the longest matching suffix, by nested loops."""
     for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
         suffix = tokens[len(tokens) - n :]
         for start in range(len(tokens) - n - 1, -1, -1):
@@ -79,22 +79,22 @@ def find_continuation(tokens, min_n, max_n, k):
 
 def test_prompt_lookup_finds_the_latest_match():
     tokens = [1, 2, 3, 4, 9, 1, 2, 3, 5, 7, 1, 2, 3]
-    assert SuffixIndex(2, 3).continuation(tokens, 2) == [5, 7]  # the latest "1 2 3": 5 7
-    assert SuffixIndex(2, 3).continuation(tokens, 10) == [5, 7, 1, 2, 3]
-    assert SuffixIndex(2, 3).continuation([1, 2, 3], 4) == []
-    assert SuffixIndex(2, 3).continuation(tokens, 0) == []
+    assert find_continuation(tokens, 2, 3, 2) == [5, 7]  # the latest "1 2 3" came before 5 7
+    assert find_continuation(tokens, 2, 3, 10) == [5, 7, 1, 2, 3]
+    assert find_continuation([1, 2, 3], 2, 3, 4) == []
+    assert find_continuation(tokens, 2, 3, 0) == []
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_the_growing_index_finds_what_a_full_scan_finds(seed):
+def test_prompt_lookup_finds_what_a_brute_force_scan_finds(seed):
     rng = random.Random(seed)
     min_n, max_n = rng.randint(1, 3), rng.randint(3, 5)
     tokens = [rng.randint(0, 5) for _ in range(rng.randint(0, 12))]
-    index = SuffixIndex(min_n, max_n)
     for _ in range(150):  # a step appends 1 + accepted drafts; a lookup follows
         tokens += [rng.randint(0, 5) for _ in range(rng.choice([1, 1, 2, 5]))]
         k = rng.randint(0, 8)
-        assert index.continuation(tokens, k) == find_continuation(tokens, min_n, max_n, k)
+        expected = brute_force_continuation(tokens, min_n, max_n, k)
+        assert find_continuation(tokens, min_n, max_n, k) == expected
 
 
 def test_controller_allocates_to_likely_drafts_and_turns_off_when_costly():
@@ -141,7 +141,7 @@ def _with_spec(base: LLM, spec: dict | None, **scheduler) -> LLM:
 @pytest.fixture(scope="module")
 def grounded_prompts(llm_fp32) -> list[list[int]]:
     """Prompts that ask the model to repeat a text: drafts from prompt lookup get accepted."""
-    with open(SuffixIndex.__init__.__code__.co_filename) as f:
+    with open(find_continuation.__code__.co_filename) as f:
         text = f.read()
     tok = llm_fp32.get_tokenizer()
     out = []

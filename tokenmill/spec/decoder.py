@@ -91,8 +91,6 @@ class SpecDecoder:
             return
         lookup = getattr(self.proposer, "is_lookup", False)
         drafts = self.proposer.propose(ready, caps) if lookup else None
-        if lookup:  # the proposer keeps state for each (spec/ngram.py): released when gone
-            self._tracked.update(r.request_id for r in ready)
         if drafts is not None:  # a lookup proposes cheaply: what it found bounds each count
             caps = [len(d) for d in drafts]
         counts = caps if not self.config.is_auto else self._choose(ready, caps, room)
