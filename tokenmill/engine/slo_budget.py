@@ -124,7 +124,8 @@ class PromptBudget:
     """One step's prompt chunks within `cap` seconds (the allowance): the step the runner gets
     is the step predicted. `planned`: the tightest planned TPOT, for banked chunks;
     `pending_tokens`: the prompt tokens the step could serve (running prompts and promised
-    waiting ones; a best-effort one starting adds its own); `limit`: the step's token budget for prompts."""
+    waiting ones; a best-effort one starting adds its own); `limit`: the step's token budget
+    for prompts."""
 
     def __init__(
         self,
@@ -143,9 +144,13 @@ class PromptBudget:
             RequestShape(1 + len(r.spec_token_ids), r.num_tokens - 1, 1 + len(r.spec_token_ids))
             for r in decoding
         ]
-        self.decode_s = predictor.predict_shapes(self.shapes)
         self.num_prompt_tokens = 0
         self.is_waiting = False  # the step waits: no prompt tokens at all, in serving order
+
+    @functools.cached_property
+    def decode_s(self) -> float:
+        """The step's decodes alone, predicted (only a step with a prompt to size asks)."""
+        return self.predictor.predict_shapes(self.shapes)
 
     @property
     def may_wait(self) -> bool:
@@ -156,8 +161,8 @@ class PromptBudget:
     def cap_chunk(self, request: Request, num_new: int, num_context: int) -> int:
         """How many of `num_new` prompt tokens after `num_context` fit. The step's first chunk
         is 0, and so is every later one (a decode-only step: no prompt behind it jumps ahead),
-        while waiting banks time toward the banked chunk that the step cannot carry yet; when none fits and waiting cannot help, MIN_PROMPT_CHUNK, so
-        that prompts still progress."""
+        while waiting banks time toward the banked chunk that the step cannot carry yet; when
+        none fits and waiting cannot help, MIN_PROMPT_CHUNK, so that prompts still progress."""
         if request.request_id in self.decoding_ids:
             return num_new
         if self.is_waiting:
