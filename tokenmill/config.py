@@ -102,8 +102,8 @@ class SchedulerConfig:
     # the time. 1.0 plans to the promise exactly (an exact predictor, as in the planner's tests).
     slo_tpot_share: float = 0.85
     # Prompts are planned to finish by this share of the TTFT: a step with prompt tokens runs
-    # over its prediction by up to ~15% (p90) on this machine, and a promised prompt is a run
-    # of them (BENCHMARKS.md section 11).
+    # over its prediction by ~11% at p90 on this machine, and a promised prompt is a run of
+    # them (BENCHMARKS.md section 11, run 4).
     slo_ttft_share: float = 0.9
     # Bounded jitter: a promised request's stream is handed out no faster than its planned TPOT
     # / slo_max_jitter per token (engine/request_stream.py; the engine still computes at full

@@ -18,9 +18,10 @@ Each bound is one a real step cannot pass with an exact predictor, so the model 
 construction, not by a margin. Prompts are served in the scheduler's order (running prompts,
 then waiting ones earliest deadline first), k tokens a step (or cycle), and a prompt's last
 step is a full one (the prompts behind it fill it): the j-th pending prompt gets its first
-token after ceil(prompt tokens up to j / k) steps. A candidate is admissible when every request it delays
-still finishes its prompt by its deadline, k stays >= 1 with it decoding too (TPOT), and a
-sequence slot and KV blocks for its prompt are free (capacity). The scheduler sizes each real
+token after ceil(prompt tokens up to j / k) steps (or cycles). A candidate is admissible when
+every request it delays still finishes its prompt by its planned deadline (arrival +
+slo_ttft_share of its TTFT), k stays >= 1 with it decoding too (TPOT), and a sequence slot and
+KV blocks for its prompt are free (capacity). The scheduler sizes each real
 chunk by the same predictor at the chunk's own context, within what the decoding requests'
 own TPOTs allow that step (`slo_budget`): never less time than the fluid model's step, and
 it waits for a banked chunk on the same rule (its own decodes are no costlier than the worst
@@ -35,6 +36,7 @@ What happens to one that is not, per `slo_policy`:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,6 +99,7 @@ class SloController:
         k = 0: nothing fits beside the decodes, waiting or not."""
         predict = self.predictor.predict_shapes
 
+        @functools.cache  # banked_chunk's searches ask for the same sizes again
         def step_s(n: int) -> float:
             return predict([*decodes, RequestShape(n, num_context)])
 

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 STEP_KINDS = ("prompt", "decode", "verify")
 _MIN_RATIO, _MAX_RATIO = 1e-3, 1e3
 _RIDGE = 1e-6  # how firmly c is held at (0, 1, 0), relative to the steps' own features
+_BOUNDS = ((0.0, np.inf), (_MIN_RATIO, _MAX_RATIO), (0.0, np.inf))  # of c0, c1, c2
 
 
 class BaseStepModel(Protocol):
@@ -135,12 +136,11 @@ class Correction:
             rhs = self._xm[idx] + ridge[idx] * prior[idx]
             rhs -= self._xx[np.ix_(idx, held)] @ coef[held] if held else 0.0
             coef[idx] = np.linalg.solve(self._xx[np.ix_(idx, idx)] + np.diag(ridge[idx]), rhs)
-            bounds = {0: (0.0, np.inf), 1: (_MIN_RATIO, _MAX_RATIO), 2: (0.0, np.inf)}
-            out = [i for i in active if not bounds[i][0] <= coef[i] <= bounds[i][1]]
+            out = [i for i in active if not _BOUNDS[i][0] <= coef[i] <= _BOUNDS[i][1]]
             if not out:
                 break
             i = out[0]
-            coef[i] = min(max(coef[i], bounds[i][0]), bounds[i][1])
+            coef[i] = min(max(coef[i], _BOUNDS[i][0]), _BOUNDS[i][1])
             active.remove(i)
         return coef
 

@@ -42,9 +42,6 @@ class VerifyCost:
         self._memo = (key, seconds, 1)
         return seconds
 
-    def seconds(self, contexts: list[int], counts: list[int]) -> float:
-        return self.pricer(contexts)(sum(counts))
-
     def pricer(self, contexts: list[int]) -> Callable[[int], float]:
         """Seconds of a verify step of these requests with n extra tokens in all, as a function
         of n: one prediction for the many allocations "auto" compares each step."""
