@@ -219,3 +219,19 @@ def test_bfloat16_fused_verify_differs_only_at_near_ties(grounded_prompts):
         top = base.generate([prompt + r[:diff]], scored)[0].outputs[0].logprobs[0]
         first, second = sorted((lp.logprob for lp in top.values()), reverse=True)[:2]
         assert first - second < 0.1, f"differs at {diff} with a top-2 gap of {first - second}"
+
+
+def test_guard_turns_speculation_off_where_it_measured_slower():
+    from tokenmill.spec.guard import EXPLORE, ThroughputGuard
+
+    guard = ThroughputGuard()
+    assert not guard.allows(8)  # first measure without
+    guard.record(8, False, tokens=8, seconds=0.1)
+    assert guard.allows(8)  # then with
+    guard.record(8, True, tokens=12, seconds=0.2)  # slower per request: 7.5 vs 10 tokens/s
+    choices = [guard.allows(8) for _ in range(2 * EXPLORE)]
+    assert choices.count(True) == 2  # only the exploring steps speculate
+    assert not guard.allows(100) and guard.rate.get((7, True)) is None  # buckets apart
+    guard.record(1, False, 1, 0.02)
+    guard.record(1, True, 3, 0.03)  # batch 1: speculation measured faster
+    assert sum(guard.allows(1) for _ in range(EXPLORE)) == EXPLORE - 1

@@ -47,7 +47,7 @@ class SpecDecoder:
         self.counters = SpecCounters()
         self._tracked: set[str] = set()  # requests with acceptance or proposer state
         self.guard = ThroughputGuard() if config.is_auto else None
-        self._last: tuple[bool, float] | None = None  # the last proposal: allowed, seconds
+        self._last: tuple[bool, float] | None = None  # the last proposal: speculated, seconds
 
     # ---- after a step ----------------------------------------------------------------------
 
@@ -105,10 +105,7 @@ class SpecDecoder:
                 self._tracked.add(request.request_id)
         seconds = time.perf_counter() - start
         self.counters.draft_time_s += seconds
-        # The guard's arm is its own decision, not whether drafts came of it: a step it allowed
-        # pays the lookups even where the controller then drafts nothing (at 64 requests, ~10%
-        # of a step), and only this arm sees that cost.
-        self._last = (True, seconds)
+        self._last = (any(counts), seconds)
 
     # ---- helpers -----------------------------------------------------------------------
 

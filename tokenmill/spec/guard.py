@@ -2,11 +2,10 @@
 
 The controller's choice rests on predictions (acceptance, the marginal cost of a token, the
 draft's cost); when they are wrong the loss is real. The guard compares what steps actually
-delivered: emitted tokens per request per second of wall time, as an EMA per batch-size bucket,
-for steps it allowed to speculate (proposing included: lookups, drafting, and the controller's
-choice, even where that choice was no drafts) and steps it kept plain. Speculation is allowed in
-a bucket while it measures at least as fast; the other arm is still tried every EXPLORE-th step
-so a change of workload is noticed. Steps with prompt tokens are not compared (their time is the
+delivered: emitted tokens per request per second of wall time (drafting included), as an EMA per
+batch-size bucket, for steps that speculated and steps that did not. Speculation is allowed in a
+bucket while it measures at least as fast; the other arm is still tried every EXPLORE-th step so
+a change of workload is noticed. Steps with prompt tokens are not compared (their time is the
 prompt's).
 """
 
@@ -20,7 +19,7 @@ ALPHA = 0.1
 
 class ThroughputGuard:
     def __init__(self) -> None:
-        self.rate: dict[tuple[int, bool], float] = {}  # (bucket, allowed) -> tokens/req/s
+        self.rate: dict[tuple[int, bool], float] = {}  # (bucket, speculated) -> tokens/req/s
         self._steps: dict[int, int] = {}
 
     def allows(self, batch_size: int) -> bool:
@@ -32,10 +31,10 @@ class ThroughputGuard:
             return off is not None  # measure without speculation first, then with it
         return (on >= off) != (n % EXPLORE == 0)
 
-    def record(self, batch_size: int, allowed: bool, tokens: int, seconds: float) -> None:
+    def record(self, batch_size: int, speculated: bool, tokens: int, seconds: float) -> None:
         if batch_size <= 0 or seconds <= 0:
             return
-        key = (bucket(batch_size), allowed)
+        key = (bucket(batch_size), speculated)
         sample = tokens / batch_size / seconds
         old = self.rate.get(key)
         self.rate[key] = sample if old is None else old + ALPHA * (sample - old)
