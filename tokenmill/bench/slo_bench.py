@@ -105,17 +105,21 @@ WARMUP = Workload((WorkloadRequest(None, 16, 8),), None, "one short warm-up requ
 
 
 def run_on(cfg: SloBenchConfig, server: str, workload: Workload, log_name: str) -> LoadRun:
-    """A fresh `server`, one unmeasured warm-up request, then `workload`; a promising server's
-    refusals by reason (its /metrics) printed."""
+    """A fresh `server`, one unmeasured warm-up request, then `workload`; a tokenmill server's
+    /metrics kept beside its log, and a promising server's refusals by reason printed."""
     with open_server(cfg, server, log_name) as handle:
         target = ServeTarget(handle.base_url, first_model(handle.base_url))
         # Not run_load's own warm-up: that raises when the policy refuses the warm-up request.
         run_load(target, WARMUP, num_warmup=0, progress=False)
         run = run_load(target, workload, num_warmup=0, progress=False)
-        if server in PROMISING:
+        if server != LLAMA:
             import httpx
 
+            # Kept: the engine's own view (its SLO counters, TTFT histogram, predicted-minus-
+            # measured step time) beside the client's timeline.
             text = httpx.get(handle.base_url + "/metrics", timeout=10).text
+            (cfg.out_dir / f"{log_name}.metrics.txt").write_text(text)
+        if server in PROMISING:
             print(f"  refused by reason: {refusals(text)}", flush=True)
         return run
 
