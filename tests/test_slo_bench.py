@@ -73,6 +73,16 @@ def test_r_sat_is_the_throughput_at_saturation():
     assert sweep_point(1.0, short, None).keeps_up
 
 
+def test_completion_rate_leaves_out_the_drain():
+    """A server finishing 2 req/s while backlogged, then three long replies alone for 20 s:
+    its rate at saturation is 2, not the 1.0 that the whole span gives."""
+    finishes = [0.5 * i for i in range(57)] + [38.0, 43.0, 48.0]
+    results = [served(0.1, 0.0, n=1, start=f - 0.1) for f in finishes]
+    point = sweep_point(3.0, LoadRun(results, 48.0, 32), None)
+    assert point.completed_rate == pytest.approx(2.0)
+    assert not point.keeps_up
+
+
 def test_bursty_arrivals_keep_the_mean_rate_and_cluster():
     even = ArrivalSpec(rate=4.0, burstiness=1.0).offsets(2000, seed=1)
     bursty = ArrivalSpec(rate=4.0, burstiness=0.25).offsets(2000, seed=1)
