@@ -64,7 +64,7 @@ def test_r_sat_is_the_throughput_at_saturation():
 
     points = rate_sweep([4.0, 1.0, 2.0, 3.0, 6.0], run_at)
     assert [p.offered_rate for p in points] == [1.0, 2.0, 3.0, 4.0, 6.0]
-    assert saturation_rate(points) == 3.0
+    assert saturation_rate(points) == pytest.approx(3.0)
     assert saturation_rate([SweepPoint(1.0, 0.5, 0, None, 1.0)]) == 0.5
     assert saturation_rate([SweepPoint(1.0, 0.99, 0, None, 1.0)]) is None  # sweep higher
     # A short run kept up with though each request takes 2 s: 5 requests at 1 req/s finish 1 s
