@@ -81,6 +81,8 @@ def test_completion_rate_leaves_out_the_drain():
     point = sweep_point(3.0, LoadRun(results, 48.0, 32), None)
     assert point.completed_rate == pytest.approx(2.0)
     assert not point.keeps_up
+    two = LoadRun([served(0.1, 0.0, n=1, start=t) for t in (0.0, 0.5)], 0.6, 1)
+    assert sweep_point(2.0, two, None).completed_rate == pytest.approx(2.0)  # not 0
 
 
 def test_bursty_arrivals_keep_the_mean_rate_and_cluster():
