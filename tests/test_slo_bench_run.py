@@ -123,5 +123,11 @@ def test_args_pick_parts_and_servers(tmp_path: Path):
                       "--servers", "policy,fcfs", "--r-sat", "1.5"])  # fmt: skip
     assert (cfg.parts, cfg.servers, cfg.r_sat) == (("high",), (POLICY, FCFS), 1.5)
     assert set(make_schedules(cfg, 1.5, WordEncoder())) == {"high"}
+    assert cfg.low_servers is None  # the low schedule runs --servers
     with pytest.raises(SystemExit):
         parse_args(["--servers", "vllm"])
+    both = parse_args(["--model", "m.gguf", "--parts", "low,high", "--low-servers", "paced"])
+    assert list(make_schedules(both, 1.5, WordEncoder())) == ["low", "high"]  # --parts order
+    assert both.low_servers == ("paced",)
+    with pytest.raises(SystemExit):
+        parse_args(["--low-servers", "vllm"])

@@ -75,8 +75,9 @@ class SloBenchConfig:
     kv_cache_memory_gib: float = 2.0
     max_jitter: float = 1.5  # the paced server's --slo-max-jitter
     ctx_per_slot: int = 2048  # ShareGPT's longest prompt + output (workload/sharegpt.py)
-    parts: tuple[str, ...] = PARTS
+    parts: tuple[str, ...] = PARTS  # schedules run in this order
     servers: tuple[str, ...] = SERVERS
+    low_servers: tuple[str, ...] | None = None  # the low schedule's (None: --servers)
 
 
 def tokenmill_args(cfg: SloBenchConfig, server: str) -> list[str]:
@@ -132,18 +133,19 @@ def refusals(metrics_text: str) -> dict[str, float]:
 
 
 def make_schedules(cfg: SloBenchConfig, r_sat: float, tokenizer) -> dict[str, Workload]:
-    """{"high": 1.5 x R_sat, "low": 0.8 x R_sat}: ShareGPT with gamma arrivals, one seed."""
+    """{"high": 1.5 x R_sat, "low": 0.8 x R_sat} in --parts order: ShareGPT with gamma
+    arrivals, one seed."""
     factors = {"high": cfg.high_factor, "low": cfg.low_factor}
     return {
         label: build_workload(
             cfg.workload,
             cfg.num_prompts,
-            ArrivalSpec(factor * r_sat, cfg.burstiness),
+            ArrivalSpec(factors[label] * r_sat, cfg.burstiness),
             tokenizer=tokenizer,
             seed=cfg.seed,
         )
-        for label, factor in factors.items()
-        if label in cfg.parts
+        for label in cfg.parts
+        if label in factors
     }
 
 
@@ -232,7 +234,8 @@ def run_schedule(cfg: SloBenchConfig, label: str, workload: Workload, record: di
     runs: dict[str, LoadRun] = {}
     summaries: dict[str, SloSummary] = {}
     entry = record["runs"].setdefault(label, {})
-    for server in cfg.servers:
+    servers = cfg.low_servers if label == "low" and cfg.low_servers else cfg.servers
+    for server in servers:
         print(f"{label}: {server} <- {workload.description}", flush=True)
         started = time.monotonic()
         runs[server] = run_on(cfg, server, workload, f"{label}-{server}")
@@ -301,12 +304,16 @@ def parse_args(argv: list[str] | None = None) -> SloBenchConfig:
     parser.add_argument("--kv-cache-memory", type=float, default=default.kv_cache_memory_gib)
     parser.add_argument("--parts", default=",".join(PARTS), help="of: " + ",".join(PARTS))
     parser.add_argument("--servers", default=",".join(SERVERS), help="of: " + ",".join(SERVERS))
+    parser.add_argument("--low-servers", default=None, help="the low schedule's (--servers)")
     args = parser.parse_args(argv)
     from tokenmill.loader.default_model import default_model_path
 
     parts = tuple(p for p in args.parts.split(",") if p)
     servers = tuple(s for s in args.servers.split(",") if s)
-    for name, given, allowed in (("part", parts, PARTS), ("server", servers, SERVERS)):
+    low_servers = tuple(s for s in (args.low_servers or "").split(",") if s) or None
+    checked = (("part", parts, PARTS), ("server", servers, SERVERS),
+               ("server", low_servers or (), SERVERS))  # fmt: skip
+    for name, given, allowed in checked:
         if bad := [g for g in given if g not in allowed]:
             parser.error(f"unknown {name} {bad}; choose from {','.join(allowed)}")
     parse_slo(args.slo)  # a malformed SLO fails before any server starts
@@ -319,6 +326,7 @@ def parse_args(argv: list[str] | None = None) -> SloBenchConfig:
         high_factor=args.high_factor, low_factor=args.low_factor, r_sat=args.r_sat,
         seed=args.seed, max_num_seqs=args.max_num_seqs,
         kv_cache_memory_gib=args.kv_cache_memory, parts=parts, servers=servers,
+        low_servers=low_servers,
         max_jitter=args.max_jitter,
     )  # fmt: skip
 
