@@ -13,6 +13,7 @@ from tokenmill.bench.serve_slo import (
     FCFS,
     LLAMA,
     POLICY,
+    Target,
     format_rate_table,
     goodput_ratio,
     overload_targets,
@@ -79,7 +80,10 @@ def test_targets_missed_and_not_run():
     assert low["all meeting SLO (policy)"].is_met is False
     table = format_rate_table("low", summaries, list(low.values()))
     assert "goodput(policy)/goodput(FCFS) = 2.50 (no target at this rate)" in table
-    assert "MISSED" in table
+    assert "all meeting SLO (policy) = 0.833 (target >= 0.95): MISSED" in table
+    # A value just short of its bound is shown with the digit that separates them.
+    near = Target("admitted meeting SLO (paced)", 455 / 460, 0.99)
+    assert near.describe() == "admitted meeting SLO (paced) = 0.989 (target >= 0.99): MISSED"
 
 
 def test_ratio_against_a_baseline_that_met_nothing_is_infinite_and_json_safe():

@@ -26,7 +26,7 @@ from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.request import RequestStatus
 from tokenmill.engine.slo_budget import MAX_STEP_PLANNED_TPOTS
 from tokenmill.engine.slo_predictor import LinearStepModel, StepTimePredictor
-from tokenmill.engine.slo_stats import measured_latency
+from tokenmill.engine.slo_stats import TTFT_RATIO_BOUNDS, measured_latency
 from tokenmill.errors import SloUnattainableError
 from tokenmill.perf.step_cost import BatchShape, RequestShape, request_shapes
 from tokenmill.sampling_params import SamplingParams
@@ -69,6 +69,9 @@ def test_reject_admits_only_what_the_predictor_says_meets_every_ttft():
     assert (a.predicted_first_token_time, c.predicted_first_token_time) == (80 * MS, 160 * MS)
     ttft = sched.slo_stats.ttft_prediction
     assert ttft.num_steps == 2 and ttft.predicted_s == 240 * MS and ttft.measured_s <= 240 * MS
+    # Both measured no later than predicted: counted at or below ratio 1 in the histogram.
+    counts = sched.slo_stats.ttft_ratio_counts
+    assert sum(counts) == 2 and sum(counts[TTFT_RATIO_BOUNDS.index(1.0) + 1 :]) == 0
 
 
 def test_prompt_chunks_shrink_so_decodes_keep_their_tpot():

@@ -61,6 +61,13 @@ def test_attainable_requests_are_served_and_counted(server):
             for k in ("predictions", "predicted_seconds", "measured_seconds")}  # fmt: skip
     delta = {k: after[name] - before.get(name, 0) for k, name in ttft.items()}
     assert delta["predictions"] == 1 and 0 < delta["measured_seconds"] < 60
+    # ... and in the histogram of measured / predicted: one more request, in some bucket.
+    ratio = f'tokenmill:slo_ttft_measured_over_predicted_count{{model_name="{MODEL_NAME}"}}'
+    assert after[ratio] - before.get(ratio, 0) == 1
+    inf = (
+        f'tokenmill:slo_ttft_measured_over_predicted_bucket{{le="+Inf",model_name="{MODEL_NAME}"}}'
+    )
+    assert after[inf] == after[ratio]
 
 
 def test_a_promised_stream_is_paced_and_a_best_effort_one_is_not(server):

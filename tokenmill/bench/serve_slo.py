@@ -186,7 +186,9 @@ class Target:
 
     def describe(self) -> str:
         status = {True: "met", False: "MISSED", None: "not run"}[self.is_met]
-        value = "-" if self.value is None else f"{self.value:.2f}"
+        # One decimal past the bound's, so a value just short of it never reads as equal.
+        places = max(2, len(f"{self.bound:g}".partition(".")[2]) + 1)
+        value = "-" if self.value is None else f"{self.value:.{places}f}"
         return f"{self.name} = {value} (target {'<=' if self.is_upper else '>='} {self.bound:g}): {status}"
 
 

@@ -2,10 +2,12 @@
 target kind (ttft, tpot) and class (its priority, or best_effort), attained or missed; the
 requests that met every target (goodput) and their tokens; refusals by reason; the step-time
 predictor's predicted against measured times; and each promised request's first token: when
-admission predicted it against when it came (how right the promises' model is)."""
+admission predicted it against when it came (how right the promises' model is), summed and as a histogram
+of measured / predicted."""
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -15,6 +17,9 @@ if TYPE_CHECKING:
     from tokenmill.engine.request import Request
 
 SLO_KINDS = ("ttft", "tpot")
+# Upper bounds of the measured / predicted TTFT histogram: where admission's model is
+# conservative (below 1) and where a promise ran over it (above 1: the misses' tail).
+TTFT_RATIO_BOUNDS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, float("inf"))
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,8 @@ class SloSnapshot:
     refused: dict[str, int] = field(default_factory=dict)  # reason -> requests
     step_prediction: dict[str, PredictionStats] = field(default_factory=dict)  # kind -> sums
     ttft_prediction: PredictionStats = field(default_factory=PredictionStats)  # promised TTFTs
+    ttft_ratio_counts: tuple[int, ...] = (0,) * len(TTFT_RATIO_BOUNDS)  # per bound, not cumulative
+    ttft_ratio_sum: float = 0.0
 
 
 def measured_latency(request: Request) -> dict[str, float | None]:
@@ -45,16 +52,20 @@ class SloStats:
         self.num_good_tokens = 0
         self.refused: dict[str, int] = {}
         self.ttft_prediction = PredictionStats()
+        self.ttft_ratio_counts = [0] * len(TTFT_RATIO_BOUNDS)
+        self.ttft_ratio_sum = 0.0
 
     def record_first_token(self, request: Request) -> None:
         """A promised request's first token against the TTFT its admission predicted."""
         if not request.is_promised or request.predicted_first_token_time is None:
             return
-        # (Its num_steps counts requests here.)
-        self.ttft_prediction.add(
-            request.predicted_first_token_time - request.arrival_time,
-            request.first_token_time - request.arrival_time,
-        )
+        predicted = request.predicted_first_token_time - request.arrival_time
+        measured = request.first_token_time - request.arrival_time
+        self.ttft_prediction.add(predicted, measured)  # (its num_steps counts requests here)
+        if predicted > 0:
+            ratio = measured / predicted
+            self.ttft_ratio_counts[bisect.bisect_left(TTFT_RATIO_BOUNDS, ratio)] += 1
+            self.ttft_ratio_sum += ratio
 
     def record_finished(self, request: Request) -> None:
         """A request that ended normally; only the targets it set are counted."""
@@ -86,4 +97,6 @@ class SloStats:
             refused=dict(self.refused),
             step_prediction={k: replace(v) for k, v in (prediction or {}).items()},
             ttft_prediction=replace(self.ttft_prediction),
+            ttft_ratio_counts=tuple(self.ttft_ratio_counts),
+            ttft_ratio_sum=self.ttft_ratio_sum,
         )

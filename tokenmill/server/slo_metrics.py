@@ -8,16 +8,19 @@
     tokenmill:step_time_prediction_abs_error_seconds_total{kind}; the last step's predicted
     minus measured time: the gauge tokenmill:step_time_prediction_error_seconds{kind}
     tokenmill:slo_ttft_predictions_total, ..._ttft_predicted_seconds_total, ..._measured_...:
-    promised requests' first tokens, the TTFT their admission predicted and the one measured
+    promised requests' first tokens, the TTFT their admission predicted and the one measured;
+    tokenmill:slo_ttft_measured_over_predicted (histogram): each one's measured / predicted TTFT
 
 Read from the engine's snapshot at scrape time, like the other engine-wide families.
 """
 
 from __future__ import annotations
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from itertools import accumulate
 
-from tokenmill.engine.slo_stats import SloSnapshot
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from tokenmill.engine.slo_stats import TTFT_RATIO_BOUNDS, SloSnapshot
 
 PREFIX = "tokenmill:"
 
@@ -73,3 +76,13 @@ def slo_families(slo: SloSnapshot, model_name: str):
         family = CounterMetricFamily(f"{PREFIX}{name}", doc, labels=["model_name"])
         family.add_metric([model_name], value)
         yield family
+    ratio = HistogramMetricFamily(
+        f"{PREFIX}slo_ttft_measured_over_predicted",
+        "Promised requests' measured TTFT over the one their admission predicted.",
+        labels=["model_name"],
+    )
+    cumulative = list(accumulate(slo.ttft_ratio_counts))
+    ratio.add_metric([model_name], [(f"{b:g}" if b != float("inf") else "+Inf", n)
+                                    for b, n in zip(TTFT_RATIO_BOUNDS, cumulative, strict=True)],
+                     sum_value=slo.ttft_ratio_sum)  # fmt: skip
+    yield ratio
