@@ -1,6 +1,7 @@
 """Building an engine for a real model: open the checkpoint, settle the dtype, load the weights
-into a ModelRunner, and hand that runner to a new LLMEngine. `LLM` and `AsyncEngine.from_config`
-both build through here."""
+into a ModelRunner, and hand that runner to a new LLMEngine, whose step-time predictor, when it
+has a latency policy, first learns from a few real steps (engine/slo_calibrate.py). `LLM` and
+`AsyncEngine.from_config` both build through here."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.slo_calibrate import calibrate_predictor
 from tokenmill.loader.base import LoadedModel
 from tokenmill.loader.registry import open_model
 from tokenmill.platform_info import cpu_computes_bf16
@@ -20,13 +22,17 @@ logger = logging.getLogger(__name__)
 def build_engine(config: EngineConfig) -> LLMEngine:
     loaded = open_model(config.model)
     config = with_resolved_dtype(config, loaded)
-    return LLMEngine(config, ModelRunner.load(loaded, config), loaded)
+    engine = LLMEngine(config, ModelRunner.load(loaded, config), loaded)
+    calibrate_predictor(engine)
+    return engine
 
 
 def engine_sharing_weights(engine: LLMEngine, config: EngineConfig) -> LLMEngine:
     """A second engine over `engine`'s loaded weights, with its own runner and KV cache."""
     config = with_resolved_dtype(config, engine.loaded)
-    return LLMEngine(config, engine.runner.sharing_weights(config), engine.loaded)
+    shared = LLMEngine(config, engine.runner.sharing_weights(config), engine.loaded)
+    calibrate_predictor(shared)
+    return shared
 
 
 def with_resolved_dtype(config: EngineConfig, loaded: LoadedModel | None) -> EngineConfig:
