@@ -2,8 +2,8 @@
 target kind (ttft, tpot) and class (its priority, or best_effort), attained or missed; the
 requests that met every target (goodput) and their tokens; refusals by reason; the step-time
 predictor's predicted against measured times; and each promised request's first token: when
-admission predicted it against when it came (how right the promises' model is), summed and as a histogram
-of measured / predicted."""
+admission predicted it against when it came (how right the promises' model is), summed and as
+a histogram of measured / predicted."""
 
 from __future__ import annotations
 
