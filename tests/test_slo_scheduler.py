@@ -20,6 +20,8 @@ from tests.slo_step_model import (
     req,
     run_step,
 )
+from tokenmill.bench.serve import RequestResult
+from tokenmill.bench.serve_slo import is_refused
 from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenmill.engine.interfaces import BaseRunner, RunnerOutput
 from tokenmill.engine.llm_engine import LLMEngine
@@ -30,6 +32,8 @@ from tokenmill.engine.slo_stats import TTFT_RATIO_BOUNDS, measured_latency
 from tokenmill.errors import SloUnattainableError
 from tokenmill.perf.step_cost import BatchShape, RequestShape, request_shapes
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.errors import error_from_exception
+from tokenmill.server.streaming import raise_if_failed
 from tokenmill.workload.slo import SLO
 
 
@@ -320,6 +324,31 @@ def test_engine_refusal_leaves_no_trace_and_the_default_slo_applies():
     assert outputs[-1].finished and engine.stats().slo.attained == {("ttft", "0"): 1}
     assert engine.stats().slo.refused == {"ttft": 1}
     assert engine.stats().slo.step_prediction["prompt"].num_steps == 1
+
+
+def test_a_request_expired_in_the_queue_reaches_the_client_as_a_refusal():
+    cfg = EngineConfig(
+        cache=CacheConfig(block_size=BS, num_blocks=64),
+        scheduler=SchedulerConfig(max_num_seqs=1, slo="ttft=10s", slo_policy="queue"),
+    )
+    engine = LLMEngine(cfg, ConstantRunner(), predictor=StepTimePredictor(LinearStepModel(STEP)))
+    engine.add_request("a", list(range(8)), SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request("y", list(range(8)), SamplingParams(max_tokens=3, ignore_eos=True))
+    assert not engine.scheduler.requests["y"].is_promised  # waits for the one seat
+    # The machine turns out slower than predicted: y's TTFT can no longer be met.
+    engine.scheduler.slo.can_still_meet_ttft = lambda *args: False
+    outputs = {o.request_id: o for o in engine.step()}
+    y = outputs["y"].outputs[0]
+    assert outputs["y"].finished and (y.finish_reason, y.stop_reason) == (
+        "abort",
+        "slo_unattainable",
+    )
+    with pytest.raises(SloUnattainableError) as err:  # the server's check of every output
+        raise_if_failed(y)
+    api = error_from_exception(err.value)  # 429 before a reply, or the stream's error event
+    assert (api.status, api.code) == (429, "slo_unattainable")
+    result = RequestResult(False, 8, 0, 3, error=str(api.body_json()))
+    assert is_refused(result)  # the benchmark counts it as refused, not as a failure
 
 
 def test_an_idle_engine_re_measures_a_correction_learned_under_contention():

@@ -1,7 +1,8 @@
 """Latency promises seen from the client: refusals, attainment, jitter, and the rate sweep that
 finds a server's saturation rate R_sat.
 
-    refused    requests answered 429 (code slo_unattainable, or queue_full): told at once
+    refused    requests answered 429 (code slo_unattainable, or queue_full): told at once; or
+               told by an error event that they expired in the queue (--slo-policy queue)
     admitted   requests that streamed tokens
     attainment share of the admitted, and of all requests, meeting every SLO target
     jitter     TPOT p99 / p50 of the admitted
@@ -32,7 +33,11 @@ from tokenmill.workload.slo import SLO
 
 
 def is_refused(result: RequestResult) -> bool:
-    return not result.ok and result.error.startswith("HTTP 429")
+    """Told it cannot be served: a 429, or the error event of a request that expired in the
+    queue (--slo-policy queue) after its stream began."""
+    return not result.ok and (
+        result.error.startswith("HTTP 429") or "slo_unattainable" in result.error
+    )
 
 
 @dataclass(frozen=True)

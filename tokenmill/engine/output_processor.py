@@ -154,7 +154,9 @@ class OutputProcessor:
             if sample.add_text(piece, params.can_stop(sample.num_output_tokens)):
                 return True
         if status.is_finished and not sample.is_finished:
-            stop_reason = request.stop_reason if stop_token_ended else None
+            # A stop token's id or string; an abort's cause (an expired promise) when it has one.
+            has_reason = stop_token_ended or status == RequestStatus.FINISHED_ABORTED
+            stop_reason = request.stop_reason if has_reason else None
             sample.finish(status.finish_reason, stop_reason, flush=True)
         return False
 

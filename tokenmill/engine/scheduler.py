@@ -39,6 +39,9 @@ from tokenmill.engine.slo_budget import PromptBudget
 from tokenmill.engine.slo_predictor import StepTimePredictor
 from tokenmill.engine.slo_stats import SloStats
 
+# The stop_reason of a queued request whose TTFT became unattainable (it ends aborted, unserved).
+EXPIRED_STOP_REASON = "slo_unattainable"
+
 
 class Scheduler:
     def __init__(
@@ -208,7 +211,7 @@ class Scheduler:
         expired = self.slo.review_waiting(self)
         for request in expired:
             self.waiting.remove(request)
-            request.stop_reason = "slo_unattainable"
+            request.stop_reason = EXPIRED_STOP_REASON
             self._finish(request, RequestStatus.FINISHED_ABORTED)
         self._expired.extend(expired)
         head = next((r for r in self.waiting if r.is_promised), None)

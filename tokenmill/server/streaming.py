@@ -26,6 +26,8 @@ from tokenmill.engine.async_engine import (
     EngineStoppedError,
     RequestStream,
 )
+from tokenmill.engine.scheduler import EXPIRED_STOP_REASON
+from tokenmill.errors import SloUnattainableError
 from tokenmill.outputs import CompletionOutput, OutputKind, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.errors import error_from_exception
@@ -66,7 +68,14 @@ class EventStreamResponse(StreamingResponse):
 
 
 def raise_if_failed(output: CompletionOutput) -> None:
-    """A sample the engine ended with an error fails its whole response (500 / error event)."""
+    """A sample the engine ended with an error fails its whole response (500 / error event); one
+    that expired in the queue (--slo-policy queue: its TTFT could no longer be met) fails it as
+    a refusal (429 slo_unattainable / its error event)."""
+    if output.finish_reason == "abort" and output.stop_reason == EXPIRED_STOP_REASON:
+        raise SloUnattainableError(
+            "its ttft target can no longer be met: it waited in the queue past the last moment "
+            "it could start", 1.0, "ttft_expired",
+        )  # fmt: skip
     if output.finish_reason == "error":
         raise EngineInternalError(f"generation failed: {output.stop_reason or 'internal error'}")
 
