@@ -20,7 +20,13 @@ from tokenmill.bench.serve_slo import (
     summarize_slo,
     underload_targets,
 )
-from tokenmill.bench.slo_bench import SloBenchConfig, finite, make_schedules, parse_args
+from tokenmill.bench.slo_bench import (
+    SloBenchConfig,
+    finite,
+    make_schedules,
+    parse_args,
+    tokenmill_args,
+)
 from tokenmill.bench.slo_plot import plot_timelines
 from tokenmill.workload.slo import SLO
 
@@ -133,5 +139,9 @@ def test_args_pick_parts_and_servers(tmp_path: Path):
     both = parse_args(["--model", "m.gguf", "--parts", "low,high", "--low-servers", "paced"])
     assert list(make_schedules(both, 1.5, WordEncoder())) == ["low", "high"]  # --parts order
     assert both.low_servers == ("paced",)
+    assert "reject" in tokenmill_args(both, "paced")  # the default policy
+    queued = parse_args(["--model", "m.gguf", "--slo-policy", "queue"])
+    assert tokenmill_args(queued, "paced")[-4:-2] == ["--slo-policy", "queue"]
+    assert tokenmill_args(queued, "fcfs")[-2:] == ["--slo-policy", "off"]
     with pytest.raises(SystemExit):
         parse_args(["--low-servers", "vllm"])

@@ -74,6 +74,7 @@ class SloBenchConfig:
     max_num_batched_tokens: int = 512
     kv_cache_memory_gib: float = 2.0
     max_jitter: float = 1.5  # the paced server's --slo-max-jitter
+    slo_policy: str = "reject"  # the promising servers' --slo-policy: reject | queue
     ctx_per_slot: int = 2048  # ShareGPT's longest prompt + output (workload/sharegpt.py)
     parts: tuple[str, ...] = PARTS  # schedules run in this order
     servers: tuple[str, ...] = SERVERS
@@ -87,7 +88,7 @@ def tokenmill_args(cfg: SloBenchConfig, server: str) -> list[str]:
         "--kv-cache-memory", str(cfg.kv_cache_memory_gib), "--max-queue", "4096",
     ]  # fmt: skip
     if server in PROMISING:
-        args += ["--slo", cfg.slo, "--slo-policy", "reject"]
+        args += ["--slo", cfg.slo, "--slo-policy", cfg.slo_policy]
         return args + ["--slo-max-jitter", f"{cfg.max_jitter:g}"] if server == PACED else args
     return [*args, "--slo-policy", "off"]
 
@@ -301,6 +302,9 @@ def parse_args(argv: list[str] | None = None) -> SloBenchConfig:
     parser.add_argument("--seed", type=int, default=default.seed)
     parser.add_argument("--max-num-seqs", type=int, default=default.max_num_seqs)
     parser.add_argument("--max-jitter", type=float, default=default.max_jitter, help="paced's")
+    parser.add_argument("--slo-policy", default=default.slo_policy, choices=("reject", "queue"),
+                        help="the promising servers' (queue: a request waits while it can still "
+                        "meet its TTFT)")  # fmt: skip
     parser.add_argument("--kv-cache-memory", type=float, default=default.kv_cache_memory_gib)
     parser.add_argument("--parts", default=",".join(PARTS), help="of: " + ",".join(PARTS))
     parser.add_argument("--servers", default=",".join(SERVERS), help="of: " + ",".join(SERVERS))
@@ -327,7 +331,7 @@ def parse_args(argv: list[str] | None = None) -> SloBenchConfig:
         seed=args.seed, max_num_seqs=args.max_num_seqs,
         kv_cache_memory_gib=args.kv_cache_memory, parts=parts, servers=servers,
         low_servers=low_servers,
-        max_jitter=args.max_jitter,
+        max_jitter=args.max_jitter, slo_policy=args.slo_policy,
     )  # fmt: skip
 
 
