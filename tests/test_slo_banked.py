@@ -14,7 +14,7 @@ import random
 import pytest
 
 from tests.slo_step_model import MS, STEP, TOKEN, add, make, req, run_step
-from tokenmill.engine.slo_budget import banked_chunk, largest_fitting
+from tokenmill.engine.slo_budget import PendingPrompts, banked_chunk, largest_fitting
 from tokenmill.engine.slo_horizon import in_prefill
 from tokenmill.errors import SloUnattainableError
 from tokenmill.perf.step_cost import BatchShape, RequestShape
@@ -134,3 +134,66 @@ def test_under_random_load_every_promise_made_is_kept(seed):
     assert len([r for r in requests if r.is_promised]) > 50 and sched.slo_stats.refused
     assert not sched.slo_stats.missed
     assert num_waits > 0  # decode-only steps while a promised prompt waited for its chunk
+
+
+class SlowDecodeModel(PromptStepModel):
+    """A machine slower than predicted where it matters to waiting: a decode-only step of the
+    4 decodes below takes the whole 36 ms TPOT, so a wait banks nothing."""
+
+    def seconds(self, batch: BatchShape) -> float:
+        return super().seconds(batch) if batch.num_prefill_tokens else 36 * MS
+
+
+def test_a_prompt_stops_waiting_when_waits_bank_nothing():
+    sched, clock = make(model=PromptStepModel())
+    for i in range(4):
+        add(sched, req(f"d{i}", 8, tpot=36 * MS, max_tokens=80))
+    run_step(sched, clock, model=SlowDecodeModel())
+    start = clock.now
+    p = add(sched, req("p", 60, ttft=400 * MS, tpot=36 * MS, arrival=start, max_tokens=8))
+    assert p.is_promised  # two banked cycles by the prediction: 216 ms
+    steps = []
+    while p.first_token_time is None:
+        steps.append(dict(run_step(sched, clock, model=SlowDecodeModel())).get("p", 0))
+    # One wait banks nothing; then NO_WAIT_STEPS steps serve the 8 tokens that fit, one more
+    # futile wait, and the rest. Waiting on, it would have starved until the decodes ended
+    # (80 steps).
+    assert steps[:6] == [0, 8, 8, 8, 8, 0]
+    assert p.first_token_time - start <= 400 * MS
+    while sched.has_unfinished():
+        run_step(sched, clock, model=SlowDecodeModel())
+    assert not sched.slo_stats.missed
+
+
+class SlowPromptModel(PromptStepModel):
+    """Steps with prompt tokens take twice the prediction (which is not corrected): banked
+    cycles run long."""
+
+    def seconds(self, batch: BatchShape) -> float:
+        return super().seconds(batch) * (2.0 if batch.num_prefill_tokens else 1.0)
+
+
+@pytest.mark.parametrize("late_rule", [True, False])
+def test_a_late_prompt_spends_the_targets_slack_and_keeps_every_promise(late_rule, monkeypatch):
+    # Plans are 0.8 of the 45 ms TPOT target (36 ms) and of the 900 ms TTFT. The cycles run
+    # long and the prompt would pass its planned first token (720 ms); it then gets steps up
+    # to what the decodes afford of their 45 ms target itself, without the 2-TPOT ceiling.
+    if not late_rule:
+        monkeypatch.setattr(PendingPrompts, "is_late", lambda *args: False)
+    sched, clock = make(model=PromptStepModel(), slo_tpot_share=0.8, slo_ttft_share=0.8, budget=128)
+    for i in range(4):
+        add(sched, req(f"d{i}", 8, tpot=45 * MS, max_tokens=60))
+    for _ in range(8):
+        run_step(sched, clock, model=SlowPromptModel())
+    start = clock.now
+    p = add(sched, req("p", 200, ttft=900 * MS, tpot=45 * MS, arrival=start, max_tokens=4))
+    assert p.predicted_first_token_time - start == 648 * MS  # 5 cycles of 44 tokens
+    is_late = []
+    while sched.has_unfinished():
+        run_step(sched, clock, model=SlowPromptModel())
+        is_late.append(sched._prompt_budget.is_late)
+    if late_rule:
+        assert any(is_late) and p.first_token_time - start <= 900 * MS
+        assert not sched.slo_stats.missed  # the decodes' TPOTs too
+    else:  # the rule is what keeps it
+        assert sched.slo_stats.missed == {("ttft", "0"): 1}

@@ -47,6 +47,7 @@ def test_streamed_text_equals_no_speculation_and_metrics_count_drafts(server, pl
 
 
 def test_planner_reads_measured_acceptance(server):
+    _stream(server)  # drafts to count, whether or not another test ran first
     rates = measured_acceptance(server.url("/metrics"))
     assert 1 <= len(rates) <= 4 and all(0 <= r <= 1 for r in rates)
     text = httpx.get(server.url("/metrics"), timeout=10).text

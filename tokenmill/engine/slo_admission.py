@@ -25,7 +25,9 @@ KV blocks for its prompt are free (capacity). The scheduler sizes each real
 chunk by the same predictor at the chunk's own context, within what the decoding requests'
 own TPOTs allow that step (`slo_budget`): never less time than the fluid model's step, and
 it waits for a banked chunk on the same rule (its own decodes are no costlier than the worst
-batch's, so its cycles carry no fewer tokens).
+batch's, so its cycles carry no fewer tokens). Where the machine is slower than predicted, the
+scheduler stops waiting when waits bank nothing, and a prompt about to pass its planned first
+token may spend the slack between the decodes' TPOT plans and their targets (`slo_budget`).
 
 What happens to one that is not, per `slo_policy`:
     reject       refused at once: SloUnattainableError, the server's 429 with Retry-After
@@ -43,7 +45,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tokenmill.config import SchedulerConfig
-from tokenmill.engine.slo_budget import PromptBudget, banked_chunk, step_allowance
+from tokenmill.engine.slo_budget import (
+    PendingPrompts,
+    PromptBudget,
+    banked_chunk,
+    step_allowance,
+    target_allowance,
+)
 from tokenmill.engine.slo_horizon import final_decode_shapes, in_prefill, worst_decode_batch
 from tokenmill.engine.slo_predictor import StepTimePredictor
 from tokenmill.engine.slo_stats import SloStats
@@ -53,6 +61,9 @@ from tokenmill.perf.step_cost import RequestShape
 if TYPE_CHECKING:
     from tokenmill.engine.request import Request
     from tokenmill.engine.scheduler import Scheduler
+
+
+NO_WAIT_STEPS = 4  # steps that serve what fits, after a decode-only wait that banked nothing
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,8 @@ class SloController:
         self.predictor = predictor
         self.clock = clock
         self.stats = stats
+        self._last_budget: PromptBudget | None = None  # the previous step's, to see it banked
+        self._no_wait_steps = -1  # steps left without waiting, after a wait that banked nothing
 
     # ---- the fluid model ---------------------------------------------------------------
 
@@ -139,14 +152,23 @@ class SloController:
     def prompt_budget(self, running: list[Request], waiting: list[Request]) -> PromptBudget | None:
         """This step's prompt chunks, sized so that every promised decoding request keeps its
         mean gap within its planned TPOT (engine/slo_budget.py); None: no TPOT to keep."""
+        now = self.clock()
         decoding = [r for r in running if not in_prefill(r)]
-        allowance, tightest = step_allowance(decoding, self.tpot_share, self.clock())
+        allowance, tightest = step_allowance(decoding, self.tpot_share, now)
+        last, self._last_budget = self._last_budget, None
         if allowance == math.inf:
             return None
-        prompts = [r for r in running if in_prefill(r)] + [r for r in waiting if r.is_promised]
-        pending = sum(r.num_tokens - r.num_computed_tokens for r in prompts)
-        limit = self.max_num_batched_tokens - len(decoding)
-        return PromptBudget(self.predictor, decoding, allowance, tightest, pending, limit)
+        if last is not None and not last.banked(allowance):
+            self._no_wait_steps = NO_WAIT_STEPS
+        self._no_wait_steps = max(self._no_wait_steps - 1, -1)
+        prompts = self._service_order(running, [r for r in waiting if r.is_promised])
+        self._last_budget = PromptBudget(
+            self.predictor, decoding, allowance, tightest,
+            PendingPrompts.of(prompts, self.planned_first_token_by),
+            self.max_num_batched_tokens - len(decoding),
+            now=now, target_cap=target_allowance(decoding, now), may_bank=self._no_wait_steps < 0,
+        )  # fmt: skip
+        return self._last_budget
 
     # ---- classes and priority preemption ------------------------------------------------
 

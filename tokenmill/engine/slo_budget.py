@@ -26,13 +26,25 @@ c(w) / (w + 1): one cycle of w waits and a chunk step takes at most (w + 1) plan
 scheduler's first chunk of a step waits (a decode-only step) while the step cannot carry that
 chunk (or the pending prompt tokens, if fewer), and admission (slo_admission.py) charges exactly
 that cycle, so what it promises is what the scheduler does.
+
+When the machine is not what the predictor says, the cycles are not either, and two rules keep
+the promised prompts moving:
+- A wait must bank. After a decode-only step, the next step waits again only if the allowance
+  grew by at least half of what a wait should bank: decode-only steps that take the whole
+  planned TPOT (a slow phase) would otherwise hold a prompt back until the decodes end.
+- A late prompt may spend the targets' slack. When the pending promised prompts, served in
+  cycles from now, would bring one past its planned first token, the step may take what every
+  promised decode affords of its TPOT target itself (not the plan, and without the 2-TPOT
+  ceiling): the margin kept for mispredicted steps goes to the promise about to break.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tokenmill.engine.slo_predictor import StepTimePredictor
@@ -102,9 +114,9 @@ def banked_chunk(
     return best
 
 
-def step_allowance(decoding: list[Request], share: float, now: float) -> tuple[float, float]:
-    """(allowance, the tightest planned TPOT) of a step: what every promised request decoding
-    with a TPOT target can afford (see the module docstring); (inf, inf) when none."""
+def _affordable(decoding: list[Request], share: float, now: float) -> tuple[float, float]:
+    """(what every promised decode with a TPOT target affords at `share` of it, negative when
+    one is behind, the tightest such TPOT); (inf, inf) when none."""
     allowance = tightest = float("inf")
     for r in decoding:
         if not r.is_promised or r.is_best_effort or not r.slo.tpot_s:
@@ -115,17 +127,62 @@ def step_allowance(decoding: list[Request], share: float, now: float) -> tuple[f
             allowance = min(allowance, planned)
             continue
         allowance = min(allowance, r.num_output_tokens * planned - (now - r.first_token_time))
-    if tightest == float("inf"):
-        return allowance, tightest
-    return min(max(allowance, 0.0), MAX_STEP_PLANNED_TPOTS * tightest), tightest
+    return allowance, tightest
+
+
+def step_allowance(decoding: list[Request], share: float, now: float) -> tuple[float, float]:
+    """(allowance, the tightest planned TPOT) of a step: what every promised request decoding
+    with a TPOT target can afford (see the module docstring; negative: one is behind its plan,
+    and the step has no time for prompts); (inf, inf) when none."""
+    allowance, tightest = _affordable(decoding, share, now)
+    return min(allowance, MAX_STEP_PLANNED_TPOTS * tightest), tightest
+
+
+def target_allowance(decoding: list[Request], now: float) -> float:
+    """What a late prompt's step may take: every promised decode's TPOT target, not its plan,
+    with no ceiling (module docstring)."""
+    return max(_affordable(decoding, 1.0, now)[0], 0.0)
+
+
+@dataclass(frozen=True)
+class PendingPrompts:
+    """The promised prompts a step could serve, in service order: after each, the prompt tokens
+    up to and including it, and when its first token is planned (inf: no TTFT promise)."""
+
+    cumulative_tokens: tuple[int, ...] = ()
+    first_token_by: tuple[float, ...] = ()
+
+    @classmethod
+    def of(
+        cls, prompts: list[Request], first_token_by: Callable[[Request], float]
+    ) -> PendingPrompts:
+        counts = itertools.accumulate(r.num_tokens - r.num_computed_tokens for r in prompts)
+        return cls(tuple(counts), tuple(first_token_by(r) for r in prompts))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.cumulative_tokens[-1] if self.cumulative_tokens else 0
+
+    def is_late(self, now: float, chunk: int, cycle_s: float) -> bool:
+        """Whether `chunk` tokens a cycle of `cycle_s` from now brings any past its planned first
+        token (chunk 0: nothing would)."""
+        if not self.cumulative_tokens:
+            return False
+        if chunk <= 0:
+            return any(by != math.inf for by in self.first_token_by)
+        return any(
+            now + -(-tokens // chunk) * cycle_s > by
+            for tokens, by in zip(self.cumulative_tokens, self.first_token_by, strict=True)
+        )
 
 
 class PromptBudget:
     """One step's prompt chunks within `cap` seconds (the allowance): the step the runner gets
-    is the step predicted. `planned`: the tightest planned TPOT, for banked chunks;
-    `pending_tokens`: the prompt tokens the step could serve (running prompts and promised
-    waiting ones; a best-effort one starting adds its own); `limit`: the step's token budget
-    for prompts."""
+    is the step predicted. `planned`: the tightest planned TPOT, for banked chunks; `pending`:
+    the promised prompts the step could serve (a best-effort one starting adds its own);
+    `limit`: the step's token budget for prompts; `target_cap`: what a late prompt's step may
+    take (target_allowance); `may_bank`: whether a decode-only step may wait for a chunk (not
+    right after waits that banked nothing)."""
 
     def __init__(
         self,
@@ -133,11 +190,17 @@ class PromptBudget:
         decoding: list[Request],
         cap: float,
         planned: float = math.inf,
-        pending_tokens: int = 0,
+        pending: PendingPrompts | None = None,
         limit: int = 0,
+        *,
+        now: float = 0.0,
+        target_cap: float = 0.0,
+        may_bank: bool = True,
     ) -> None:
-        self.predictor, self.cap, self.planned = predictor, cap, planned
-        self.pending_tokens, self.limit = pending_tokens, limit
+        self.predictor, self.allowance, self.planned = predictor, cap, planned
+        self.cap = max(cap, 0.0)
+        self.pending, self.limit = pending or PendingPrompts(), limit
+        self.now, self.target_cap, self.may_bank = now, target_cap, may_bank
         self.decoding_ids = {r.request_id for r in decoding}
         # (1 + drafts, context, 1 + drafts): RequestShape.of a decode as it will be scheduled.
         self.shapes = [
@@ -146,6 +209,7 @@ class PromptBudget:
         ]
         self.num_prompt_tokens = 0
         self.is_waiting = False  # the step waits: no prompt tokens at all, in serving order
+        self.is_late = False  # a promised prompt would pass its plan: the targets' slack is spent
 
     @functools.cached_property
     def decode_s(self) -> float:
@@ -156,13 +220,20 @@ class PromptBudget:
     def may_wait(self) -> bool:
         """Whether a decode-only step now banks time toward a larger chunk."""
         ceiling = MAX_STEP_PLANNED_TPOTS * self.planned
-        return self.decode_s < self.planned and self.cap < ceiling
+        return self.may_bank and self.decode_s < self.planned and self.cap < ceiling
+
+    def banked(self, next_allowance: float) -> bool:
+        """Asked of the previous step's budget: whether its wait (if it waited) banked, the
+        next step's allowance grown by at least half of what it was predicted to bank."""
+        expected = self.planned - self.decode_s
+        return not self.is_waiting or next_allowance - self.allowance >= expected / 2
 
     def cap_chunk(self, request: Request, num_new: int, num_context: int) -> int:
         """How many of `num_new` prompt tokens after `num_context` fit. The step's first chunk
         is 0, and so is every later one (a decode-only step: no prompt behind it jumps ahead),
         while waiting banks time toward the banked chunk that the step cannot carry yet; when
-        none fits and waiting cannot help, MIN_PROMPT_CHUNK, so that prompts still progress."""
+        none fits and waiting cannot help, MIN_PROMPT_CHUNK, so that prompts still progress.
+        A late prompt (module docstring) raises the step's cap first."""
         if request.request_id in self.decoding_ids:
             return num_new
         if self.is_waiting:
@@ -174,16 +245,29 @@ class PromptBudget:
             return self.predictor.predict_shapes([*self.shapes, chunk])
 
         is_first = self.num_prompt_tokens == 0
-        if is_first and self.may_wait:
-            target, _ = banked_chunk(step_s, self.decode_s, self.planned, self.limit)
-            target = min(target, max(self.pending_tokens, num_new))
-            if target > 0 and step_s(target) > self.cap:
+        if is_first:
+            target, cycle_s = self._cycle(step_s)
+            self.is_late = self.pending.is_late(self.now, target, cycle_s)
+            if self.is_late:
+                self.cap = max(self.cap, self.target_cap)
+            target = min(target, max(self.pending.num_tokens, num_new))
+            if self.may_wait and target > 0 and step_s(target) > self.cap:
                 self.is_waiting = True  # a decode-only step: a later one carries the chunk
                 return 0
         fitting = largest_fitting(step_s, self.cap, num_new)
         if fitting == 0 and is_first:
             return min(num_new, MIN_PROMPT_CHUNK)
         return fitting
+
+    def _cycle(self, step_s: Callable[[int], float]) -> tuple[int, float]:
+        """(chunk, seconds) of the cycle prompts get from now: the banked chunk after its waits
+        when waiting may bank, else what fits in one step of the allowance (at least
+        MIN_PROMPT_CHUNK tokens, a step of at least one planned TPOT)."""
+        if self.may_wait:
+            chunk, waits = banked_chunk(step_s, self.decode_s, self.planned, self.limit)
+            return chunk, (waits + 1) * self.planned
+        chunk = max(largest_fitting(step_s, self.cap, self.limit), MIN_PROMPT_CHUNK)
+        return chunk, max(self.cap, self.planned, step_s(chunk))
 
     def take(self, request: Request, num_computed: int, num_new: int) -> None:
         """A chunk was scheduled: later chunks of the step are predicted beside it."""
