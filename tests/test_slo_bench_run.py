@@ -143,5 +143,10 @@ def test_args_pick_parts_and_servers(tmp_path: Path):
     queued = parse_args(["--model", "m.gguf", "--slo-policy", "queue"])
     assert tokenmill_args(queued, "paced")[-4:-2] == ["--slo-policy", "queue"]
     assert tokenmill_args(queued, "fcfs")[-2:] == ["--slo-policy", "off"]
+    assert "--slo-tpot-share" not in tokenmill_args(queued, "paced")  # the server's default
+    shared = parse_args(["--model", "m.gguf", "--tpot-share", "0.95"])
+    args = tokenmill_args(shared, "policy")
+    assert args[args.index("--slo-tpot-share") + 1] == "0.95"
+    assert "--slo-tpot-share" not in tokenmill_args(shared, "fcfs")
     with pytest.raises(SystemExit):
         parse_args(["--low-servers", "vllm"])

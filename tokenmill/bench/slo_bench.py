@@ -75,6 +75,7 @@ class SloBenchConfig:
     kv_cache_memory_gib: float = 2.0
     max_jitter: float = 1.5  # the paced server's --slo-max-jitter
     slo_policy: str = "reject"  # the promising servers' --slo-policy: reject | queue
+    tpot_share: float | None = None  # their --slo-tpot-share (None: the server's default)
     ctx_per_slot: int = 2048  # ShareGPT's longest prompt + output (workload/sharegpt.py)
     parts: tuple[str, ...] = PARTS  # schedules run in this order
     servers: tuple[str, ...] = SERVERS
@@ -89,6 +90,8 @@ def tokenmill_args(cfg: SloBenchConfig, server: str) -> list[str]:
     ]  # fmt: skip
     if server in PROMISING:
         args += ["--slo", cfg.slo, "--slo-policy", cfg.slo_policy]
+        if cfg.tpot_share is not None:
+            args += ["--slo-tpot-share", f"{cfg.tpot_share:g}"]
         return args + ["--slo-max-jitter", f"{cfg.max_jitter:g}"] if server == PACED else args
     return [*args, "--slo-policy", "off"]
 
@@ -302,6 +305,7 @@ def parse_args(argv: list[str] | None = None) -> SloBenchConfig:
     parser.add_argument("--seed", type=int, default=default.seed)
     parser.add_argument("--max-num-seqs", type=int, default=default.max_num_seqs)
     parser.add_argument("--max-jitter", type=float, default=default.max_jitter, help="paced's")
+    parser.add_argument("--tpot-share", type=float, default=None, help="promising servers'")
     parser.add_argument("--slo-policy", default=default.slo_policy, choices=("reject", "queue"),
                         help="the promising servers' (queue: a request waits while it can still "
                         "meet its TTFT)")  # fmt: skip
@@ -331,7 +335,7 @@ def parse_args(argv: list[str] | None = None) -> SloBenchConfig:
         seed=args.seed, max_num_seqs=args.max_num_seqs,
         kv_cache_memory_gib=args.kv_cache_memory, parts=parts, servers=servers,
         low_servers=low_servers,
-        max_jitter=args.max_jitter, slo_policy=args.slo_policy,
+        max_jitter=args.max_jitter, slo_policy=args.slo_policy, tpot_share=args.tpot_share,
     )  # fmt: skip
 
 
