@@ -49,8 +49,8 @@ from tokenmill.engine.slo_budget import (
     PendingPrompts,
     PromptBudget,
     banked_chunk,
-    late_allowance,
     step_allowance,
+    target_allowance,
 )
 from tokenmill.engine.slo_horizon import final_decode_shapes, in_prefill, worst_decode_batch
 from tokenmill.engine.slo_predictor import StepTimePredictor
@@ -166,7 +166,7 @@ class SloController:
             self.predictor, decoding, allowance, tightest,
             PendingPrompts.of(prompts, self.planned_first_token_by),
             self.max_num_batched_tokens - len(decoding),
-            now=now, late_cap=late_allowance(decoding, self.tpot_share, now), may_bank=self._no_wait_steps < 0,
+            now=now, target_cap=target_allowance(decoding, now), may_bank=self._no_wait_steps < 0,
         )  # fmt: skip
         return self._last_budget
 

@@ -33,13 +33,9 @@ the promised prompts moving:
   grew by at least half of what a wait should bank: decode-only steps that take the whole
   planned TPOT (a slow phase) would otherwise hold a prompt back until the decodes end.
 - A late prompt may spend the targets' slack. When the pending promised prompts, served in
-  cycles from now, would bring one past its planned first token, the step may take, without
-  the 2-TPOT ceiling, what every promised decode affords: the more of its planned allowance and
-  what its TPOT target itself affords a step that runs LATE_STEP_OVERRUN times over its
-  prediction. A request that has decoded for a while has banked target slack to give; one
-  that has just started keeps its plan (a rush step that ran over would otherwise break the
-  mean of a short reply: 3 of 575 did, 7-15 tokens at 102-108 ms, when the whole target was
-  spendable).
+  cycles from now, would bring one past its planned first token, the step may take what every
+  promised decode affords of its TPOT target itself (not the plan, and without the 2-TPOT
+  ceiling): the margin kept for mispredicted steps goes to the promise about to break.
 """
 
 from __future__ import annotations
@@ -60,9 +56,6 @@ if TYPE_CHECKING:
 MIN_PROMPT_CHUNK = 16  # prompt tokens a step still gets when nothing fits beside its decodes
 MAX_STEP_PLANNED_TPOTS = 2.0  # the longest step, in planned TPOTs of the tightest request
 MAX_WAITS = 16  # decode-only steps a banked chunk may wait for
-# How far over its prediction a late prompt's step is allowed for: prompt steps here run over
-# by 1.35x at p99 (BENCHMARKS.md section 11, run 4's trace).
-LATE_STEP_OVERRUN = 1.4
 
 
 def largest_fitting(step_s: Callable[[int], float], cap: float, limit: int) -> int:
@@ -121,41 +114,34 @@ def banked_chunk(
     return best
 
 
-def _promised_decodes(decoding: list[Request]) -> list[Request]:
-    return [r for r in decoding if r.is_promised and not r.is_best_effort and r.slo.tpot_s]
-
-
-def _own_allowance(request: Request, tpot: float, now: float) -> float:
-    """What `request` affords a step at a mean gap of `tpot`: n x tpot minus the time since
-    its first token (one tpot before its first token); negative when it is behind."""
-    if request.first_token_time is None:
-        return tpot
-    return request.num_output_tokens * tpot - (now - request.first_token_time)
+def _affordable(decoding: list[Request], share: float, now: float) -> tuple[float, float]:
+    """(what every promised decode with a TPOT target affords at `share` of it, negative when
+    one is behind, the tightest such TPOT); (inf, inf) when none."""
+    allowance = tightest = float("inf")
+    for r in decoding:
+        if not r.is_promised or r.is_best_effort or not r.slo.tpot_s:
+            continue
+        planned = r.slo.tpot_s * share
+        tightest = min(tightest, planned)
+        if r.first_token_time is None:
+            allowance = min(allowance, planned)
+            continue
+        allowance = min(allowance, r.num_output_tokens * planned - (now - r.first_token_time))
+    return allowance, tightest
 
 
 def step_allowance(decoding: list[Request], share: float, now: float) -> tuple[float, float]:
     """(allowance, the tightest planned TPOT) of a step: what every promised request decoding
     with a TPOT target can afford (see the module docstring; negative: one is behind its plan,
     and the step has no time for prompts); (inf, inf) when none."""
-    promised = _promised_decodes(decoding)
-    if not promised:
-        return math.inf, math.inf
-    tightest = min(r.slo.tpot_s for r in promised) * share
-    allowance = min(_own_allowance(r, r.slo.tpot_s * share, now) for r in promised)
+    allowance, tightest = _affordable(decoding, share, now)
     return min(allowance, MAX_STEP_PLANNED_TPOTS * tightest), tightest
 
 
-def late_allowance(decoding: list[Request], share: float, now: float) -> float:
-    """What a late prompt's step may take (module docstring): no ceiling, and each request the
-    more of its planned allowance and what its target affords a step LATE_STEP_OVERRUN over."""
-    own = [
-        max(
-            _own_allowance(r, r.slo.tpot_s * share, now),
-            _own_allowance(r, r.slo.tpot_s, now) / LATE_STEP_OVERRUN,
-        )
-        for r in _promised_decodes(decoding)
-    ]
-    return max(min(own, default=0.0), 0.0)
+def target_allowance(decoding: list[Request], now: float) -> float:
+    """What a late prompt's step may take: every promised decode's TPOT target, not its plan,
+    with no ceiling (module docstring)."""
+    return max(_affordable(decoding, 1.0, now)[0], 0.0)
 
 
 @dataclass(frozen=True)
@@ -194,8 +180,8 @@ class PromptBudget:
     """One step's prompt chunks within `cap` seconds (the allowance): the step the runner gets
     is the step predicted. `planned`: the tightest planned TPOT, for banked chunks; `pending`:
     the promised prompts the step could serve (a best-effort one starting adds its own);
-    `limit`: the step's token budget for prompts; `late_cap`: what a late prompt's step may
-    take (late_allowance); `may_bank`: whether a decode-only step may wait for a chunk (not
+    `limit`: the step's token budget for prompts; `target_cap`: what a late prompt's step may
+    take (target_allowance); `may_bank`: whether a decode-only step may wait for a chunk (not
     right after waits that banked nothing)."""
 
     def __init__(
@@ -208,13 +194,13 @@ class PromptBudget:
         limit: int = 0,
         *,
         now: float = 0.0,
-        late_cap: float = 0.0,
+        target_cap: float = 0.0,
         may_bank: bool = True,
     ) -> None:
         self.predictor, self.allowance, self.planned = predictor, cap, planned
         self.cap = max(cap, 0.0)
         self.pending, self.limit = pending or PendingPrompts(), limit
-        self.now, self.late_cap, self.may_bank = now, late_cap, may_bank
+        self.now, self.target_cap, self.may_bank = now, target_cap, may_bank
         self.decoding_ids = {r.request_id for r in decoding}
         # (1 + drafts, context, 1 + drafts): RequestShape.of a decode as it will be scheduled.
         self.shapes = [
@@ -263,7 +249,7 @@ class PromptBudget:
             target, cycle_s = self._cycle(step_s)
             self.is_late = self.pending.is_late(self.now, target, cycle_s)
             if self.is_late:
-                self.cap = max(self.cap, self.late_cap)
+                self.cap = max(self.cap, self.target_cap)
             target = min(target, max(self.pending.num_tokens, num_new))
             if self.may_wait and target > 0 and step_s(target) > self.cap:
                 self.is_waiting = True  # a decode-only step: a later one carries the chunk
