@@ -163,13 +163,18 @@ class PendingPrompts:
     def num_tokens(self) -> int:
         return self.cumulative_tokens[-1] if self.cumulative_tokens else 0
 
+    @functools.cached_property
+    def has_deadline(self) -> bool:
+        """Whether any of them has a first token planned (a TTFT promise)."""
+        return any(by != math.inf for by in self.first_token_by)
+
     def is_late(self, now: float, chunk: int, cycle_s: float) -> bool:
         """Whether `chunk` tokens a cycle of `cycle_s` from now brings any past its planned first
         token (chunk 0: nothing would)."""
-        if not self.cumulative_tokens:
+        if not self.has_deadline:
             return False
         if chunk <= 0:
-            return any(by != math.inf for by in self.first_token_by)
+            return True
         return any(
             now + -(-tokens // chunk) * cycle_s > by
             for tokens, by in zip(self.cumulative_tokens, self.first_token_by, strict=True)
@@ -246,8 +251,13 @@ class PromptBudget:
 
         is_first = self.num_prompt_tokens == 0
         if is_first:
-            target, cycle_s = self._cycle(step_s)
-            self.is_late = self.pending.is_late(self.now, target, cycle_s)
+            # The cycle is what waiting needs and what lateness is judged by; a step with no
+            # TTFT promise pending and no wait to plan (most steps) skips its predictions.
+            needs_cycle = self.may_wait or self.pending.has_deadline
+            target, cycle_s = self._cycle(step_s) if needs_cycle else (0, 0.0)
+            self.is_late = self.pending.has_deadline and self.pending.is_late(
+                self.now, target, cycle_s
+            )
             if self.is_late:
                 self.cap = max(self.cap, self.target_cap)
             target = min(target, max(self.pending.num_tokens, num_new))
