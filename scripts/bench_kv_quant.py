@@ -1,6 +1,7 @@
 """Decode at batch 64 with 2k-token contexts: bf16 KV cache vs int8 (and fp8) KV cache, one run.
 
     python scripts/bench_kv_quant.py [--batch 64] [--context 2048] [--steps 6] [--rounds 2]
+                                     [--quantization none|gguf|...]
                                      [--kv-dtypes bfloat16,int8,bfloat16:eager,int8:eager] [MODEL]
 
 The model (default: the bundled SmolLM2-135M in bf16) is loaded once; each KV dtype gets its own
@@ -38,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quantization", default="none", help="the weights' scheme (e.g. gguf)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--steps", type=int, default=6)
@@ -118,9 +120,12 @@ def main() -> int:
     kv_dtypes = args.kv_dtypes.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = LLM(args.model, dtype=args.dtype, kv_cache_memory_gib=0.05)
+    base = LLM(
+        args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_memory_gib=0.05
+    )
     print(
-        f"model {base.engine.loaded.source}, dtype {args.dtype}, threads {torch.get_num_threads()}"
+        f"model {base.engine.loaded.source}, dtype {args.dtype}, weights "
+        f"{base.engine.runner.quantization}, threads {torch.get_num_threads()}"
     )
     total_steps = args.rounds * args.steps
     blocks = args.batch * -(

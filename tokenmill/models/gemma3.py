@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.attention.backends.base import AttentionSpec, BaseAttentionBackend
+from tokenmill.attention.kv_smoothing import key_channel_scales
 from tokenmill.attention.layer import Attention
 from tokenmill.models.arch_config import ArchConfig
 from tokenmill.models.layers import (
@@ -23,7 +24,7 @@ from tokenmill.models.layers import (
     RotaryEmbedding,
     apply_rotary,
 )
-from tokenmill.models.linear_ops import compute_weight, linear, tied_head_weight
+from tokenmill.models.linear_ops import compute_weight, linear, tied_head_weight, weight_rows
 
 
 def is_sliding_layer(arch: ArchConfig, layer_idx: int) -> bool:
@@ -53,6 +54,16 @@ class Gemma3Attention(nn.Module):
             sliding_window=arch.sliding_window if self.is_sliding else None,
         )  # fmt: skip
         self.attn = Attention(spec, backend)
+
+    def smooth_keys(self) -> None:
+        """For a quantized KV cache: K's channel sizes into q_norm's gain, out of k_norm's
+        (attention/kv_smoothing.py); q . k is unchanged."""
+        start, size = self.qkv_proj.shard_offsets["k"]
+        k_rows = weight_rows(self.qkv_proj.weight, start, size)
+        s = key_channel_scales(k_rows, self.num_kv_heads, self.head_dim, self.k_norm.gain())
+        device = self.k_norm.weight.device
+        self.q_norm.channel_scale = s.to(device)
+        self.k_norm.channel_scale = (1.0 / s).to(device)
 
     def forward(self, x: torch.Tensor, rope: RopeTable):
         num_tokens = x.shape[0]

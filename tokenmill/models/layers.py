@@ -24,13 +24,21 @@ class RMSNorm(nn.Module):
         )
         self.eps = eps
         self.offset = offset
+        # float32 [hidden], multiplied into the gain: key smoothing for a quantized KV cache
+        # (attention/kv_smoothing.py) moves K's channel sizes into Q's norm this way.
+        self.channel_scale: torch.Tensor | None = None
+
+    def gain(self) -> torch.Tensor:
+        """What the normalised row is multiplied by, in float32 (channel_scale left out)."""
+        return self.offset + self.weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.offset == 0:
+        if self.offset == 0 and self.channel_scale is None:
             return rms_norm(x, self.weight, self.eps)
+        gain = self.gain() if self.channel_scale is None else self.gain() * self.channel_scale
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (self.offset + self.weight.float())).to(x.dtype)
+        return (xf * gain).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):

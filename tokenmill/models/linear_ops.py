@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.quant.packing import QuantizedWeight
-from tokenmill.quant.reference import reference_matmul
+from tokenmill.quant.reference import dequantize_rows, reference_matmul
 
 _PACKED_ATTR = "_tokenmill_packed"
 _PANEL = 16  # output rows per column panel, both layouts
@@ -157,6 +157,16 @@ def tied_head_weight(owner: nn.Module, name: str = "embed_tokens"):
 def float_weight(weight: torch.Tensor | PackedWeight) -> torch.Tensor:
     """A float weight [out, in] whichever way it is held (packed: unpacked, a copy)."""
     return weight.unpack() if isinstance(weight, PackedWeight) else weight.detach()
+
+
+def weight_rows(weight: torch.Tensor | PackedWeight | QuantizedWeight, start: int, size: int):
+    """Rows [start, start + size) of a weight, as float32 [size, in], however it is held."""
+    ids = torch.arange(start, start + size)
+    if isinstance(weight, QuantizedWeight):
+        return dequantize_rows(weight, ids, torch.float32)
+    if isinstance(weight, PackedWeight):
+        return weight.rows(ids.to(weight.device)).float()
+    return weight.detach()[start : start + size].float()
 
 
 def _native_shapes(x: torch.Tensor, weight: torch.Tensor) -> bool:

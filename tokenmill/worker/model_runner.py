@@ -13,6 +13,7 @@ from tokenmill.attention import kv_quant
 from tokenmill.attention.backends.base import BaseAttentionBackend, quantized_kv_unsupported
 from tokenmill.attention.backends.registry import get_backend
 from tokenmill.attention.context import forward_context
+from tokenmill.attention.kv_smoothing import smooth_keys
 from tokenmill.config import EngineConfig
 from tokenmill.engine.interfaces import (
     BaseRunner,
@@ -80,6 +81,8 @@ class ModelRunner(BaseRunner):
         self.eos_token_ids = tuple(eos_token_ids)
         self.backend = backend  # the attention backend the model was built with
         self._allocate_kv_cache(arch, config)
+        if kv_quant.is_quantized(self.kv_dtype):
+            smooth_keys(model)  # K's outlier channels into Q before the cache rounds K
         self._states: dict[str, _RequestState] = {}
         self.quantization = "none"  # the resolved scheme, set by load
         self._seed_source = random.Random(config.model.seed)
