@@ -81,7 +81,7 @@ class ModelRunner(BaseRunner):
         self.eos_token_ids = tuple(eos_token_ids)
         self.backend = backend  # the attention backend the model was built with
         self._allocate_kv_cache(arch, config)
-        if kv_quant.is_quantized(self.kv_dtype):
+        if self.kv_dtype == torch.int8:
             smooth_keys(model)  # K's outlier channels into Q before the cache rounds K
         self._states: dict[str, _RequestState] = {}
         self.quantization = "none"  # the resolved scheme, set by load
