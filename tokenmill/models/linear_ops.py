@@ -161,11 +161,11 @@ def float_weight(weight: torch.Tensor | PackedWeight) -> torch.Tensor:
 
 def weight_rows(weight: torch.Tensor | PackedWeight | QuantizedWeight, start: int, size: int):
     """Rows [start, start + size) of a weight, as float32 [size, in], however it is held."""
-    ids = torch.arange(start, start + size)
     if isinstance(weight, QuantizedWeight):
+        ids = torch.arange(start, start + size, device=weight.packed.device)
         return dequantize_rows(weight, ids, torch.float32)
     if isinstance(weight, PackedWeight):
-        return weight.rows(ids.to(weight.device)).float()
+        return weight.rows(torch.arange(start, start + size, device=weight.device)).float()
     return weight.detach()[start : start + size].float()
 
 
