@@ -166,3 +166,16 @@ def test_a_draft_fault_drafts_nothing_and_fails_no_request(self_llm, prompts, re
         _assert_draft_kv_free(self_llm)
     finally:
         del proposer.runner.execute
+
+
+def test_a_draft_equal_to_the_target_accepts_every_draft(smollm_path, prompts):
+    """float32 target and draft of the same file: every draft stands, counted so even where an
+    accepted EOS ends the reply (the run is cut after it and no bonus token follows)."""
+    target = LLM(dtype="float32", kv_cache_memory_gib=0.25)
+    spec = {"method": "draft", "model": smollm_path, "num_speculative_tokens": 2}
+    llm = _with_spec(target, spec | {"quantization": "none"})
+    outs = llm.generate([prompts[0], prompts[2]], SamplingParams(max_tokens=64, temperature=0))
+    assert [o.outputs[0].finish_reason for o in outs] == ["stop", "stop"]  # both end at EOS
+    stats = llm.engine.stats().spec
+    assert stats.num_draft_tokens > 0
+    assert stats.num_accepted_tokens == stats.num_draft_tokens, stats.acceptance_per_position()

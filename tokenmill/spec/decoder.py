@@ -60,7 +60,7 @@ class SpecDecoder:
             tokens = runner_out.sampled.get(s.req_id)
             if not k or tokens is None:
                 continue
-            accepted = min(len(tokens) - 1, k)
+            accepted = _accepted(s.spec_token_ids, tokens)
             self.counters.record(k, accepted)
             self.acceptance.observe(s.req_id, k, accepted)
             num_extra += k
@@ -156,3 +156,15 @@ class SpecDecoder:
             for rid in gone:
                 self._idle.pop(rid, None)
             self.proposer.release(gone)
+
+
+def _accepted(drafts: list[int], emitted: list[int]) -> int:
+    """How many drafts stood: the emitted tokens' common prefix with them (a rejected position
+    emits another token). Not len(emitted) - 1: a run cut after an accepted ending token (EOS,
+    a stop id) emits no bonus token, and that draft was accepted all the same."""
+    count = 0
+    for draft, token in zip(drafts, emitted, strict=False):
+        if draft != token:
+            break
+        count += 1
+    return count
