@@ -64,9 +64,9 @@ def test_gemma3_int8_cache_loses_less_with_smoothing(gemma3_fp32, sharegpt_promp
     items = []
     for text in sharegpt_prompts[:40]:
         ids = tokenizer.encode(text)
-        if len(ids) >= 120:
-            items.append(TeacherItem(ids[:40], ids[40:120]))
-        if len(items) == 3:
+        if len(ids) >= 100:
+            items.append(TeacherItem(ids[:40], ids[40:100]))
+        if len(items) == 2:
             break
     cfg = gemma3_fp32.engine.config
     no_prefix = dataclasses.replace(cfg.cache, enable_prefix_caching=False)
