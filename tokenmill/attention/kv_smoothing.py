@@ -1,4 +1,4 @@
-"""Key smoothing for quantized KV caches: K's per-channel sizes moved into Q before K is rounded.
+"""Key smoothing for int8 KV caches: K's per-channel sizes moved into Q before K is rounded.
 
 An int8 cache keeps one scale per (token, KV head) over the head's D channels, so when a few of
 K's channels are 10-30x larger than the rest (Gemma 3 270M: up to 30x the median channel) they
@@ -52,13 +52,10 @@ def key_channel_scales(
     return s / s.log().mean().exp()
 
 
-def smooth_keys(model: nn.Module) -> int:
+def smooth_keys(model: nn.Module) -> None:
     """Applies key smoothing to every attention module of `model` that supports it (a
-    `smooth_keys()` method); returns how many did. Idempotent: the scales are set, not
-    multiplied, so runners sharing one model may each call it."""
-    count = 0
+    `smooth_keys()` method). Idempotent: the scales are set, not multiplied, so runners sharing
+    one model may each call it."""
     for module in model.modules():
         if module is not model and callable(getattr(module, "smooth_keys", None)):
             module.smooth_keys()
-            count += 1
-    return count

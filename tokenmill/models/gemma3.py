@@ -56,7 +56,7 @@ class Gemma3Attention(nn.Module):
         self.attn = Attention(spec, backend)
 
     def smooth_keys(self) -> None:
-        """For a quantized KV cache: K's channel sizes into q_norm's gain, out of k_norm's
+        """For an int8 KV cache: K's channel sizes into q_norm's gain, out of k_norm's
         (attention/kv_smoothing.py); q . k is unchanged."""
         start, size = self.qkv_proj.shard_offsets["k"]
         k_rows = weight_rows(self.qkv_proj.weight, start, size)

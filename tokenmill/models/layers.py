@@ -24,7 +24,7 @@ class RMSNorm(nn.Module):
         )
         self.eps = eps
         self.offset = offset
-        # float32 [hidden], multiplied into the gain: key smoothing for a quantized KV cache
+        # float32 [hidden], multiplied into the gain: key smoothing for an int8 KV cache
         # (attention/kv_smoothing.py) moves K's channel sizes into Q's norm this way.
         self.channel_scale: torch.Tensor | None = None
 
