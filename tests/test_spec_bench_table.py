@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenmill.bench.spec_bench import auto_vs_fixed, default_runs
+from tokenmill.bench.spec_bench import auto_vs_fixed, default_runs, mean_rows, pair_ratios, schedule
 
 
 def row(config: str, part: str, tok_s: float) -> dict:
@@ -26,3 +26,33 @@ def test_each_fixed_k_is_its_own_configuration():
     names = [r.name for r in default_runs((1, 2, 8), ("ngram",))]
     assert names == ["tm-q4", "tm-q4-ngram-k1", "tm-q4-ngram-k2", "tm-q4-ngram-k8",
                      "tm-q4-ngram-auto"]  # fmt: skip
+
+
+def test_repetitions_alternate_their_order_and_pair_side_by_side():
+    runs = default_runs((4,), ("ngram",))
+    order = schedule(runs, ["c1", "c64"], interleave=True, repeats=2)
+    names = [(run.name, parts, rep) for run, parts, rep in order]
+    assert names[:6] == [
+        ("tm-q4", ["c1"], 0), ("tm-q4-ngram-k4", ["c1"], 0), ("tm-q4-ngram-auto", ["c1"], 0),
+        ("tm-q4-ngram-auto", ["c1"], 1), ("tm-q4-ngram-k4", ["c1"], 1), ("tm-q4", ["c1"], 1),
+    ]  # fmt: skip
+    assert len(order) == 12 and all(parts == ["c64"] for _, parts, _ in order[6:])
+
+
+def test_repetitions_are_averaged_and_their_ratios_listed():
+    def rep_row(config, rep, tok_s, drafted):
+        return row(config, "c64", tok_s) | {
+            "rep": rep,
+            "tpot_ms_median": 10.0,
+            "drafted": drafted,
+            "accepted": drafted // 2,
+        }
+
+    rows = [rep_row("tm-q4", 0, 100.0, 0), rep_row("tm-q4-ngram-auto", 0, 96.0, 10),
+            rep_row("tm-q4-ngram-auto", 1, 105.0, 30), rep_row("tm-q4", 1, 100.0, 0),
+            rep_row("tm-q4", 2, 110.0, 0), rep_row("tm-q4-ngram-auto", 2, 110.0, 0)]  # fmt: skip
+    means = {r["config"]: r for r in mean_rows(rows)}
+    assert means["tm-q4"]["output_tok_s"] == (100 + 100 + 110) / 3
+    assert means["tm-q4-ngram-auto"]["drafted"] == 40
+    assert means["tm-q4-ngram-auto"]["acceptance"] == 0.5
+    assert pair_ratios(rows).splitlines()[2] == "| c64 | 0.96, 1.05, 1.00 | 1.00 |"

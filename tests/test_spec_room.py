@@ -8,7 +8,7 @@ from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec.config import parse_speculative_config
-from tokenmill.spec.cost import VerifyCost
+from tokenmill.spec.cost import FALLBACK_DECODE_S, PROBE_SHARE, VerifyCost, bucket
 from tokenmill.spec.decoder import SpecDecoder
 from tokenmill.spec.room import draft_room
 
@@ -68,6 +68,7 @@ def auto_decoder(room: int) -> tuple[SpecDecoder, CountingLookup]:
     config = parse_speculative_config({"method": "ngram", "num_speculative_tokens": "auto"})
     lookup = CountingLookup()
     decoder = SpecDecoder(config, lookup, VerifyCost(None), 4096, room=lambda: room)
+    decoder.cost.observe([3] * 3, 3, FALLBACK_DECODE_S + 0.003)  # a measured marginal: 1 ms
     decoder.guard.record(3, False, tokens=3, seconds=1.0)  # the guard has measured drafting
     decoder.guard.record(3, True, tokens=9, seconds=1.0)  # as faster
     return decoder, lookup
@@ -89,3 +90,15 @@ def test_auto_drafts_at_most_the_room():
     requests = decoding_requests(3)
     limited.propose(requests)
     assert lookup.calls == 1 and sum(len(r.spec_token_ids) for r in requests) == 2
+
+
+def test_auto_drafts_few_tokens_while_the_marginal_cost_is_a_guess():
+    config = parse_speculative_config({"method": "ngram", "num_speculative_tokens": "auto"})
+    cost = VerifyCost(None)
+    cost.marginal_s[bucket(8)] = 1e-5  # a roofline guess that makes drafts look free
+    decoder = SpecDecoder(config, CountingLookup(), cost, 4096, room=lambda: 1000)
+    decoder.guard.record(8, False, tokens=8, seconds=1.0)
+    decoder.guard.record(8, True, tokens=24, seconds=1.0)
+    requests = decoding_requests(8)
+    decoder.propose(requests)
+    assert sum(len(r.spec_token_ids) for r in requests) == 8 // PROBE_SHARE

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -85,10 +86,13 @@ def spec_counters(base_url: str) -> dict[str, float]:
     return out
 
 
-def run_config(run: SpecRun, model: str, parts: list[tuple[str, Workload]], out_dir: Path, build):
+def run_config(
+    run: SpecRun, model: str, parts: list[tuple[str, Workload]], out_dir: Path, build, rep: int = 0
+):
     """One server; every workload of `parts` in order. Returns a list of result rows."""
     if run.engine == "tokenmill":
-        server = ServeProcess([model, *run.args], out_dir / f"{run.name}.log")
+        log_name = f"{run.name}.log" if rep == 0 else f"{run.name}-rep{rep}.log"
+        server = ServeProcess([model, *run.args], out_dir / log_name)
     else:
         # One slot when only batch-1 parts run (llama-server's own batch-1 setting).
         slots = 1 if all(part == "grounded" for part, _ in parts) else 128
@@ -109,7 +113,7 @@ def run_config(run: SpecRun, model: str, parts: list[tuple[str, Workload]], out_
                 "num_accepted_tokens_total", 0
             )
             rows.append({
-                "config": run.name, "part": part, "engine": run.engine,
+                "config": run.name, "part": part, "engine": run.engine, "rep": rep,
                 "output_tok_s": metrics.output_throughput,
                 "tpot_ms_median": metrics.tpot.median,
                 "output_tokens": metrics.total_output_tokens,
@@ -223,6 +227,57 @@ def auto_vs_fixed(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def schedule(runs: list[SpecRun], parts: list, interleave: bool, repeats: int) -> list[tuple]:
+    """(run, its parts, repetition) in the order they run. Interleaved, each part's
+    configurations run back to back, `repeats` times, every other pass in reverse order, so
+    the machine's drift falls on both sides of each ratio."""
+    if not interleave:
+        return [(run, parts, rep) for rep in range(repeats) for run in runs]
+    return [
+        (run, [part], rep)
+        for part in parts
+        for rep in range(repeats)
+        for run in (runs if rep % 2 == 0 else runs[::-1])
+    ]
+
+
+def mean_rows(rows: list[dict]) -> list[dict]:
+    """One row per (config, part): the repetitions' mean throughput, TPOT and acceptance."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["part"]), []).append(r)
+    out = []
+    for group in groups.values():
+        row = dict(group[0])
+        for key in ("output_tok_s", "tpot_ms_median"):
+            values = [g[key] for g in group if g[key]]
+            row[key] = sum(values) / len(values) if values else 0.0
+        drafted, accepted = sum(g["drafted"] for g in group), sum(g["accepted"] for g in group)
+        row.update(drafted=drafted, accepted=accepted, repeats=len(group))
+        row["acceptance"] = accepted / drafted if drafted else None
+        out.append(row)
+    return out
+
+
+def pair_ratios(rows: list[dict], config: str = "tm-q4-ngram-auto", base: str = "tm-q4") -> str:
+    """Per part, `config` over `base` in each repetition (the pairs that ran side by side) and
+    the median of those ratios."""
+    lines = [f"| part | {config} / {base} per repetition | median |", "|---|---|---|"]
+    for part in dict.fromkeys(r["part"] for r in rows):
+        speed = {(r["config"], r["rep"]): r["output_tok_s"] for r in rows if r["part"] == part}
+        reps = sorted({rep for _, rep in speed})
+        ratios = [
+            speed[(config, rep)] / speed[(base, rep)]
+            for rep in reps
+            if speed.get((config, rep)) and speed.get((base, rep))
+        ]
+        if ratios:
+            median = statistics.median(ratios)
+            listed = ", ".join(f"{x:.2f}" for x in ratios)
+            lines.append(f"| {part} | {listed} | {median:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/spec"))
@@ -243,6 +298,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--min-requests", type=int, default=8, help="ShareGPT requests per concurrency, at least"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="run every configuration this many times (tables give means, and auto / none per "
+        "repetition)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from tokenmill.loader.default_model import default_model_path
@@ -256,18 +316,16 @@ def main(argv: list[str] | None = None) -> None:
     parts = build_parts(args, model)
     build = ensure_built() if "llama.cpp" in methods else None
     rows: list[dict] = []
-    schedule = (
-        [(run, [part]) for part in parts for run in runs]
-        if args.interleave
-        else [(run, parts) for run in runs]
-    )
-    for run, its_parts in schedule:
-        rows += run_config(run, model, its_parts, args.out, build)
+    for run, its_parts, rep in schedule(runs, parts, args.interleave, args.repeats):
+        rows += run_config(run, model, its_parts, args.out, build, rep)
         (args.out / "spec.json").write_text(json.dumps(
             {"machine": report.machine_info(), "runs": [asdict(r) for r in runs], "rows": rows},
             indent=1,
         ))  # fmt: skip
-    table = markdown(rows, runs) + "\n\n" + auto_vs_fixed(rows)
+    means = mean_rows(rows)
+    table = markdown(means, runs) + "\n\n" + auto_vs_fixed(means)
+    if args.repeats > 1:
+        table += "\n\n" + pair_ratios(rows)
     (args.out / "spec.md").write_text(table + "\n")
     print(table)
 

@@ -66,8 +66,8 @@ class SpecDecoder:
             num_extra += k
         if num_extra:
             self.counters.verify_time_s += wall_s
-            if not has_prompt:
-                self.cost.observe(contexts, num_extra, wall_s)
+        if not has_prompt:
+            self.cost.observe(contexts, num_extra, wall_s)
         last, self._last = self._last, None
         if self.guard is not None and last is not None and not has_prompt:
             tokens = sum(len(t) for t in runner_out.sampled.values())
@@ -119,8 +119,10 @@ class SpecDecoder:
         def step_seconds(counts: list[int]) -> float:
             return verify_s(sum(counts)) + self.proposer.draft_seconds(counts)
 
-        counts = choose_drafts(gains, step_seconds, room)
-        spare = math.inf if room is None else room - sum(counts)
+        probe = self.cost.probe_cap(len(ready))
+        limit = room if probe is None else probe if room is None else min(room, probe)
+        counts = choose_drafts(gains, step_seconds, limit)
+        spare = math.inf if limit is None else limit - sum(counts)
         for i, (request, k) in enumerate(zip(ready, counts, strict=True)):
             idle = 0 if k else self._idle.get(request.request_id, 0) + 1
             if idle >= EXPLORE_EVERY and caps[i] and spare > 0:
