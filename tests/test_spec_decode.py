@@ -235,3 +235,22 @@ def test_guard_turns_speculation_off_where_it_measured_slower():
     guard.record(1, False, 1, 0.02)
     guard.record(1, True, 3, 0.03)  # batch 1: speculation measured faster
     assert sum(guard.allows(1) for _ in range(EXPLORE)) == EXPLORE - 1
+
+
+def test_a_predicted_gain_inside_the_models_error_drafts_nothing():
+    from tokenmill.spec.controller import MIN_GAIN
+
+    gains = [[0.5]] * 10  # ten requests, one draft each worth half a token
+    # Each draft costs a little under its half token's time: all ten together gain ~1%.
+    price = (1 - MIN_GAIN) * 0.5 / 10
+    assert choose_drafts(gains, lambda c: 1.0 + price * sum(c)) == [0] * 10
+    assert sum(choose_drafts(gains, lambda c: 1.0 + price / 10 * sum(c))) == 10
+
+
+def test_guard_compares_arms_relative_to_the_plain_step_of_their_own_batch():
+    from tokenmill.spec.guard import EXPLORE, ThroughputGuard
+
+    guard = ThroughputGuard()  # batch 40 and 62 share a bucket; a plain step: 60 and 100 ms
+    guard.record(62, False, tokens=62, seconds=0.100, plain_seconds=0.100)
+    guard.record(40, True, tokens=42, seconds=0.066, plain_seconds=0.060)  # 5% more, 10% slower
+    assert sum(guard.allows(50) for _ in range(EXPLORE)) == 1  # only the exploring step

@@ -7,13 +7,18 @@ T(n) + D(k) seconds: the verify step with n = sum_r k_r extra tokens, and drafti
 draft's gain prod_{j<=i} a_r[j] falls with i, so the best allocation of n extra tokens takes the
 n largest gains over all requests; the controller tries n on a geometric grid and keeps the
 fastest. Under load the marginal cost of a token rises (the step turns compute-bound) and n = 0
-wins by itself: no hand-set threshold turns speculation off.
+wins by itself: no hand-set threshold turns speculation off. An allocation must beat n = 0 by
+MIN_GAIN: the marginal cost it rests on is learned from steps whose time scatters by a few
+percent (and a verify step's time jumps when its requests stop being single-token decodes),
+so a smaller predicted gain is inside the model's error.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
+
+MIN_GAIN = 0.03
 
 
 def draft_gains(rates: list[float], cap: int) -> list[float]:
@@ -61,12 +66,14 @@ def choose_drafts(
     total = sum(len(g) for g in gains)
     if max_total is not None:
         total = min(total, max_total)
-    best_counts, best_rate = [0] * len(gains), 0.0
+    best_counts, best_rate, plain_rate = [0] * len(gains), 0.0, 0.0
     for n in candidate_counts(total):
         counts = allocate(gains, n)
         tokens = len(gains) + sum(sum(g[:k]) for g, k in zip(gains, counts, strict=True))
         seconds = step_seconds(counts)
         rate = tokens / seconds if seconds > 0 else float(tokens)
+        if n == 0:
+            plain_rate = rate
         if rate > best_rate * 1.0001:  # a tie keeps the fewer drafts
             best_counts, best_rate = counts, rate
-    return best_counts
+    return best_counts if best_rate >= plain_rate * (1 + MIN_GAIN) else [0] * len(gains)

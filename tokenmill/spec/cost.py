@@ -35,7 +35,10 @@ class VerifyCost:
         self.predictor = predictor
         self.marginal_s: dict[int, float] = {}  # per batch bucket: seconds per extra token
         self.plain_bias_s: dict[int, float] = {}  # per bucket: measured - predicted plain step
-        self._measured: set[int] = set()  # buckets whose marginal a verify step measured
+        # Per bucket, EMAs of a verify step's excess over the plain step and of its drafts:
+        # their ratio weighs each step by its drafts (a step of 2 drafts says little).
+        self._excess_s: dict[int, float] = {}
+        self._extra: dict[int, float] = {}
         self._memo: tuple[tuple[int, int], float, int] | None = None  # key, seconds, uses
 
     def decode_seconds(self, contexts: list[int]) -> float:
@@ -60,7 +63,7 @@ class VerifyCost:
     def probe_cap(self, batch_size: int) -> int | None:
         """The most drafts a step of this many requests may carry while the bucket's marginal
         is still the roofline's guess (None once measured)."""
-        if bucket(batch_size) in self._measured:
+        if bucket(batch_size) in self._extra:
             return None
         return max(1, batch_size // PROBE_SHARE)
 
@@ -101,9 +104,10 @@ class VerifyCost:
             old = self.plain_bias_s.get(key)
             self.plain_bias_s[key] = error if old is None else old + ALPHA * (error - old)
             return
-        sample = max(measured_s - self.decode_seconds(contexts), 0.0) / num_extra
-        if key not in self._measured:
-            self._measured.add(key)
-            self.marginal_s[key] = sample
+        excess = measured_s - self.decode_seconds(contexts)
+        if key not in self._extra:
+            self._excess_s[key], self._extra[key] = excess, float(num_extra)
         else:
-            self.marginal_s[key] += ALPHA * (sample - self.marginal_s[key])
+            self._excess_s[key] += ALPHA * (excess - self._excess_s[key])
+            self._extra[key] += ALPHA * (num_extra - self._extra[key])
+        self.marginal_s[key] = max(self._excess_s[key] / self._extra[key], 0.0)

@@ -71,7 +71,8 @@ class SpecDecoder:
         last, self._last = self._last, None
         if self.guard is not None and last is not None and not has_prompt:
             tokens = sum(len(t) for t in runner_out.sampled.values())
-            self.guard.record(len(sched_out.scheduled), last[0], tokens, wall_s + last[1])
+            plain_s = self.cost.decode_seconds(contexts)
+            self.guard.record(len(contexts), last[0], tokens, wall_s + last[1], plain_s)
 
     def propose(self, running: list[Request]) -> None:
         """Set `spec_token_ids` of the running requests that decode next."""
