@@ -9,7 +9,7 @@ from tokenmill.engine.scheduler import Scheduler
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec.config import parse_speculative_config
 from tokenmill.spec.cost import FALLBACK_DECODE_S, PROBE_SHARE, VerifyCost, bucket
-from tokenmill.spec.decoder import SpecDecoder
+from tokenmill.spec.decoder import SpecDecoder, trim_counts
 from tokenmill.spec.room import draft_room
 
 
@@ -102,3 +102,23 @@ def test_auto_drafts_few_tokens_while_the_marginal_cost_is_a_guess():
     requests = decoding_requests(8)
     decoder.propose(requests)
     assert sum(len(r.spec_token_ids) for r in requests) == 8 // PROBE_SHARE
+
+
+def test_drafts_are_cut_the_largest_first():
+    assert trim_counts([4, 4, 1, 0], 5) == [2, 2, 1, 0]
+    assert trim_counts([4, 3, 1], 6) == [3, 2, 1]
+    assert trim_counts([4, 3, 1], 8) == [4, 3, 1]
+    assert trim_counts([4, 3, 1], 0) == [0, 0, 0]
+
+
+def test_prompts_that_arrive_after_the_proposal_take_back_the_room():
+    decoder, _ = auto_decoder(room=1000)
+    requests = decoding_requests(3)
+    decoder.propose(requests)
+    assert sum(len(r.spec_token_ids) for r in requests) > 2
+    decoder.room = lambda: 2  # a prompt arrived: the step's budget has room for two drafts
+    decoder.before_schedule()
+    assert sum(len(r.spec_token_ids) for r in requests) == 2
+    decoder.room = lambda: 0
+    decoder.before_schedule()  # only the proposal's own drafts are revised, once
+    assert sum(len(r.spec_token_ids) for r in requests) == 2

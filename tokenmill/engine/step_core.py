@@ -58,6 +58,11 @@ class BaseDrafter(Protocol):
         """Set `spec_token_ids` of the running requests that decode next."""
         ...
 
+    def before_schedule(self) -> None:
+        """Just before the next step is scheduled (requests that arrived since `propose` are
+        queued): revise the drafts against them."""
+        ...
+
 
 class StepCore(Generic[OutT]):
     """Owns the order of a step. `execute` runs a scheduled step (default: the runner's; the
@@ -87,6 +92,8 @@ class StepCore(Generic[OutT]):
     def step(self) -> OutT:
         start = self.clock()
         scheduler = self.scheduler
+        if self.drafter is not None:
+            self.drafter.before_schedule()
         sched_out = scheduler.schedule()
         expired = scheduler.take_expired()  # ended unserved: their TTFT became unattainable
         if sched_out.is_empty:

@@ -261,6 +261,9 @@ class PlaceholderDrafter:
     def observe(self, sched_out: SchedulerOutput, runner_out: RunnerOutput, wall_s: float) -> None:
         pass  # acceptance is the SimRunner's draw, not learned
 
+    def before_schedule(self) -> None:
+        pass  # a fixed k: drafts are not revised
+
     def propose(self, running: list[Request]) -> None:
         for request in running:
             decoding = request.num_computed_tokens == request.num_tokens - 1

@@ -48,6 +48,7 @@ class SpecDecoder:
         self._tracked: set[str] = set()  # requests with acceptance or proposer state
         self.guard = ThroughputGuard() if config.is_auto else None
         self._last: tuple[bool, float] | None = None  # the last proposal: speculated, seconds
+        self._drafted: list[Request] = []  # `auto`'s requests with drafts for the next step
 
     # ---- after a step ----------------------------------------------------------------------
 
@@ -104,9 +105,28 @@ class SpecDecoder:
             request.spec_token_ids = list(draft[:k])
             if k:
                 self._tracked.add(request.request_id)
+        self._drafted = [r for r in ready if r.spec_token_ids] if room is not None else []
         seconds = time.perf_counter() - start
         self.counters.draft_time_s += seconds
         self._last = (any(counts), seconds)
+
+    def before_schedule(self) -> None:
+        """`auto` drafted into the room that pending prompts left when it proposed; prompts
+        that arrived since (a closed-loop client sends its next request as soon as the last
+        one's final token is out, i.e. after `propose`) would find the budget taken by drafts.
+        Trim the drafts back into the room left now, the last (least likely) drafts first."""
+        drafted, self._drafted = self._drafted, []
+        counts = [len(r.spec_token_ids) for r in drafted]
+        if not drafted or self.room is None:
+            return
+        room = self.room()
+        if sum(counts) <= room:
+            return
+        counts = trim_counts(counts, room)
+        for request, k in zip(drafted, counts, strict=True):
+            del request.spec_token_ids[k:]
+        if not any(counts) and self._last is not None:
+            self._last = (False, self._last[1])
 
     # ---- helpers -----------------------------------------------------------------------
 
@@ -159,6 +179,23 @@ class SpecDecoder:
             for rid in gone:
                 self._idle.pop(rid, None)
             self.proposer.release(gone)
+
+
+def trim_counts(counts: list[int], total: int) -> list[int]:
+    """Draft counts cut to `total` in all, the largest first (a request's later drafts are the
+    least likely to stand)."""
+    low, high = 0, max(counts, default=0)  # the highest level whose cut fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if sum(min(c, mid) for c in counts) <= total else (low, mid - 1)
+    out = [min(c, low) for c in counts]
+    spare = total - sum(out)
+    for i, c in enumerate(counts):  # what is left: one more each for some above the level
+        if spare <= 0:
+            break
+        if c > low:
+            out[i], spare = out[i] + 1, spare - 1
+    return out
 
 
 def _accepted(drafts: list[int], emitted: list[int]) -> int:
