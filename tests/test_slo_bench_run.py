@@ -126,6 +126,10 @@ def test_same_seed_same_schedules_and_low_is_high_stretched(tmp_path: Path):
         SloBenchConfig("m", tmp_path, num_prompts=20, seed=1), 2.0, WordEncoder()
     )
     assert [r.arrival_s for r in other["high"].requests] != [r.arrival_s for r in high]
+    poisson_low = parse_args(["--model", "m", "--num-prompts", "20", "--low-burstiness", "1"])
+    schedules = make_schedules(poisson_low, 2.0, WordEncoder())
+    assert [r.arrival_s for r in schedules["low"].requests] != [r.arrival_s for r in low]
+    assert [r.arrival_s for r in schedules["high"].requests] == [r.arrival_s for r in high]
 
 
 def test_args_pick_parts_and_servers(tmp_path: Path):

@@ -66,6 +66,7 @@ class SloBenchConfig:
     sweep_rates: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
     sweep_burstiness: float = 1.0
     burstiness: float = 0.5
+    low_burstiness: float | None = None  # the low schedule's (None: burstiness)
     high_factor: float = 1.5
     low_factor: float = 0.8
     r_sat: float | None = None  # given: no sweep
@@ -140,11 +141,12 @@ def make_schedules(cfg: SloBenchConfig, r_sat: float, tokenizer) -> dict[str, Wo
     """{"high": 1.5 x R_sat, "low": 0.8 x R_sat} in --parts order: ShareGPT with gamma
     arrivals, one seed."""
     factors = {"high": cfg.high_factor, "low": cfg.low_factor}
+    burstiness = {"high": cfg.burstiness, "low": cfg.low_burstiness or cfg.burstiness}
     return {
         label: build_workload(
             cfg.workload,
             cfg.num_prompts,
-            ArrivalSpec(factors[label] * r_sat, cfg.burstiness),
+            ArrivalSpec(factors[label] * r_sat, burstiness[label]),
             tokenizer=tokenizer,
             seed=cfg.seed,
         )
@@ -299,6 +301,10 @@ def parse_args(argv: list[str] | None = None) -> SloBenchConfig:
     parser.add_argument("--sweep-rates", default=",".join(f"{r:g}" for r in default.sweep_rates))
     parser.add_argument("--sweep-burstiness", type=float, default=default.sweep_burstiness)
     parser.add_argument("--burstiness", type=float, default=default.burstiness)
+    parser.add_argument(
+        "--low-burstiness", type=float, default=None,
+        help="the low schedule's gamma burstiness (default: --burstiness; 1 = Poisson)",
+    )  # fmt: skip
     parser.add_argument("--high-factor", type=float, default=default.high_factor)
     parser.add_argument("--low-factor", type=float, default=default.low_factor)
     parser.add_argument("--r-sat", type=float, default=None, help="skip the sweep: use this")
@@ -331,6 +337,7 @@ def parse_args(argv: list[str] | None = None) -> SloBenchConfig:
         num_prompts=args.num_prompts, sweep_prompts=args.sweep_prompts,
         sweep_rates=tuple(float(r) for r in args.sweep_rates.split(",") if r),
         sweep_burstiness=args.sweep_burstiness, burstiness=args.burstiness,
+        low_burstiness=args.low_burstiness,
         high_factor=args.high_factor, low_factor=args.low_factor, r_sat=args.r_sat,
         seed=args.seed, max_num_seqs=args.max_num_seqs,
         kv_cache_memory_gib=args.kv_cache_memory, parts=parts, servers=servers,
