@@ -84,3 +84,17 @@ def test_model_catalogue_and_config_path(tmp_path):
     assert entry.arch.hidden_size == 4096 and math.isclose(entry.arch.rope_theta, 1e6)
     with pytest.raises(ConfigError, match="unknown model 'gpt-9'.*llama-3.1-8b"):
         get_model("gpt-9")
+
+
+def test_a_gguf_path_is_a_model_like_tokenmill_serve_takes(tmp_path):
+    from tokenmill.loader.default_model import default_model_path
+
+    entry = get_model(str(default_model_path()))
+    catalogue = get_model("smollm2-135m").arch
+    assert entry.arch.hidden_size == catalogue.hidden_size
+    assert entry.arch.num_hidden_layers == catalogue.num_hidden_layers
+    assert entry.arch.num_key_value_heads == catalogue.num_key_value_heads
+    not_a_model = tmp_path / "notes.gguf"
+    not_a_model.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(ConfigError, match="cannot read the GGUF model"):
+        get_model(str(not_a_model))

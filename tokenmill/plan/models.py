@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from tokenmill.errors import ConfigError
+from tokenmill.errors import ConfigError, UnsupportedModelError
 from tokenmill.models.arch_config import ArchConfig
 
 
@@ -32,7 +32,26 @@ def _normalise(name: str) -> str:
     return name.strip().lower().replace("_", "-").replace("llama3", "llama-3")
 
 
+def _has_gguf_magic(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _from_gguf(path: Path) -> ModelEntry:
+    """The architecture in a GGUF file's metadata (what `tokenmill serve` loads; no weights)."""
+    from tokenmill.loader.gguf_file import GGUFFile
+    from tokenmill.loader.gguf_loader import gguf_arch_config
+
+    try:
+        arch = gguf_arch_config(GGUFFile(str(path)))
+    except (OSError, ValueError, KeyError, UnsupportedModelError) as exc:
+        raise ConfigError(f"cannot read the GGUF model {path}: {exc}") from exc
+    return ModelEntry(path.stem, arch, str(path))
+
+
 def _from_path(path: Path) -> ModelEntry:
+    if path.is_file() and (path.suffix == ".gguf" or _has_gguf_magic(path)):
+        return _from_gguf(path)
     config = path / "config.json" if path.is_dir() else path
     try:
         raw = json.loads(config.read_text(encoding="utf-8"))
@@ -48,7 +67,7 @@ def _from_path(path: Path) -> ModelEntry:
 
 
 def get_model(name_or_path: str) -> ModelEntry:
-    """A catalogue model by name, or a config.json / model folder by path."""
+    """A catalogue model by name, or a config.json / model folder / GGUF file by path."""
     catalogue = _catalogue()
     key = _normalise(name_or_path)
     if key in catalogue:
@@ -59,5 +78,5 @@ def get_model(name_or_path: str) -> ModelEntry:
         return _from_path(path)
     raise ConfigError(
         f"unknown model {name_or_path!r}; known: {', '.join(list_models())} "
-        "(or give a config.json path)"
+        "(or give a config.json, model folder or GGUF path)"
     )
