@@ -43,7 +43,7 @@ def detect_format(path: str) -> tuple[str, str]:
     if not os.path.exists(path):
         raise ModelLoadError(f"model path does not exist: {path}")
     if os.path.isfile(path):
-        if path.endswith(".gguf") or _has_gguf_magic(path):
+        if is_gguf_file(path):
             return "gguf", path
     elif os.path.isfile(os.path.join(path, "config.json")):
         return "hf", path
@@ -57,7 +57,10 @@ def detect_format(path: str) -> tuple[str, str]:
     )
 
 
-def _has_gguf_magic(path: str) -> bool:
+def is_gguf_file(path: str) -> bool:
+    """A file named *.gguf or starting with the GGUF magic."""
+    if path.endswith(".gguf"):
+        return True
     with open(path, "rb") as f:
         return f.read(4) == GGUF_MAGIC
 

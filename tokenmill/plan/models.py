@@ -32,11 +32,6 @@ def _normalise(name: str) -> str:
     return name.strip().lower().replace("_", "-").replace("llama3", "llama-3")
 
 
-def _has_gguf_magic(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(4) == b"GGUF"
-
-
 def _from_gguf(path: Path) -> ModelEntry:
     """The architecture in a GGUF file's metadata (what `tokenmill serve` loads; no weights)."""
     from tokenmill.loader.gguf_file import GGUFFile
@@ -50,7 +45,9 @@ def _from_gguf(path: Path) -> ModelEntry:
 
 
 def _from_path(path: Path) -> ModelEntry:
-    if path.is_file() and (path.suffix == ".gguf" or _has_gguf_magic(path)):
+    from tokenmill.loader.registry import is_gguf_file
+
+    if path.is_file() and is_gguf_file(str(path)):
         return _from_gguf(path)
     config = path / "config.json" if path.is_dir() else path
     try:
