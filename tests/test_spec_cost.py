@@ -24,3 +24,13 @@ def test_the_first_verify_step_of_a_bucket_carries_few_drafts():
     cost.observe([100] * 64, 16, FALLBACK_DECODE_S + 0.016)
     assert cost.probe_cap(64) is None and cost.probe_cap(127) is None  # same bucket
     assert cost.probe_cap(128) == 128 // PROBE_SHARE  # the next bucket is still a guess
+
+
+def test_an_empty_batch_has_a_price():
+    class FlatPredictor:  # every plain step 10 ms
+        def predict_shapes(self, shapes):
+            return 0.010
+
+    cost = VerifyCost(FlatPredictor())
+    assert cost.decode_seconds([]) == 0.010  # the memo's key divides by the batch size
+    assert cost.decode_seconds([50, 70]) == 0.010

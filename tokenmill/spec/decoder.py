@@ -140,8 +140,8 @@ class SpecDecoder:
         def step_seconds(counts: list[int]) -> float:
             return verify_s(sum(counts)) + self.proposer.draft_seconds(counts)
 
-        probe = self.cost.probe_cap(len(ready))
-        limit = room if probe is None else probe if room is None else min(room, probe)
+        caps_total = [c for c in (room, self.cost.probe_cap(len(ready))) if c is not None]
+        limit = min(caps_total) if caps_total else None
         counts = choose_drafts(gains, step_seconds, limit)
         spare = math.inf if limit is None else limit - sum(counts)
         for i, (request, k) in enumerate(zip(ready, counts, strict=True)):
