@@ -59,6 +59,8 @@ CASES = [
     (3, 1, 64, 24, [(0, 40), (70, 1), (30, 20)]),
     # Long chunks: the large prefill tiles, each spanning several cache blocks.
     (4, 2, 32, None, [(0, 90), (40, 70), (5, 1)]),
+    # Drafts verified beside a fresh prompt (decode rows, one a query), across a window.
+    (3, 1, 64, 24, [(0, 12), (40, 5), (26, 3), (9, 1), (60, 17)]),
 ]
 
 
@@ -89,6 +91,20 @@ def test_torch_backend_matches_dense_reference(case, use_native):
         assert kernels() is not None, "the native CPU kernels failed to build"
     got, expected = run_case(TorchAttentionBackend(use_native=use_native), case)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_a_few_queries_after_cached_context_are_attended_as_decode_rows():
+    from tokenmill.attention.backends.torch_backend import MAX_ROW_QUERIES, _plan_for
+
+    requests = [(0, 12), (40, 5), (26, 3), (9, 1), (60, MAX_ROW_QUERIES + 1)]
+    md = make_step(requests, torch.Generator().manual_seed(0))
+    plan = _plan_for(md, None)
+    # The fresh prompt and the long chunk are segments; drafts and the decode are rows.
+    assert [(seg.num_computed, seg.end - seg.start) for seg in plan.segments] == [
+        (0, 12),
+        (60, MAX_ROW_QUERIES + 1),
+    ]
+    assert plan.decode.seq_lens.tolist() == [41, 42, 43, 44, 45, 27, 28, 29, 10]
 
 
 def test_native_decode_kernel_in_bfloat16():

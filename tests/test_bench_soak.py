@@ -124,8 +124,8 @@ def test_process_memory_of_this_process():
 
 def test_short_soak_against_a_real_server(tmp_path):
     out = tmp_path / "soak"
-    cmd = [sys.executable, "-m", "tokenmill.cli.main", "bench", "soak", "--minutes", "0.3",
-           "--warmup-minutes", "0.1", "--concurrency", "4", "--sample-seconds", "1",
+    cmd = [sys.executable, "-m", "tokenmill.cli.main", "bench", "soak", "--minutes", "0.2",
+           "--warmup-minutes", "0.05", "--concurrency", "4", "--sample-seconds", "0.5",
            "--num-prompts", "32", "--max-tokens", "32", "--disconnect-fraction", "0.5",
            "--grace-seconds", "10", "--drain-seconds", "20", "--max-slope", "1e9",
            "--out", str(out), "--", "--max-num-seqs", "8"]  # fmt: skip

@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.server_fixtures import MODEL_NAME, SHARED_ARGS, shared_server_fixture, wait_for
 
@@ -56,8 +57,13 @@ async def stream_text(client, topic: str) -> tuple[str, str | None]:
     return text, reason
 
 
-def test_64_simultaneous_streams_match_alone(server):
-    expected = alone(server, TOPICS)
+@pytest.fixture(scope="module")
+def expected(server) -> dict[str, str]:
+    """Every topic's reply alone, asked once for the module's tests."""
+    return alone(server, TOPICS)
+
+
+def test_64_simultaneous_streams_match_alone(server, expected):
     topics = TOPICS * 2  # 64 requests; each prompt twice, so prefix-cache hits happen too
 
     async def run():
@@ -102,8 +108,7 @@ async def _finish(client: httpx.AsyncClient, url: str, body: dict) -> str:
     return text
 
 
-def test_disconnects_abort_and_free_kv_cache(server):
-    expected = alone(server, TOPICS[:16])
+def test_disconnects_abort_and_free_kv_cache(server, expected):
     url = server.url("/v1/chat/completions")
     before = server.metrics()
     long = {"max_tokens": 1000, "stream": True}

@@ -12,11 +12,12 @@ import torch
 
 from tokenmill import LLM
 from tokenmill.engine.build import engine_sharing_weights
+from tokenmill.engine.request import Request
 from tokenmill.errors import ConfigError
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec.config import parse_speculative_config
 from tokenmill.spec.controller import allocate, choose_drafts, draft_gains
-from tokenmill.spec.ngram import find_continuation
+from tokenmill.spec.ngram import NgramProposer, SuffixIndex, find_continuation
 from tokenmill.spec.rejection import greedy_accept, rejection_sample
 
 # Chi-square critical value at p = 0.001 for 4 degrees of freedom (5 outcomes).
@@ -90,11 +91,27 @@ def test_prompt_lookup_finds_what_a_brute_force_scan_finds(seed):
     rng = random.Random(seed)
     min_n, max_n = rng.randint(1, 3), rng.randint(3, 5)
     tokens = [rng.randint(0, 5) for _ in range(rng.randint(0, 12))]
+    index = SuffixIndex(min_n, max_n)  # what the proposer keeps per request
     for _ in range(150):  # a step appends 1 + accepted drafts; a lookup follows
         tokens += [rng.randint(0, 5) for _ in range(rng.choice([1, 1, 2, 5]))]
         k = rng.randint(0, 8)
         expected = brute_force_continuation(tokens, min_n, max_n, k)
         assert find_continuation(tokens, min_n, max_n, k) == expected
+        assert index.continuation(tokens, k) == expected
+    # Handed a sequence that is not the one it indexed (shorter), it starts again.
+    shorter = tokens[: len(tokens) // 2]
+    assert index.continuation(shorter, 4) == brute_force_continuation(shorter, min_n, max_n, 4)
+
+
+def test_the_ngram_proposer_keeps_an_index_per_request_until_released():
+    proposer = NgramProposer(2, 3)
+    a = Request("a", [1, 2, 3, 9, 1, 2], SamplingParams(max_tokens=8))
+    b = Request("b", [5, 6, 5, 6], SamplingParams(max_tokens=8))
+    assert proposer.propose([a, b], [2, 2]) == [[3, 9], [5, 6]]
+    a.all_token_ids += [3, 7, 1, 2]  # the index extends by what the steps appended
+    assert proposer.propose([a], [3]) == [[3, 7, 1]]
+    proposer.release(["a", "b"])
+    assert not proposer._indexes
 
 
 def test_controller_allocates_to_likely_drafts_and_turns_off_when_costly():

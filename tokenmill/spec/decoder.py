@@ -95,6 +95,7 @@ class SpecDecoder:
         drafts = self.proposer.propose(ready, caps) if lookup else None
         if drafts is not None:  # a lookup proposes cheaply: what it found bounds each count
             caps = [len(d) for d in drafts]
+            self._tracked.update(r.request_id for r in ready)  # the proposer indexed them
         counts = caps if not self.config.is_auto else self._choose(ready, caps, room)
         if drafts is None:
             pick = [(r, k) for r, k in zip(ready, counts, strict=True) if k > 0]

@@ -1,9 +1,12 @@
 """Reference attention in plain PyTorch, for any device.
 
 Decode tokens (one query per request) are attended in one batched call: each request's blocks
-are gathered up to the longest context in the batch and masked past its own length. Requests
-with several queries (prefill chunks, draft verification) are attended one by one; a chunk that
-starts at position 0 attends to its own fresh K/V without touching the cache.
+are gathered up to the longest context in the batch and masked past its own length. A request
+that continues its cache with a few queries (drafts being verified, a short chunk) joins that
+call with one row a query, each row seeing its request's keys up to itself (every K/V of the
+step is written before any is read): attended one by one, as prompts are, its drafts cost ~3-10
+ms each in a step that carries a prompt (BENCHMARKS 9). Longer chunks are attended one by one;
+a chunk that starts at position 0 attends to its own fresh K/V without touching the cache.
 
 Grouped-query attention without copying K/V: in decode, the G query heads that share a KV head
 are laid out as G query rows of that KV head, (Bd, Hkv, G, D); in prefill SDPA's enable_gqa.
@@ -27,14 +30,17 @@ from tokenmill.native import kernels as native_kernels
 
 # SDPA's grouped-query flag arrived in torch 2.5; older versions repeat the K/V heads instead.
 _HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+# A request continuing its cache with at most this many queries is attended as decode rows (the
+# fused CPU decode layer's bound on the queries of a request, worker/cpu_fused_decode.py).
+MAX_ROW_QUERIES = 16
 
 
 @dataclass
 class _DecodePlan:
-    token_idx: torch.Tensor | None  # [Bd] rows of q that are decodes; None: all rows, in order
-    block_table: torch.Tensor  # [Bd, nb]
+    token_idx: torch.Tensor | None  # [Bd] rows of q attended as decodes; None: all, in order
+    block_table: torch.Tensor  # [Bd, nb] each row's request's blocks
     mask: torch.Tensor  # [Bd, 1, 1, nb * block_size] True = attend
-    seq_lens: torch.Tensor  # [Bd] int64
+    seq_lens: torch.Tensor  # [Bd] int64: the keys each row sees (its own position + 1)
 
 
 @dataclass
@@ -236,13 +242,14 @@ def _plan_for(metadata: AttentionMetadata, window: int | None) -> _StepPlan:
 
 def _build_plan(md: AttentionMetadata, window: int | None) -> _StepPlan:
     starts = md.query_start_loc_list
-    decode_reqs, segments = [], []
+    rows: list[tuple[int, int, int]] = []  # decode rows: token, request, keys it sees
+    segments = []
     device = md.slot_mapping.device
     for b in range(md.num_reqs):
         start, end = starts[b], starts[b + 1]
         computed, seq_len = md.num_computed_list[b], md.seq_lens_list[b]
-        if end - start == 1:
-            decode_reqs.append(b)
+        if end - start == 1 or (computed > 0 and end - start <= MAX_ROW_QUERIES):
+            rows.extend((start + j, b, computed + j + 1) for j in range(end - start))
             continue
         num_blocks = -(-seq_len // md.block_size)
         mask = None
@@ -255,20 +262,25 @@ def _build_plan(md: AttentionMetadata, window: int | None) -> _StepPlan:
         segments.append(
             _Segment(start, end, computed, seq_len, md.block_table[b, :num_blocks], mask)
         )
-    return _StepPlan(_decode_plan(md, decode_reqs, window), segments)
+    return _StepPlan(_decode_plan(md, rows, window), segments)
 
 
-def _decode_plan(md: AttentionMetadata, reqs: list[int], window: int | None) -> _DecodePlan | None:
-    if not reqs:
+def _decode_plan(
+    md: AttentionMetadata, rows: list[tuple[int, int, int]], window: int | None
+) -> _DecodePlan | None:
+    if not rows:
         return None
     device = md.slot_mapping.device
-    max_len = max(md.seq_lens_list[b] for b in reqs)
+    max_len = max(keys for _, _, keys in rows)
     num_blocks = -(-max_len // md.block_size)
-    all_in_order = len(reqs) == md.num_reqs and md.num_tokens == len(reqs)
-    idx = torch.tensor(reqs, device=device)
-    token_idx = None if all_in_order else md.query_start_loc[idx]
-    block_table = md.block_table[idx, :num_blocks]
-    seq_lens = md.seq_lens[idx][:, None]  # (Bd, 1)
+    tokens, reqs, keys = (list(column) for column in zip(*rows, strict=True))
+    token_idx = None if len(rows) == md.num_tokens else torch.tensor(tokens, device=device)
+    if reqs == list(range(md.num_reqs)):  # one row a request, every request
+        block_table, seq_lens = md.block_table[:, :num_blocks], md.seq_lens[:, None]
+    else:
+        idx = torch.tensor(reqs, device=device)
+        block_table = md.block_table[idx, :num_blocks]
+        seq_lens = torch.tensor(keys, dtype=torch.int64, device=device)[:, None]  # (Bd, 1)
     k_pos = torch.arange(num_blocks * md.block_size, device=device)[None, :]
     mask = k_pos < seq_lens
     if window is not None:
