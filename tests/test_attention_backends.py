@@ -18,14 +18,19 @@ BLOCK = 16
 NUM_BLOCKS = 48
 
 
-def make_step(requests: list[tuple[int, int]], gen: torch.Generator, device="cpu"):
-    """requests: (num_computed, num_new). Blocks are handed out shuffled, as a real pool would."""
+def make_step(requests: list[tuple[int, ...]], gen: torch.Generator, device="cpu"):
+    """requests: (num_computed, num_new[, num_drafts]): a decode verifying drafts has num_new =
+    1 + num_drafts. Blocks are handed out shuffled, as a real pool would."""
     order = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
     scheduled, tables = [], []
-    for i, (computed, new) in enumerate(requests):
+    for i, (computed, new, *drafts) in enumerate(requests):
         num_blocks = -(-(computed + new) // BLOCK)
         blocks, order = order[:num_blocks], order[num_blocks:]
-        scheduled.append(ScheduledRequest(f"r{i}", [1] * new, computed, blocks, do_sample=True))
+        spec = [1] * (drafts[0] if drafts else 0)
+        scheduled.append(
+            ScheduledRequest(f"r{i}", [1] * new, computed, blocks, do_sample=True,
+                             spec_token_ids=spec)
+        )  # fmt: skip
         tables.append(blocks)
     return prepare_inputs(scheduled, tables, BLOCK, torch.device(device), lambda _: False).metadata
 
@@ -34,7 +39,7 @@ def dense_reference(spec, q, k, v, kv_cache, md, requests):
     """Per request: all keys (cached + new) gathered densely, softmax in float64."""
     out = torch.zeros_like(q, dtype=torch.float64)
     groups = spec.num_queries_per_kv
-    for b, (computed, new) in enumerate(requests):
+    for b, (computed, new, *_) in enumerate(requests):
         start = md.query_start_loc_list[b]
         blocks = md.block_table[b]
         keys = kv_cache[0][blocks].flatten(0, 1)[: computed + new].double()  # (L, Hkv, D)
@@ -59,8 +64,9 @@ CASES = [
     (3, 1, 64, 24, [(0, 40), (70, 1), (30, 20)]),
     # Long chunks: the large prefill tiles, each spanning several cache blocks.
     (4, 2, 32, None, [(0, 90), (40, 70), (5, 1)]),
-    # Drafts verified beside a fresh prompt (decode rows, one a query), across a window.
-    (3, 1, 64, 24, [(0, 12), (40, 5), (26, 3), (9, 1), (60, 17)]),
+    # Drafts verified beside a fresh prompt and a short chunk (decode rows, one a query; the
+    # chunk is a segment), across a window.
+    (3, 1, 64, 24, [(0, 12), (40, 5, 4), (26, 3, 2), (9, 1), (60, 5), (30, 17, 16)]),
 ]
 
 
@@ -93,16 +99,19 @@ def test_torch_backend_matches_dense_reference(case, use_native):
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
-def test_a_few_queries_after_cached_context_are_attended_as_decode_rows():
+def test_drafts_being_verified_are_attended_as_decode_rows():
     from tokenmill.attention.backends.torch_backend import MAX_ROW_QUERIES, _plan_for
 
-    requests = [(0, 12), (40, 5), (26, 3), (9, 1), (60, MAX_ROW_QUERIES + 1)]
+    requests = [(0, 12), (40, 5, 4), (26, 3, 2), (9, 1), (60, 5), (30, 17, 16)]
     md = make_step(requests, torch.Generator().manual_seed(0))
     plan = _plan_for(md, None)
-    # The fresh prompt and the long chunk are segments; drafts and the decode are rows.
+    # Prompt chunks stay segments (a fresh one, one after cached context, and a verify with
+    # more than MAX_ROW_QUERIES queries); the drafts and the plain decode are rows.
+    assert MAX_ROW_QUERIES < 17
     assert [(seg.num_computed, seg.end - seg.start) for seg in plan.segments] == [
         (0, 12),
-        (60, MAX_ROW_QUERIES + 1),
+        (60, 5),
+        (30, 17),
     ]
     assert plan.decode.seq_lens.tolist() == [41, 42, 43, 44, 45, 27, 28, 29, 10]
 

@@ -7,6 +7,8 @@ For B requests with T scheduled tokens in all (no padding):
     seq_lens        [B]     num_computed + query_len: the keys request b attends to
     block_table     [B, max_blocks]  the cache blocks of request b, padded with 0
     slot_mapping    [T]     flat cache slot (block_id * block_size + offset) of each new token
+    num_drafts      [B]     (a list) draft tokens request b's query ends with: a decode verifying
+                            them (0 for prompts and plain decodes; empty when none has any)
 
 Python-list copies of the small per-request arrays are kept too: backends on the CPU loop over
 prefill segments, and reading a list is far cheaper than reading a tensor element.
@@ -31,6 +33,7 @@ class AttentionMetadata:
     query_start_loc_list: list[int]
     seq_lens_list: list[int]
     num_computed_list: list[int]
+    num_drafts_list: list[int] = field(default_factory=list)
     # Backend-specific precomputation shared by all layers of the step (masks, gather indices).
     backend_state: dict = field(default_factory=dict)
 

@@ -47,14 +47,6 @@ def ranked(gains: list[list[float]]) -> list[int]:
     return [r for _, r in entries]
 
 
-def allocate(gains: list[list[float]], n: int) -> list[int]:
-    """The draft counts that take the n largest gains."""
-    counts = [0] * len(gains)
-    for r in ranked(gains)[:n]:
-        counts[r] += 1
-    return counts
-
-
 def choose_drafts(
     gains: list[list[float]],
     step_seconds: Callable[[list[int]], float],

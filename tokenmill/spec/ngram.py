@@ -39,7 +39,7 @@ def find_continuation(tokens: list[int], min_n: int, max_n: int, k: int) -> list
 class SuffixIndex:
     """The latest end of every n-gram (min_n <= n <= max_n) of a growing token sequence, the
     ones ending at its last token excepted (the current suffix must match an earlier place).
-    Memory: max_n - min_n + 1 entries a token (~0.3 MB for a 1,000-token context at n = 2-5)."""
+    Memory: max_n - min_n + 1 entries a token (0.5 MB for a 1,000-token context at n = 2-5)."""
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n

@@ -75,6 +75,7 @@ def prepare_inputs(
         query_start_loc_list=starts.tolist(),
         seq_lens_list=seq_lens.tolist(),
         num_computed_list=computed.tolist(),
+        num_drafts_list=[len(s.spec_token_ids) for s in scheduled] if draft_rows else [],
     )
     return StepInputs(
         input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),

@@ -1,12 +1,13 @@
 """Reference attention in plain PyTorch, for any device.
 
 Decode tokens (one query per request) are attended in one batched call: each request's blocks
-are gathered up to the longest context in the batch and masked past its own length. A request
-that continues its cache with a few queries (drafts being verified, a short chunk) joins that
-call with one row a query, each row seeing its request's keys up to itself (every K/V of the
-step is written before any is read): attended one by one, as prompts are, its drafts cost ~3-10
-ms each in a step that carries a prompt (BENCHMARKS 9). Longer chunks are attended one by one;
-a chunk that starts at position 0 attends to its own fresh K/V without touching the cache.
+are gathered up to the longest context in the batch and masked past its own length. A decode
+verifying drafts joins that call with one row a query, each row seeing its request's keys up
+to itself (every K/V of the step is written before any is read): attended one by one, as
+prompts are, its drafts cost ~3-10 ms each in a step that carries a prompt (BENCHMARKS 9).
+Prompt chunks are attended one by one (so a prompt's numbers do not depend on whether a prefix
+cache hit left it a few tokens or many); a chunk that starts at position 0 attends to its own
+fresh K/V without touching the cache.
 
 Grouped-query attention without copying K/V: in decode, the G query heads that share a KV head
 are laid out as G query rows of that KV head, (Bd, Hkv, G, D); in prefill SDPA's enable_gqa.
@@ -30,8 +31,8 @@ from tokenmill.native import kernels as native_kernels
 
 # SDPA's grouped-query flag arrived in torch 2.5; older versions repeat the K/V heads instead.
 _HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
-# A request continuing its cache with at most this many queries is attended as decode rows (the
-# fused CPU decode layer's bound on the queries of a request, worker/cpu_fused_decode.py).
+# A decode verifying drafts with at most this many queries is attended as decode rows (the fused
+# CPU decode layer's bound on the queries of a request, worker/cpu_fused_decode.py).
 MAX_ROW_QUERIES = 16
 
 
@@ -245,10 +246,11 @@ def _build_plan(md: AttentionMetadata, window: int | None) -> _StepPlan:
     rows: list[tuple[int, int, int]] = []  # decode rows: token, request, keys it sees
     segments = []
     device = md.slot_mapping.device
+    drafts = md.num_drafts_list or [0] * md.num_reqs
     for b in range(md.num_reqs):
         start, end = starts[b], starts[b + 1]
         computed, seq_len = md.num_computed_list[b], md.seq_lens_list[b]
-        if end - start == 1 or (computed > 0 and end - start <= MAX_ROW_QUERIES):
+        if end - start == 1 or (drafts[b] and end - start <= MAX_ROW_QUERIES):
             rows.extend((start + j, b, computed + j + 1) for j in range(end - start))
             continue
         num_blocks = -(-seq_len // md.block_size)
