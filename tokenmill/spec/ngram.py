@@ -13,27 +13,7 @@ a scan of a 600-token context without a match takes ~0.1 ms, and proposing took 
 
 from __future__ import annotations
 
-import numpy as np
-
 from tokenmill.engine.request import Request
-
-
-def find_continuation(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
-    """Up to k tokens following the latest earlier match of the longest matching suffix (a scan
-    of the whole sequence: the reference `SuffixIndex` is checked against)."""
-    size = len(tokens)
-    if k <= 0 or size < min_n + 1:
-        return []
-    arr = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(max_n, size - 1), min_n - 1, -1):
-        suffix = arr[size - n :]
-        # Windows starting at 0 .. size-n-1 (the suffix itself excluded).
-        windows = np.lib.stride_tricks.sliding_window_view(arr[: size - 1], n)
-        hits = np.flatnonzero((windows == suffix).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return tokens[start : start + k]
-    return []
 
 
 class SuffixIndex:
@@ -47,8 +27,8 @@ class SuffixIndex:
         self._num_indexed = 0  # n-grams ending at positions 1 .. this are in `_ends`
 
     def continuation(self, tokens: list[int], k: int) -> list[int]:
-        """What find_continuation(tokens, min_n, max_n, k) returns, for a sequence that only
-        grows between calls."""
+        """Up to k tokens following the latest earlier match of the longest matching suffix
+        (max_n down to min_n tokens), for a sequence that only grows between calls."""
         size = len(tokens)
         if size <= self._num_indexed:  # not the sequence indexed so far: start again
             self._ends.clear()

@@ -277,12 +277,8 @@ def _decode_plan(
     num_blocks = -(-max_len // md.block_size)
     tokens, reqs, keys = (list(column) for column in zip(*rows, strict=True))
     token_idx = None if len(rows) == md.num_tokens else torch.tensor(tokens, device=device)
-    if reqs == list(range(md.num_reqs)):  # one row a request, every request
-        block_table, seq_lens = md.block_table[:, :num_blocks], md.seq_lens[:, None]
-    else:
-        idx = torch.tensor(reqs, device=device)
-        block_table = md.block_table[idx, :num_blocks]
-        seq_lens = torch.tensor(keys, dtype=torch.int64, device=device)[:, None]  # (Bd, 1)
+    block_table = md.block_table[torch.tensor(reqs, device=device), :num_blocks]
+    seq_lens = torch.tensor(keys, dtype=torch.int64, device=device)[:, None]  # (Bd, 1)
     k_pos = torch.arange(num_blocks * md.block_size, device=device)[None, :]
     mask = k_pos < seq_lens
     if window is not None:
