@@ -77,7 +77,7 @@ def test_quantizers_stay_within_half_a_step():
 def test_kernel_matches_reference(kernels, fmt, shape, dtype, act_bits):
     gen = torch.Generator().manual_seed(3)
     w = pack(FORMATS[fmt](torch.randn(*shape, generator=gen)))
-    for rows in (1, 2, 5, 33):
+    for rows in (1, 2, 3, 5, 8, 33):
         x = torch.randn(rows, shape[1], generator=gen).to(dtype)
         got = kernels.quant_gemm(x, w.packed, w.bits, w.has_min, w.group, shape[0], act_bits)
         want = reference_matmul(x, w, act_bits)

@@ -70,12 +70,16 @@ def test_greedy_acceptance():
 
 
 def brute_force_continuation(tokens, min_n, max_n, k):
-    """The latest earlier match of the longest matching suffix, by nested loops."""
+    """The latest earlier match of the longest matching suffix, by nested loops; its copy
+    runs on into the tokens it copied (a repeat with period p continues past the end)."""
     for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
         suffix = tokens[len(tokens) - n :]
         for start in range(len(tokens) - n - 1, -1, -1):
             if tokens[start : start + n] == suffix:
-                return tokens[start + n : start + n + k] if k > 0 else []
+                extended = list(tokens)
+                for i in range(k):
+                    extended.append(extended[start + n + i])
+                return extended[len(tokens) :]
     return []
 
 
@@ -85,7 +89,8 @@ def test_prompt_lookup_finds_the_latest_match():
 
     tokens = [1, 2, 3, 4, 9, 1, 2, 3, 5, 7, 1, 2, 3]
     assert lookup(tokens, 2) == [5, 7]  # the latest "1 2 3" came before 5 7
-    assert lookup(tokens, 10) == [5, 7, 1, 2, 3]
+    assert lookup(tokens, 10) == [5, 7, 1, 2, 3, 5, 7, 1, 2, 3]  # the repeat goes on
+    assert lookup([4, 1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]  # period 2 continues past the end
     assert lookup([1, 2, 3], 4) == []
     assert lookup(tokens, 0) == []
 

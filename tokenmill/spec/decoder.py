@@ -49,6 +49,10 @@ class SpecDecoder:
         self.guard = ThroughputGuard() if config.is_auto else None
         self._last: tuple[bool, float] | None = None  # the last proposal: speculated, seconds
         self._drafted: list[Request] = []  # `auto`'s requests with drafts for the next step
+        # The proposer's state for each request's pending drafts (acceptance is learned per
+        # state); proposers without states (a draft model) are all in state 0.
+        self._state_of = getattr(proposer, "state", lambda request_id: 0)
+        self._states: dict[str, int] = {}
 
     # ---- after a step ----------------------------------------------------------------------
 
@@ -63,7 +67,7 @@ class SpecDecoder:
                 continue
             accepted = _accepted(s.spec_token_ids, tokens)
             self.counters.record(k, accepted)
-            self.acceptance.observe(s.req_id, k, accepted)
+            self.acceptance.observe(s.req_id, k, accepted, self._states.pop(s.req_id, 0))
             num_extra += k
         if num_extra:
             self.counters.verify_time_s += wall_s
@@ -106,6 +110,7 @@ class SpecDecoder:
             request.spec_token_ids = list(draft[:k])
             if k:
                 self._tracked.add(request.request_id)
+                self._states[request.request_id] = self._state_of(request.request_id)
         self._drafted = [r for r in ready if r.spec_token_ids] if room is not None else []
         seconds = time.perf_counter() - start
         self.counters.draft_time_s += seconds
@@ -133,7 +138,7 @@ class SpecDecoder:
 
     def _choose(self, ready: list[Request], caps: list[int], room: int | None) -> list[int]:
         gains = [
-            draft_gains(self.acceptance.rates(r.request_id), cap)
+            draft_gains(self.acceptance.rates(r.request_id, self._state_of(r.request_id)), cap)
             for r, cap in zip(ready, caps, strict=True)
         ]
         verify_s = self.cost.pricer([r.num_computed_tokens for r in ready])
@@ -178,6 +183,7 @@ class SpecDecoder:
             self._tracked.difference_update(gone)
             self.acceptance.release(gone)
             for rid in gone:
+                self._states.pop(rid, None)
                 self._idle.pop(rid, None)
             self.proposer.release(gone)
 

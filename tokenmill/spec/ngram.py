@@ -1,8 +1,8 @@
 """Prompt lookup: draft the tokens that followed the last occurrence of the current suffix.
 
 For n from `max_n` down to `min_n`, find the most recent earlier place where the sequence's last
-n tokens occur (in the prompt or the output so far) and propose the (up to k) tokens that came
-after it. Editing, annotating or quoting a given text repeats long stretches of it, and there
+n tokens occur (in the prompt or the output so far) and propose the k tokens that came after it
+(a match close to the end continues periodically: `periodic_copy`). Editing, annotating or quoting a given text repeats long stretches of it, and there
 this costs nothing and is often right.
 
 Each request keeps an index of where every n-gram last ended (`SuffixIndex`), extended by the
@@ -25,6 +25,7 @@ class SuffixIndex:
         self.min_n, self.max_n = min_n, max_n
         self._ends: dict[tuple[int, ...], int] = {}  # n-gram -> its latest end (exclusive)
         self._num_indexed = 0  # n-grams ending at positions 1 .. this are in `_ends`
+        self.match_length = 0  # of the last lookup's suffix (0: none matched)
 
     def continuation(self, tokens: list[int], k: int) -> list[int]:
         """Up to k tokens following the latest earlier match of the longest matching suffix
@@ -34,12 +35,14 @@ class SuffixIndex:
             self._ends.clear()
             self._num_indexed = 0
         self._extend(tokens, size - 1)
+        self.match_length = 0
         if k <= 0:
             return []
         for n in range(min(self.max_n, size - 1), self.min_n - 1, -1):
             end = self._ends.get(tuple(tokens[size - n :]))
             if end is not None:
-                return tokens[end : end + k]
+                self.match_length = n
+                return periodic_copy(tokens, end, k)
         return []
 
     def _extend(self, tokens: list[int], last_end: int) -> None:
@@ -53,6 +56,16 @@ class SuffixIndex:
             grams = zip(*columns, strict=True)  # every column holds last_end - first_end + 1
             self._ends.update(zip(grams, range(first_end, last_end + 1), strict=True))
         self._num_indexed = max(self._num_indexed, last_end)
+
+
+def periodic_copy(tokens: list[int], start: int, k: int) -> list[int]:
+    """k tokens copied from `start` on, the copy continuing into itself past the end (as an
+    overlapping LZ77 copy): a match p tokens back says the text repeats with period p, so a
+    line repeated over and over drafts k tokens, not just the p that follow the match."""
+    period = len(tokens) - start
+    if k <= period:
+        return tokens[start : start + k]
+    return [tokens[start + i % period] for i in range(k)]
 
 
 class NgramProposer:
@@ -70,6 +83,12 @@ class NgramProposer:
                 index = self._indexes[request.request_id] = SuffixIndex(self.min_n, self.max_n)
             out.append(index.continuation(request.all_token_ids, k))
         return out
+
+    def state(self, request_id: str) -> int:
+        """What the acceptance of the request's last proposal is learned under: the length of
+        the suffix it matched (a longer match is more often right)."""
+        index = self._indexes.get(request_id)
+        return index.match_length if index is not None else 0
 
     def draft_seconds(self, num_drafts: list[int]) -> float:
         return 0.0  # a few dictionary reads a request
