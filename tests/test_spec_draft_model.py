@@ -16,6 +16,7 @@ from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.errors import ConfigError
 from tokenmill.outputs import OutputKind
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec.target_kv import COPY_MIN_TOKENS
 
 GREEDY = SamplingParams(max_tokens=32, temperature=0)
 
@@ -86,6 +87,32 @@ def test_self_draft_output_equals_no_speculation(self_llm, prompts, reference, c
     )
     assert stats.num_draft_tokens > 0
     assert stats.acceptance_rate > 0.5  # Q4_1 blocks drafting for their own bf16 dequant
+
+
+def test_the_self_draft_takes_the_prompt_from_the_target_cache(self_llm, prompts, reference):
+    """No draft step computes a prompt: the self-draft copies the K/V the target computed and
+    computes only the last token or two, and its drafts still mostly stand."""
+    proposer = self_llm.engine.spec.proposer
+    assert proposer.target_kv is not None
+    real, longest = proposer.runner.execute, []
+
+    def spy(step):
+        longest.extend(len(s.token_ids) for s in step.scheduled)
+        return real(step)
+
+    proposer.runner.execute = spy
+    before = self_llm.engine.stats().spec
+    try:
+        assert _token_ids(self_llm, prompts[1:2]) == reference[1:2]
+    finally:
+        del proposer.runner.execute
+    assert len(prompts[1]) > 2 * COPY_MIN_TOKENS and longest
+    assert max(longest) < COPY_MIN_TOKENS  # the prompt itself was never computed
+    after = self_llm.engine.stats().spec
+    drafted = after.num_draft_tokens - before.num_draft_tokens
+    accepted = after.num_accepted_tokens - before.num_accepted_tokens
+    assert drafted > 0 and accepted / drafted > 0.5
+    _assert_draft_kv_free(self_llm)
 
 
 def test_draft_model_output_equals_no_speculation(base, smollm_path, prompts, reference, caplog):

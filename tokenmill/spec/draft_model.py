@@ -28,6 +28,7 @@ from tokenmill.quant.apply import quantize_model
 from tokenmill.quant.schemes import parse_quantization, resolve_quantization
 from tokenmill.spec.config import SpeculativeConfig
 from tokenmill.spec.draft_proposer import DraftModelProposer
+from tokenmill.spec.target_kv import TargetKV
 from tokenmill.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -80,8 +81,11 @@ def build_draft_proposer(
         "speculative %s: draft %s (%s weights), %d KV blocks",
         spec.method, draft_loaded.source, draft_runner.quantization, kv.num_blocks,
     )  # fmt: skip
+    target_kv = None
+    if spec.method == "self" and TargetKV.compatible(runner, draft_runner):
+        target_kv = TargetKV(runner, draft_runner)
     proposer = DraftModelProposer(
-        draft_runner, kv, max_len, config.scheduler.max_num_batched_tokens
+        draft_runner, kv, max_len, config.scheduler.max_num_batched_tokens, target_kv
     )
     proposer.calibrate()
     return proposer

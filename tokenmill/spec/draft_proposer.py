@@ -31,6 +31,7 @@ from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec.cost import bucket
+from tokenmill.spec.target_kv import TargetKV
 from tokenmill.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -115,11 +116,13 @@ class DraftModelProposer:
         kv: KVCacheManager,
         max_len: int,
         max_catch_up_tokens: int,
+        target_kv: TargetKV | None = None,
     ) -> None:
         self.runner = runner
         self.kv = kv
         self.max_len = max_len
         self.max_catch_up_tokens = max_catch_up_tokens
+        self.target_kv = target_kv  # self-draft: long gaps copied from the target's cache
         self.times = DraftStepTimes(0.0)  # the prior is measured by calibrate()
         self._shadows: dict[str, _Shadow] = {}
 
@@ -195,7 +198,9 @@ class DraftModelProposer:
         """Compute each request's tokens missing from the draft cache (usually the target's
         correction, or the last draft and the bonus: a few tokens, which the fused CPU decode
         layer takes in one step) and sample its first draft, in one varlen step."""
-        plans, new_requests = self._plan_catch_up(requests, num_drafts)
+        plans, new_requests, moves = self._plan_catch_up(requests, num_drafts)
+        if moves:
+            self.target_kv.copy(moves)
         if not plans:
             return []
         scheduled = []
@@ -212,9 +217,11 @@ class DraftModelProposer:
     def _plan_catch_up(self, requests: list[Request], num_drafts: list[int]):
         """What each request computes this round, with the whole round's slots allocated: all
         its missing tokens, or a chunk of what this round's budget has left (then it drafts
-        nothing); a request the draft cache has no blocks for is left out."""
+        nothing); a request the draft cache has no blocks for is left out. A self-draft takes
+        a long gap's K/V from the target instead (`moves`, copied before the step runs)."""
         plans: list[_CatchUp] = []
         new_requests: list[NewRequestData] = []
+        moves: list[tuple[str, list[int], int, int]] = []
         budget = self.max_catch_up_tokens
         for index, (request, k) in enumerate(zip(requests, num_drafts, strict=True)):
             known = request.all_token_ids
@@ -223,19 +230,28 @@ class DraftModelProposer:
             if k <= 0 or budget <= 0:
                 continue
             shadow = self._sync(request)
-            start = len(shadow.tokens)
-            num_new = min(len(known) - start, budget)
-            samples = start + num_new == len(known)
-            if self.kv.allocate_slots(shadow, num_new + (k - 1 if samples else 0)) is None:
+            start = copied = len(shadow.tokens)
+            if self.target_kv is not None:
+                copied = self.target_kv.copyable(
+                    request.request_id, request.num_computed_tokens, start, len(known) - 1
+                )
+            num_new = min(len(known) - copied, budget)
+            samples = copied + num_new == len(known)
+            extra = copied - start + num_new + (k - 1 if samples else 0)
+            if self.kv.allocate_slots(shadow, extra) is None:
                 continue
-            shadow.num_known = start + num_new
+            if copied > start:
+                table = self.kv.block_ids(shadow.request_id)
+                moves.append((request.request_id, table, start, copied))
+                shadow.tokens.extend(known[start:copied])
+            shadow.num_known = copied + num_new
             ends = request.eos_token_ids | request.stop_token_ids
             round_ = _Round(index, shadow, k, ends) if samples else None
-            pending = known[start : start + num_new]
+            pending = known[copied : copied + num_new]
             plans.append(_CatchUp(shadow, pending, len(request.prompt_token_ids), round_))
             self._announce(shadow, request, new_requests)
             budget -= num_new
-        return plans, new_requests
+        return plans, new_requests, moves
 
     def _feed(self, rounds: list[_Round], drafts: list[list[int]]) -> None:
         """One single-token step: each request's last draft in, its next draft out."""
