@@ -127,8 +127,9 @@ def run_config(
 
 def default_runs(spec_ks: tuple[int, ...], methods: tuple[str, ...]) -> list[SpecRun]:
     """tokenmill on its fastest weights (the GGUF's own Q4_1 blocks) with and without prompt
-    lookup; bf16 with the self-draft (its Q4_1 blocks as the draft); llama.cpp on the same file
-    without and with its n-gram speculation."""
+    lookup; bf16 (the default weights) with the self-draft (its Q4_1 blocks as the draft) and,
+    with method "ngram-bf16", with prompt lookup; llama.cpp on the same file without and with
+    its n-gram speculation."""
 
     def spec(method: str, k) -> tuple[str, ...]:
         config = {"method": method, "num_speculative_tokens": k}
@@ -143,11 +144,16 @@ def default_runs(spec_ks: tuple[int, ...], methods: tuple[str, ...]) -> list[Spe
             for k in spec_ks
         ]
         runs.append(SpecRun("tm-q4-ngram-auto", "tokenmill", q4 + spec("ngram", "auto"), "tm-q4"))
+    if "self" in methods or "ngram-bf16" in methods:
+        runs.append(SpecRun("tm-bf16", "tokenmill", bf16))
+    if "ngram-bf16" in methods:  # prompt lookup on the default weights (`tokenmill serve`'s)
+        runs.append(
+            SpecRun("tm-bf16-ngram-auto", "tokenmill", bf16 + spec("ngram", "auto"), "tm-bf16")
+        )
     if "self" in methods:
-        runs += [
-            SpecRun("tm-bf16", "tokenmill", bf16),
-            SpecRun("tm-bf16-self-auto", "tokenmill", bf16 + spec("self", "auto"), "tm-bf16"),
-        ]
+        runs.append(
+            SpecRun("tm-bf16-self-auto", "tokenmill", bf16 + spec("self", "auto"), "tm-bf16")
+        )
     if "llama.cpp" in methods:
         runs += [
             SpecRun("llama.cpp", "llama.cpp"),
