@@ -115,9 +115,23 @@ def test_the_self_draft_takes_the_prompt_from_the_target_cache(self_llm, prompts
     _assert_draft_kv_free(self_llm)
 
 
+def test_the_self_draft_copies_an_int8_cache_with_its_scales(prompts):
+    """Over an int8 KV cache the copy takes the per-slot scales too: output stays exact and
+    the drafts still mostly stand (wrong scales would wreck them)."""
+    plain = LLM(kv_cache_memory_gib=0.25, kv_cache_dtype="int8")
+    spec = {"method": "self", "num_speculative_tokens": 4}
+    llm = _with_spec(plain, spec)
+    assert llm.engine.spec.proposer.target_kv is not None
+    assert llm.engine.spec.proposer.runner.kv_scales is not None
+    assert _token_ids(llm, prompts[1:2]) == _token_ids(plain, prompts[1:2])
+    stats = llm.engine.stats().spec
+    assert stats.num_draft_tokens > 0 and stats.acceptance_rate > 0.5
+
+
 def test_draft_model_output_equals_no_speculation(base, smollm_path, prompts, reference, caplog):
     llm = _with_spec(base, {"method": "draft", "model": smollm_path, "num_speculative_tokens": 3})
     assert _token_ids(llm, prompts) == reference
+    assert llm.engine.spec.proposer.target_kv is None  # another model computes its own K/V
     stats = llm.engine.stats().spec
     assert stats.acceptance_rate > 0.8  # the target's own weights: nearly every draft stands
     _assert_draft_kv_free(llm)
