@@ -31,10 +31,10 @@ def test_each_fixed_k_is_its_own_configuration():
 def test_prompt_lookup_on_the_default_weights_is_paired_with_them():
     runs = {r.name: r for r in default_runs((4,), ("ngram-bf16", "self"))}
     assert list(runs) == ["tm-q4", "tm-bf16", "tm-bf16-ngram-auto", "tm-bf16-self-auto"]
-    assert runs["tm-bf16-ngram-auto"].baseline == "tm-bf16"
-    assert "none" in runs["tm-bf16-ngram-auto"].args and '"ngram"' in " ".join(
-        runs["tm-bf16-ngram-auto"].args
-    )
+    lookup = runs["tm-bf16-ngram-auto"]
+    assert lookup.baseline == "tm-bf16"
+    assert lookup.args[: len(runs["tm-bf16"].args)] == runs["tm-bf16"].args  # the same weights
+    assert '"method": "ngram"' in lookup.args[-1]
 
 
 def test_repetitions_alternate_their_order_and_pair_side_by_side():

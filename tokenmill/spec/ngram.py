@@ -2,8 +2,9 @@
 
 For n from `max_n` down to `min_n`, find the most recent earlier place where the sequence's last
 n tokens occur (in the prompt or the output so far) and propose the k tokens that came after it
-(a match close to the end continues periodically: `periodic_copy`). Editing, annotating or quoting a given text repeats long stretches of it, and there
-this costs nothing and is often right.
+(a match close to the end continues periodically: `periodic_copy`). Editing, annotating or
+quoting a given text repeats long stretches of it, and there this costs nothing and is often
+right.
 
 Each request keeps an index of where every n-gram last ended (`SuffixIndex`), extended by the
 tokens a step appended, so a lookup is a few dictionary reads however long the context (~8 us):
