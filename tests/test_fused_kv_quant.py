@@ -92,8 +92,11 @@ def engine_like(base: LLM, fused: bool, **cache) -> LLM:
 @pytest.fixture(scope="module")
 def prompts(fused_bf16, sharegpt_prompts) -> list[list[int]]:
     tokenizer = fused_bf16.get_tokenizer()
-    encoded = (tokenizer.encode(p)[:64] for p in sharegpt_prompts[40:80])
-    return [ids for ids in encoded if len(ids) >= 20][:8]
+    # 48 prompts: with every token through different numerics in the two engines, 8 prompts
+    # put the two paths' mean error against float32 1.36x apart either way by chance (fp8);
+    # over 96 they are within 5% (0.119 / 0.113 fp8, 0.070 / 0.071 int8, 0.051 / 0.053 bf16).
+    encoded = (tokenizer.encode(p)[:64] for p in sharegpt_prompts[40:200])
+    return [ids for ids in encoded if len(ids) >= 20][:48]
 
 
 FIRST_DECODE = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=20)
@@ -123,17 +126,18 @@ def layer0_values(runner) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("kv", ["int8", "fp8"])
 def test_fused_decode_over_a_quantized_cache_equals_eager(fused_bf16, llm_fp32, prompts, kv):
-    """Prompts run eagerly in both engines (same cache bytes); the first decode step goes
-    through the fused layer in one and the eager layers in the other. Layer 0's new K/V are
-    the same values (one quantization step apart where bf16 rounding differs upstream); the
-    logits are as close to each other as the fused and eager bf16 paths' over a bf16 cache
-    (measured: mean |dlogprob| int8 0.056, fp8 0.11, bf16 cache 0.070; logits are bf16, one
-    ulp at 16-32 is 0.125), and as close to float32's."""
+    """The prompt step and the first decode step go through the fused layer in one engine
+    (its native halves around the backend's attention, then the one-call layer) and the eager
+    layers in the other. Layer 0's K/V are the same values, one quantization step apart where
+    bf16 rounding differs upstream (the native RMSNorm, rotary and SiLU against torch's); the
+    logits are close (logits are bf16, one ulp at 16-32 is 0.125), and as close to float32's
+    (measured over 96 prompts, fused / eager mean |dlogprob|: int8 0.070 / 0.071, fp8 0.119 /
+    0.113, bf16 cache 0.051 / 0.053)."""
     fused, eager = (engine_like(fused_bf16, f, kv_cache_dtype=kv, num_blocks=64) for f in (1, 0))
     assert fused.engine.runner.fused_decode is not None and eager.engine.runner.fused_decode is None
     runs = [llm.generate(prompts, FIRST_DECODE, use_tqdm=False) for llm in (fused, eager)]
     for a, b in zip(*runs, strict=True):
-        assert a.outputs[0].token_ids[0] == b.outputs[0].token_ids[0]  # the eager prompt step
+        assert a.outputs[0].token_ids[0] == b.outputs[0].token_ids[0]  # the prompt step's
 
     values = [layer0_values(llm.engine.runner) for llm in (fused, eager)]  # (2, NB, BS, Hkv, D)
     (a, scale), (b, _) = values
@@ -143,11 +147,12 @@ def test_fused_decode_over_a_quantized_cache_equals_eager(fused_bf16, llm_fp32, 
     step = scale if kv == "int8" else largest * 2**-3 + scale * 2**-9
     qmax = 127 if kv == "int8" else 448
     assert ((a - b).abs() <= step + 2 * 2**-8 * qmax * scale).all()
-    assert (a != b).float().mean() < 1e-3
+    assert (a != b).float().mean() < 0.06  # measured 2.9% (fp8) and 3.1% (int8) of the slots
 
     between = logprob_errors(runs[0], runs[1])
     assert len(between) >= 100
-    assert sum(between) / len(between) < 0.15 and max(between) <= 1.0
+    # Measured over 48 prompts: mean 0.094 (int8) / 0.141 (fp8), largest 0.75 / 1.49.
+    assert sum(between) / len(between) < 0.2 and max(between) <= 2.0
     reference = llm_fp32.generate(prompts, FIRST_DECODE, use_tqdm=False)
     err = {
         name: logprob_errors(run, reference)

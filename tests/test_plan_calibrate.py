@@ -214,7 +214,8 @@ def test_real_engine_calibration_predicts_a_held_out_step(tmp_path, served):
         pytest.skip("other processes took the CPUs during every held-out step")
     report = fit_calibration(trace, FP32)
     held = report.holdout_errors["all"]
-    assert held.num_steps >= 3 and held.median_abs < 4.0
+    # Every clean held-out step is scored (under load a disturbed one is left out).
+    assert held.num_steps == sum(clean_held) and held.median_abs < 4.0
     path = tmp_path / "trace.jsonl"
     write_trace(path, trace.records)
     assert len(path.read_text().splitlines()) == len(trace.records)

@@ -83,6 +83,19 @@ class TorchAttentionBackend(BaseAttentionBackend):
             write_kv(kv_cache, k, v, metadata.slot_mapping)
         else:
             kv_quant.write_kv_quantized(kv_cache, kv_scale, k, v, metadata.slot_mapping)
+        return self.attend(spec, q, k, v, kv_cache, metadata, kv_scale)
+
+    def attend(
+        self,
+        spec: AttentionSpec,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        kv_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """forward() once the step's K/V are in the cache (the fused CPU layer stores them)."""
         cache = _Cache(kv_cache, kv_scale)
         plan = _plan_for(metadata, spec.sliding_window)
         native = self._native(q, cache) if plan.decode is not None else None

@@ -57,6 +57,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "RMSNorm of bf16 rows, computed in fp32 (CPU)");
   m.def("llama_decode_layer", &tokenmill::llama_decode_layer, no_gil(),
         "one Llama decoder layer of a pure-decode step, bf16, in place on x (CPU)");
+  m.def("llama_layer_qkv", &tokenmill::llama_layer_qkv, no_gil(),
+        "a Llama layer's normed, rotated QKV rows, K/V stored into the cache (CPU)");
+  m.def("llama_layer_out", &tokenmill::llama_layer_out, no_gil(),
+        "a Llama layer after attention: o_proj, residual, MLP block, in place on x (CPU)");
   m.def("has_avx512f", &tokenmill::has_avx512f, "whether the AVX-512 paths are compiled in");
   m.def("has_avx512_bf16", &tokenmill::has_avx512_bf16,
         "whether the AVX512-BF16 GEMM is compiled in (else a portable loop)");

@@ -1,4 +1,6 @@
-// One Llama decoder layer for a pure-decode step on the CPU, in bf16, as a single call.
+// One Llama decoder layer for a pure-decode step on the CPU, in bf16, as a single call; and the
+// same layer in two halves around attention done elsewhere (a step that carries prompt chunks:
+// llama_layer_qkv, then the caller's attention, then llama_layer_out).
 //
 // At batch 1 the layer's math is a few GEMVs; in eager PyTorch it is ~25 operator calls whose
 // dispatch costs add up to a third of the step. Here the small element-wise work (RMSNorm,
@@ -220,28 +222,22 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps) {
   return rms_norm(rows, w.contiguous(), eps).view(x.sizes());
 }
 
-void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm,
-                        double eps, const std::vector<at::Tensor>& weights,
-                        const std::vector<int64_t>& layouts,
-                        const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv_cache,
-                        const at::Tensor& slot_mapping, const at::Tensor& block_table,
-                        const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads,
-                        double scale, const std::optional<at::Tensor>& kv_scales) {
+at::Tensor llama_layer_qkv(at::Tensor& x, const at::Tensor& input_norm, double eps,
+                           const std::vector<at::Tensor>& weights,
+                           const std::vector<int64_t>& layouts, const at::Tensor& cos,
+                           const at::Tensor& sin, at::Tensor& kv_cache,
+                           const at::Tensor& slot_mapping, int64_t num_heads,
+                           int64_t num_kv_heads, const std::optional<at::Tensor>& kv_scales) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "bf16 x [T, E] expected");
   const KvSlots slots_of_layer(kv_cache, kv_scales);
   TORCH_CHECK(slots_of_layer.heads == num_kv_heads, "the cache's KV heads must be num_kv_heads");
   TORCH_CHECK(weights.size() == 4 && layouts.size() == 4 * kLayoutFields,
               "four weights (qkv, o, gate_up, down) and their layouts expected");
-  const auto linear = [&](const at::Tensor& in, int i) {
-    return linear_packed(in, weights[i], layouts.data() + i * kLayoutFields);
-  };
   const int64_t tokens = x.size(0), dim = kv_cache.size(4);
   const int64_t q_size = num_heads * dim, kv_size = num_kv_heads * dim;
-
-  at::Tensor qkv = linear(rms_norm(x, input_norm, eps), 0);  // [T, q+2kv]
-  at::Tensor q = at::empty({tokens, num_heads, dim}, x.options());
+  at::Tensor qkv = linear_packed(rms_norm(x, input_norm, eps), weights[0], layouts.data());
+  TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size, "the qkv weight must give q, k and v");
   bf16* qkv_p = qkv.data_ptr<bf16>();
-  bf16* q_p = q.data_ptr<bf16>();
   const auto* slots = slot_mapping.data_ptr<int64_t>();
   const float* cos_p = cos.data_ptr<float>();
   const float* sin_p = sin.data_ptr<float>();
@@ -249,11 +245,25 @@ void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::T
   for_rows(tokens, [&](int64_t t) {
     bf16* r = qkv_p + t * row;
     rotate(r, num_heads + num_kv_heads, dim, cos_p + t * dim, sin_p + t * dim);
-    std::memcpy(q_p + t * q_size, r, q_size * sizeof(bf16));
     slots_of_layer.store(r + q_size, r + q_size + kv_size, slots[t]);
   });
-  const at::Tensor attn = attend(q, kv_cache, kv_scales, block_table, seq_lens, scale);
-  const at::Tensor attn_out = linear(attn.view({tokens, q_size}), 1);
+  return qkv;
+}
+
+void llama_layer_out(at::Tensor& x, const at::Tensor& attn, const at::Tensor& post_norm,
+                     double eps, const std::vector<at::Tensor>& weights,
+                     const std::vector<int64_t>& layouts) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "bf16 x [T, E] expected");
+  TORCH_CHECK(attn.scalar_type() == at::kBFloat16 && attn.is_contiguous() && attn.dim() == 2 &&
+                  attn.size(0) == x.size(0),
+              "contiguous bf16 attention output [T, H * D] expected");
+  TORCH_CHECK(weights.size() == 4 && layouts.size() == 4 * kLayoutFields,
+              "four weights (qkv, o, gate_up, down) and their layouts expected");
+  const auto linear = [&](const at::Tensor& in, int i) {
+    return linear_packed(in, weights[i], layouts.data() + i * kLayoutFields);
+  };
+  const int64_t tokens = x.size(0);
+  const at::Tensor attn_out = linear(attn, 1);
 
   // x += attn_out, then the MLP's norm of it, in one pass over x.
   at::Tensor gate_up = linear(rms_norm(x, post_norm, eps, &attn_out), 2);
@@ -267,6 +277,21 @@ void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::T
   const bf16* dp = down.data_ptr<bf16>();
   const int64_t width = x.size(1);
   for_rows(tokens, [&](int64_t t) { add_row(xp + t * width, dp + t * width, width); });
+}
+
+void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm,
+                        double eps, const std::vector<at::Tensor>& weights,
+                        const std::vector<int64_t>& layouts,
+                        const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv_cache,
+                        const at::Tensor& slot_mapping, const at::Tensor& block_table,
+                        const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads,
+                        double scale, const std::optional<at::Tensor>& kv_scales) {
+  const at::Tensor qkv = llama_layer_qkv(x, input_norm, eps, weights, layouts, cos, sin, kv_cache,
+                                         slot_mapping, num_heads, num_kv_heads, kv_scales);
+  const int64_t tokens = x.size(0), dim = kv_cache.size(4);
+  const at::Tensor q = qkv.narrow(1, 0, num_heads * dim).contiguous().view({tokens, num_heads, dim});
+  const at::Tensor attn = attend(q, kv_cache, kv_scales, block_table, seq_lens, scale);
+  llama_layer_out(x, attn.view({tokens, num_heads * dim}), post_norm, eps, weights, layouts);
 }
 
 }  // namespace tokenmill
