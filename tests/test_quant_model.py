@@ -153,3 +153,13 @@ def test_bad_schemes_are_refused_clearly():
         LLM(quantization="none-a16")
     with pytest.raises(ConfigError, match="needs a GGUF model"):
         LLM(load_format="dummy", dummy_config=TINY_LLAMA, quantization="gguf")
+
+
+def test_quantization_none_is_the_unquantized_model():
+    """vLLM's LLM(quantization=None) means no quantization; here too (it raised
+    AttributeError), and a non-string is a clear error."""
+    from tokenmill.config import ModelConfig
+
+    assert ModelConfig(quantization=None).quantization == "none"
+    with pytest.raises(ConfigError, match="quantization must be a string or None"):
+        ModelConfig(quantization=4)

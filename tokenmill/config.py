@@ -50,6 +50,8 @@ class ModelConfig:
             )
         from tokenmill.quant.schemes import parse_quantization
 
+        if self.quantization is None:  # vLLM's spelling of "no quantization"
+            object.__setattr__(self, "quantization", "none")  # frozen
         parse_quantization(self.quantization)  # a clear error for a misspelt scheme
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")

@@ -47,8 +47,13 @@ class QuantScheme:
         return f"{self.kind}{group}{sym}{suffix}"
 
 
-def parse_quantization(value: str) -> QuantScheme:
-    """A `quantization` string -> QuantScheme; a clear ConfigError for anything else."""
+def parse_quantization(value: str | None) -> QuantScheme:
+    """A `quantization` string -> QuantScheme (None: "none", as vLLM's LLM takes it); a clear
+    ConfigError for anything else."""
+    if value is None:
+        return QuantScheme("none")
+    if not isinstance(value, str):
+        raise ConfigError(f"quantization must be a string or None, got {value!r}")
     if value.endswith(_A16):
         weights = value[: -len(_A16)]
         if weights in ("none", "auto", "") or weights.endswith(_A16):
