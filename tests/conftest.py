@@ -163,3 +163,15 @@ def sharegpt_prompts() -> list[str]:
     from tokenmill.workload.sharegpt import load_pairs
 
     return [first for first, _ in load_pairs()[:2000] if first.strip()]
+
+
+@pytest.fixture(scope="module")
+def fused_bf16():
+    """The bundled model in bf16 where the fused CPU layer runs (worker/cpu_fused_decode.py)."""
+    from tokenmill import LLM
+    from tokenmill.native import kernels as cpu_kernels
+
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.has_avx512_bf16():
+        pytest.skip("no fused CPU layer on this machine (AVX512-BF16 kernels)")
+    return LLM(dtype="bfloat16", kv_cache_memory_gib=0.05)

@@ -13,17 +13,8 @@ import torch
 from tokenmill import LLM, SamplingParams
 from tokenmill.attention import kv_quant
 from tokenmill.engine.build import engine_sharing_weights
-from tokenmill.native import kernels as cpu_kernels
 
 KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
-
-
-@pytest.fixture(scope="module")
-def fused_bf16() -> LLM:
-    kernels = cpu_kernels()
-    if kernels is None or not kernels.has_avx512_bf16():
-        pytest.skip("no fused CPU decode layer on this machine (AVX512-BF16 kernels)")
-    return LLM(dtype="bfloat16", kv_cache_memory_gib=0.05)
 
 
 def one_layer_step(fused_bf16: LLM, kv_cache, kv_scales, x, seq_lens, block_table):

@@ -7,20 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-
 from tests.test_fused_kv_quant import logprob_errors
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.build import engine_sharing_weights
-from tokenmill.native import kernels as cpu_kernels
-
-
-@pytest.fixture(scope="module")
-def fused_bf16() -> LLM:
-    kernels = cpu_kernels()
-    if kernels is None or not kernels.has_avx512_bf16():
-        pytest.skip("no fused CPU layer on this machine (AVX512-BF16 kernels)")
-    return LLM(dtype="bfloat16", kv_cache_memory_gib=0.05)
 
 
 def engine_like(base: LLM, fused: bool, budget: int) -> LLM:
