@@ -7,8 +7,9 @@ one call, over a bf16 KV cache or an int8 / fp8 one (attention/kv_quant.py: the 
 quantized into their slots, attention reads the 1-byte values in place). A step that carries a
 prompt chunk runs the layer's two native halves around the attention backend's own math (SDPA
 for the chunks, the paged kernel for the decode rows), so its prompt tokens are attended exactly
-as in the eager model while the decodes beside them no longer pay eager dispatch: ~20 ms a step
-on SmolLM2 beside 24 decodes (BENCHMARKS 11). Like the CUDA graphs of cuda_graphs.py, this is a
+as in the eager model while the decodes beside them no longer pay eager dispatch (SmolLM2 GGUF,
+24 decodes and a 1-token chunk: 55 -> 48 ms a step; with a 256-token chunk 255 -> 208 ms;
+BENCHMARKS 11). Like the CUDA graphs of cuda_graphs.py, this is a
 runner concern: the model file keeps the math.
 """
 
@@ -91,8 +92,8 @@ class FusedCpuDecode:
         kv_caches: list[torch.Tensor],
         kv_scale_caches: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Hidden states [T, E] of a step in which every request computes one token (or one
-        and its drafts); per layer kv_caches [2, NB, BS, Hkv, D] (bf16, or int8 / fp8 with
+        """Hidden states [T, E] of a step: decodes (with drafts) as rows of the one-call layer,
+        anything with a prompt chunk through the layer's halves; per layer kv_caches [2, NB, BS, Hkv, D] (bf16, or int8 / fp8 with
         kv_scale_caches [2, NB, Hkv, BS])."""
         inner = self.model.model
         x = inner.embed_tokens(inputs.input_ids).contiguous()  # (T, E)

@@ -55,6 +55,14 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps);
 // weights: qkv, o, gate_up, down, each packed bf16 or quantized; layouts: 4 fields per weight
 // (bits: 16 for bf16 or 4/8, has_min, group, out_features). kv_cache bf16, or int8 / fp8 with
 // kv_scales [2, NB, Hkv, BS] (paged_attention_kv_quant.h's layout).
+void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm,
+                        double eps, const std::vector<at::Tensor>& weights,
+                        const std::vector<int64_t>& layouts,
+                        const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv_cache,
+                        const at::Tensor& slot_mapping, const at::Tensor& block_table,
+                        const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads,
+                        double scale, const std::optional<at::Tensor>& kv_scales);
+
 // The layer in two halves around attention, for steps whose attention runs elsewhere (prompt
 // chunks): the RMSNorm'd QKV product with rotary applied, K/V stored into their slots, returned
 // as [T, H*D + 2*Hkv*D]; then x += o_proj(attn) and the MLP block, in place on x.
@@ -67,13 +75,5 @@ at::Tensor llama_layer_qkv(at::Tensor& x, const at::Tensor& input_norm, double e
 void llama_layer_out(at::Tensor& x, const at::Tensor& attn, const at::Tensor& post_norm,
                      double eps, const std::vector<at::Tensor>& weights,
                      const std::vector<int64_t>& layouts);
-
-void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm,
-                        double eps, const std::vector<at::Tensor>& weights,
-                        const std::vector<int64_t>& layouts,
-                        const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv_cache,
-                        const at::Tensor& slot_mapping, const at::Tensor& block_table,
-                        const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads,
-                        double scale, const std::optional<at::Tensor>& kv_scales);
 
 }  // namespace tokenmill

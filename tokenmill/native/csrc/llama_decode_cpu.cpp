@@ -289,7 +289,8 @@ void llama_decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::T
   const at::Tensor qkv = llama_layer_qkv(x, input_norm, eps, weights, layouts, cos, sin, kv_cache,
                                          slot_mapping, num_heads, num_kv_heads, kv_scales);
   const int64_t tokens = x.size(0), dim = kv_cache.size(4);
-  const at::Tensor q = qkv.narrow(1, 0, num_heads * dim).contiguous().view({tokens, num_heads, dim});
+  const at::Tensor q =
+      qkv.narrow(1, 0, num_heads * dim).contiguous().view({tokens, num_heads, dim});
   const at::Tensor attn = attend(q, kv_cache, kv_scales, block_table, seq_lens, scale);
   llama_layer_out(x, attn.view({tokens, num_heads * dim}), post_norm, eps, weights, layouts);
 }
