@@ -9,8 +9,8 @@ prompt chunk runs the layer's two native halves around the attention backend's o
 for the chunks, the paged kernel for the decode rows), so its prompt tokens are attended exactly
 as in the eager model while the decodes beside them no longer pay eager dispatch (SmolLM2 GGUF,
 24 decodes and a 1-token chunk: 55 -> 48 ms a step; with a 256-token chunk 255 -> 208 ms;
-BENCHMARKS 11). Like the CUDA graphs of cuda_graphs.py, this is a
-runner concern: the model file keeps the math.
+BENCHMARKS 11). Like the CUDA graphs of cuda_graphs.py, this is a runner concern: the model
+file keeps the math.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ class FusedCpuDecode:
         kv_scale_caches: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Hidden states [T, E] of a step: decodes (with drafts) as rows of the one-call layer,
-        anything with a prompt chunk through the layer's halves; per layer kv_caches [2, NB, BS, Hkv, D] (bf16, or int8 / fp8 with
-        kv_scale_caches [2, NB, Hkv, BS])."""
+        anything with a prompt chunk through the layer's halves; per layer kv_caches [2, NB,
+        BS, Hkv, D] (bf16, or int8 / fp8 with kv_scale_caches [2, NB, Hkv, BS])."""
         inner = self.model.model
         x = inner.embed_tokens(inputs.input_ids).contiguous()  # (T, E)
         cos = inner.rotary_emb.cos_cache[inputs.positions].contiguous()  # (T, D) fp32
